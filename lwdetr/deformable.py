@@ -1,0 +1,95 @@
+"""Multi-scale deformable attention (Deformable DETR) in pure PyTorch over `grid_sample`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MultiScaleDeformableAttention", "sample_levels"]
+
+
+def sample_levels(
+    value: torch.Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Bilinearly sample every level at the given locations and sum them with the attention weights.
+
+    value: [batch, sum(h*w), heads, head_dim]; sampling_locations: [batch, queries, heads, levels, points, 2] in
+    [0, 1] (x, y); attention_weights: [batch, queries, heads, levels, points] -> [batch, queries, heads * head_dim].
+    """
+    batch, _, heads, head_dim = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1)  # [batch*heads, queries, levels, points, 2]
+    per_level = value.split([h * w for h, w in spatial_shapes], dim=1)
+    sampled = []
+    for level, (height, width) in enumerate(spatial_shapes):
+        # [batch, h*w, heads, head_dim] -> [batch*heads, head_dim, h, w]
+        level_value = per_level[level].permute(0, 2, 3, 1).reshape(batch * heads, head_dim, height, width)
+        sampled.append(
+            F.grid_sample(level_value, grids[:, :, level], mode="bilinear", padding_mode="zeros", align_corners=False)
+        )
+    # [batch*heads, head_dim, queries, levels*points] weighted by [batch*heads, 1, queries, levels*points]
+    stacked = torch.stack(sampled, dim=-2).flatten(-2)
+    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
+    out = (stacked * weights).sum(-1).view(batch, heads * head_dim, queries)
+    return out.transpose(1, 2)
+
+
+class MultiScaleDeformableAttention(nn.Module):
+    """Each query attends to `points` learned offsets around its reference box on every feature level."""
+
+    def __init__(self, dim: int, heads: int, levels: int, points: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"d_model {dim} is not divisible by {heads} cross-attention heads")
+        self.dim, self.heads, self.levels, self.points = dim, heads, levels, points
+        self.sampling_offsets = nn.Linear(dim, heads * levels * points * 2)
+        self.attention_weights = nn.Linear(dim, heads * levels * points)
+        self.value_proj = nn.Linear(dim, dim)
+        self.output_proj = nn.Linear(dim, dim)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Deformable DETR's init: offsets start on a ring of directions, one per head, growing with the point index."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        angles = torch.arange(self.heads, dtype=torch.float32) * (2.0 * math.pi / self.heads)
+        directions = torch.stack([angles.cos(), angles.sin()], -1)
+        directions = directions / directions.abs().max(-1, keepdim=True).values
+        ring = directions.view(self.heads, 1, 1, 2).repeat(1, self.levels, self.points, 1)
+        ring *= torch.arange(1, self.points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        self.sampling_offsets.bias.copy_(ring.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for layer in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_boxes: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor | None,
+        spatial_shapes: list[tuple[int, int]],
+    ) -> torch.Tensor:
+        """query: [batch, queries, dim] (position embedding already added); reference_boxes: [batch, queries, levels, 4]
+        cxcywh in [0, 1]; memory: [batch, sum(h*w), dim]; memory_mask: [batch, sum(h*w)] True on real pixels.
+        Returns [batch, queries, dim].
+        """
+        batch, queries, _ = query.shape
+        value = self.value_proj(memory)
+        if memory_mask is not None:
+            value = value.masked_fill(~memory_mask[..., None], 0.0)
+        value = value.view(batch, memory.shape[1], self.heads, self.dim // self.heads)
+        shape = (batch, queries, self.heads, self.levels, self.points)
+        offsets = self.sampling_offsets(query).view(*shape, 2)
+        weights = self.attention_weights(query).view(batch, queries, self.heads, -1).softmax(-1).view(shape)
+        # offsets are in units of half the reference box, spread over the points
+        centre, size = reference_boxes[:, :, None, :, None, :2], reference_boxes[:, :, None, :, None, 2:]
+        locations = centre + offsets * (size * (0.5 / self.points))
+        return self.output_proj(sample_levels(value, spatial_shapes, locations, weights))

@@ -1,0 +1,276 @@
+"""LW-DETR: ViT encoder -> C2f projector -> mixed query selection -> deformable decoder -> heads."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import load_pretrained, save_pretrained
+from .config import LwDetrConfig
+from .decoder import Decoder
+from .deformable import MultiScaleDeformableAttention
+from .layers import MLP, refine_boxes
+from .projector import MultiScaleProjector
+from .query_selection import EncoderHeads, token_proposals
+from .vit import LwDetrViTBackbone, ViTBlock, ViTEmbeddings
+
+__all__ = ["LwDetrModel", "LwDetrForObjectDetection", "LwDetrModelOutput", "LwDetrObjectDetectionOutput"]
+
+
+class _Output:
+    """Dataclass outputs that also read like dicts (`out["logits"]`), as transformers' outputs do."""
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.keys()
+
+
+@dataclass
+class LwDetrModelOutput(_Output):
+    """Shapes: Q = num_queries (x group_detr in training), L = decoder layers.
+
+    init_reference_points [B, Q, 4]; last_hidden_state [B, Q, D]; intermediate_hidden_states [L, B, Q, D];
+    intermediate_reference_points [1, B, Q, 4] (LW-DETR keeps one set of reference boxes for all layers);
+    enc_outputs_class [B, Q, D] (the selected encoder tokens); enc_outputs_coord_logits [B, Q, 4].
+    """
+
+    init_reference_points: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    intermediate_hidden_states: torch.Tensor | None = None
+    intermediate_reference_points: torch.Tensor | None = None
+    enc_outputs_class: torch.Tensor | None = None
+    enc_outputs_coord_logits: torch.Tensor | None = None
+    enc_outputs_logits: torch.Tensor | None = None  # ours: the class logits of the selected tokens [B, Q, C]
+
+
+@dataclass
+class LwDetrObjectDetectionOutput(_Output):
+    """As `LwDetrModelOutput`, plus logits [B, Q, C], pred_boxes [B, Q, 4] (cxcywh in [0, 1]), enc_outputs_class
+    [B, Q, C] and, with labels, the loss, its named parts and the per-layer auxiliary predictions."""
+
+    loss: torch.Tensor | None = None
+    loss_dict: dict[str, torch.Tensor] | None = None
+    logits: torch.Tensor | None = None
+    pred_boxes: torch.Tensor | None = None
+    auxiliary_outputs: list[dict[str, torch.Tensor]] | None = None
+    init_reference_points: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    intermediate_hidden_states: torch.Tensor | None = None
+    intermediate_reference_points: torch.Tensor | None = None
+    enc_outputs_class: torch.Tensor | None = None
+    enc_outputs_coord_logits: torch.Tensor | None = None
+
+
+class BackboneWithProjector(nn.Module):
+    """ViT + projector: pixels -> list of [B, d_model, h, w] maps with their [B, h, w] validity masks."""
+
+    def __init__(self, config: LwDetrConfig):
+        super().__init__()
+        self.backbone = LwDetrViTBackbone(config.backbone_config)
+        self.projector = MultiScaleProjector(config)
+
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        maps = self.projector(self.backbone(pixel_values).feature_maps)
+        mask = pixel_mask[:, None].float()
+        return [(m, F.interpolate(mask, size=m.shape[-2:], mode="nearest")[:, 0].bool()) for m in maps]
+
+
+def _valid_ratio(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Fraction of valid columns and rows of a [B, h, w] mask: [B, 2] as (w, h)."""
+    height, width = mask.shape[1:]
+    rows = mask[:, :, 0].sum(1).to(dtype) / height
+    cols = mask[:, 0, :].sum(1).to(dtype) / width
+    return torch.stack((cols, rows), -1)
+
+
+class LwDetrModel(nn.Module):
+    """Backbone, projector, query selection and decoder; no final heads."""
+
+    def __init__(self, config: LwDetrConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = BackboneWithProjector(config)
+        total_queries = config.num_queries * config.group_detr
+        self.reference_point_embed = nn.Embedding(total_queries, 4)
+        self.query_feat = nn.Embedding(total_queries, config.d_model)
+        self.decoder = Decoder(config)
+        self.encoder_heads = EncoderHeads(config.d_model, config.num_labels, config.group_detr)
+
+    @property
+    def groups(self) -> int:
+        """Group DETR groups in use: all in training, only the first at inference."""
+        return self.config.group_detr if self.training else 1
+
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> LwDetrModelOutput:
+        batch, _, height, width = pixel_values.shape
+        if pixel_mask is None:
+            pixel_mask = torch.ones((batch, height, width), dtype=torch.long, device=pixel_values.device)
+        elif pixel_mask.shape != (batch, height, width):
+            raise ValueError(f"pixel_mask has shape {tuple(pixel_mask.shape)}; expected {(batch, height, width)}")
+        levels = self.backbone(pixel_values, pixel_mask)
+        spatial_shapes = [tuple(m.shape[-2:]) for m, _ in levels]
+        memory = torch.cat([m.flatten(2).transpose(1, 2) for m, _ in levels], 1)  # [B, sum(h*w), D]
+        memory_mask = torch.cat([mask.flatten(1) for _, mask in levels], 1)
+        valid_ratios = torch.stack([_valid_ratio(mask, memory.dtype) for _, mask in levels], 1)
+
+        tokens, anchors, invalid = token_proposals(memory, ~memory_mask, spatial_shapes)
+        k, groups = self.config.num_queries, self.groups
+        selected = [self.encoder_heads.select(g, tokens, anchors, invalid, k) for g in range(groups)]
+        enc_boxes = torch.cat([s[0] for s in selected], 1)
+        enc_queries = torch.cat([s[2] for s in selected], 1)
+
+        used = k * groups
+        reference_boxes = refine_boxes(enc_boxes.detach(), self.reference_point_embed.weight[:used][None])
+        queries = self.query_feat.weight[:used][None].expand(batch, -1, -1)
+        hidden = self.decoder(queries, reference_boxes, valid_ratios, memory, memory_mask, spatial_shapes, groups)
+        return LwDetrModelOutput(
+            init_reference_points=reference_boxes,
+            last_hidden_state=hidden[-1],
+            intermediate_hidden_states=hidden,
+            intermediate_reference_points=reference_boxes[None],
+            enc_outputs_class=enc_queries,
+            enc_outputs_coord_logits=enc_boxes,
+            enc_outputs_logits=torch.cat([s[1] for s in selected], 1),
+        )
+
+
+class LwDetrForObjectDetection(nn.Module):
+    """LW-DETR with class and box heads, the Group DETR training loss, and HF-format load/save."""
+
+    def __init__(self, config: LwDetrConfig):
+        super().__init__()
+        self.config = config
+        self.model = LwDetrModel(config)
+        self.class_embed = nn.Linear(config.d_model, config.num_labels)
+        self.bbox_embed = MLP(config.d_model, config.d_model, 4, num_layers=3)
+        self.init_weights()
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, **kwargs: Any
+    ) -> LwDetrForObjectDetection:
+        """Load an HF-format folder (config.json + model.safetensors) or a hub id, in eval mode.
+
+        kwargs go to `checkpoint.load_pretrained` (config overrides, `ignore_mismatched_sizes`).
+        """
+        model = load_pretrained(cls, name_or_path, **kwargs)
+        if dtype is not None:
+            model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        return model.eval()
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config.json and model.safetensors with the reference's parameter names."""
+        save_pretrained(self, self.config, directory)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """LW-DETR's init: truncated normal in the ViT, normal(init_std) elsewhere, deformable-attention rings,
+        class biases at the 1 % prior, zero final box layers."""
+        vit_std, std = self.config.backbone_config.initializer_range, self.config.init_std
+        vit_modules = {id(m) for m in self.model.backbone.backbone.modules()}
+        for module in self.modules():
+            in_vit = id(module) in vit_modules
+            if isinstance(module, nn.Linear | nn.Conv2d | nn.ConvTranspose2d):
+                if in_vit:
+                    nn.init.trunc_normal_(module.weight, std=vit_std)
+                else:
+                    nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.LayerNorm | nn.BatchNorm2d):
+                module.reset_parameters()
+            elif isinstance(module, ViTEmbeddings) and module.position_embeddings is not None:
+                nn.init.trunc_normal_(module.position_embeddings, std=vit_std)
+            elif isinstance(module, ViTBlock):
+                module.gamma_1.fill_(self.config.backbone_config.cae_init_values)
+                module.gamma_2.fill_(self.config.backbone_config.cae_init_values)
+                if module.attn.q_bias is not None:
+                    module.attn.q_bias.zero_()
+                    module.attn.v_bias.zero_()
+        for module in self.modules():
+            if isinstance(module, MultiScaleDeformableAttention):
+                module.reset_parameters()
+        prior = -math.log((1 - 0.01) / 0.01)
+        heads = self.model.encoder_heads
+        for class_head, box_head in [(self.class_embed, self.bbox_embed)] + list(
+            zip(heads.enc_out_class_embed, heads.enc_out_bbox_embed)
+        ):
+            nn.init.constant_(class_head.bias, prior)
+            nn.init.zeros_(box_head.layers[-1].weight)
+            nn.init.zeros_(box_head.layers[-1].bias)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
+        labels: list[dict[str, torch.Tensor]] | None = None,
+    ) -> LwDetrObjectDetectionOutput:
+        """pixel_values: [B, 3, H, W] normalised; pixel_mask: [B, H, W] 1 on real pixels; labels: per image
+        {"class_labels": int64 [n], "boxes": float [n, 4] cxcywh in [0, 1]}."""
+        if labels is not None and len(labels) != pixel_values.shape[0]:
+            raise ValueError(f"got {len(labels)} label dicts for a batch of {pixel_values.shape[0]} images")
+        out = self.model(pixel_values, pixel_mask)
+        enc_logits = out.enc_outputs_logits
+        anchors = out.init_reference_points
+        logits = self.class_embed(out.last_hidden_state)
+        pred_boxes = refine_boxes(anchors, self.bbox_embed(out.last_hidden_state))
+        loss = loss_dict = auxiliary = None
+        if labels is not None:
+            loss, loss_dict, auxiliary = self._loss(out, logits, pred_boxes, enc_logits, labels)
+        return LwDetrObjectDetectionOutput(
+            loss=loss,
+            loss_dict=loss_dict,
+            logits=logits,
+            pred_boxes=pred_boxes,
+            auxiliary_outputs=auxiliary,
+            init_reference_points=anchors,
+            last_hidden_state=out.last_hidden_state,
+            intermediate_hidden_states=out.intermediate_hidden_states,
+            intermediate_reference_points=out.intermediate_reference_points,
+            enc_outputs_class=enc_logits,
+            enc_outputs_coord_logits=out.enc_outputs_coord_logits,
+        )
+
+    def _loss(self, out: LwDetrModelOutput, logits, pred_boxes, enc_logits, labels):
+        from .loss import detection_loss
+
+        aux_logits = aux_boxes = auxiliary = None
+        if self.config.auxiliary_loss:
+            earlier = out.intermediate_hidden_states[:-1]
+            aux_logits = self.class_embed(earlier)
+            aux_boxes = refine_boxes(out.init_reference_points, self.bbox_embed(earlier))
+            auxiliary = [{"logits": c, "pred_boxes": b} for c, b in zip(aux_logits, aux_boxes)]
+        loss, loss_dict = detection_loss(
+            self.config,
+            logits,
+            pred_boxes,
+            labels,
+            aux_logits=aux_logits,
+            aux_boxes=aux_boxes,
+            enc_logits=enc_logits,
+            enc_boxes=out.enc_outputs_coord_logits,
+            group_detr=self.model.groups,
+        )
+        return loss, loss_dict, auxiliary
+

@@ -1,0 +1,195 @@
+"""The ViT encoder of LW-DETR: interleaved window / global attention in the window-major layout.
+
+Tokens live as `[batch * windows, tokens_per_window, dim]` from the patch embedding to the last layer. A window
+layer attends inside each row of that tensor; a global layer views the same memory as
+`[batch, windows * tokens_per_window, dim]` (a free reshape), so no layer ever permutes tokens. Global attention
+has no positional bias, so the unusual token order does not change its result.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LwDetrViTConfig
+from .layers import activation_layer
+
+__all__ = ["LwDetrViTBackbone", "ViTOutput"]
+
+
+class ViTAttention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection; the key has no bias (as in CAE/BEiT)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [batch, tokens, dim] -> [batch, tokens, dim]."""
+        batch, tokens, dim = x.shape
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias)
+        q, k, v = qkv.view(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class ViTMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, activation: str):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = activation_layer(activation)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block with layer scale (`gamma_1`, `gamma_2`)."""
+
+    def __init__(self, config: LwDetrViTConfig, windowed: bool):
+        super().__init__()
+        dim = config.hidden_size
+        self.windowed = windowed
+        self.num_windows = config.num_windows
+        self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attn = ViTAttention(dim, config.num_attention_heads, config.qkv_bias)
+        self.gamma_1 = nn.Parameter(torch.full((dim,), config.cae_init_values))
+        self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = ViTMlp(dim, int(dim * config.mlp_ratio), config.hidden_act)
+        self.gamma_2 = nn.Parameter(torch.full((dim,), config.cae_init_values))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [batch * windows, tokens_per_window, dim] in window-major order."""
+        shape = x.shape
+        attn_in = self.norm1(x)
+        if not self.windowed:  # all windows of an image form one sequence
+            attn_in = attn_in.reshape(shape[0] // self.num_windows, self.num_windows * shape[1], shape[2])
+        x = x + self.attn(attn_in).reshape(shape) * self.gamma_1
+        return x + self.mlp(self.norm2(x)) * self.gamma_2
+
+
+class ViTEmbeddings(nn.Module):
+    """Patch embedding plus an absolute position embedding learned on the pretraining grid."""
+
+    def __init__(self, config: LwDetrViTConfig):
+        super().__init__()
+        pretrain = config.pretrain_image_size
+        pretrain = pretrain[0] if isinstance(pretrain, list | tuple) else pretrain
+        patch = config.patch_size
+        patch = patch[0] if isinstance(patch, list | tuple) else patch
+        self.patch_size = patch
+        self.num_channels = config.num_channels
+        self.projection = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=patch, stride=patch)
+        self.position_embeddings = None
+        if config.use_absolute_position_embeddings:
+            # one extra slot: the pretraining cls token, unused here but part of the checkpoint format
+            grid = pretrain // patch
+            self.position_embeddings = nn.Parameter(torch.zeros(1, grid * grid + 1, config.hidden_size))
+
+    def position_grid(self, height: int, width: int) -> torch.Tensor:
+        """The position embedding resized (bicubic) to a `height x width` token grid: [1, height, width, dim]."""
+        table = self.position_embeddings[:, 1:]
+        side = math.isqrt(table.shape[1])
+        grid = table.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        if (side, side) != (height, width) or torch.jit.is_tracing():
+            grid = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)
+        return grid.permute(0, 2, 3, 1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values: [batch, 3, H, W] -> tokens [batch, H/patch, W/patch, dim]."""
+        tokens = self.projection(pixel_values).permute(0, 2, 3, 1)
+        if self.position_embeddings is not None:
+            tokens = tokens + self.position_grid(tokens.shape[1], tokens.shape[2])
+        return tokens
+
+
+class ViTEncoder(nn.Module):
+    def __init__(self, config: LwDetrViTConfig):
+        super().__init__()
+        windowed = set(config.window_block_indices)
+        self.layer = nn.ModuleList(ViTBlock(config, i in windowed) for i in range(config.num_hidden_layers))
+
+
+class ViTOutput:
+    """What the backbone returns: `feature_maps`, a tuple of [batch, dim, H/patch, W/patch] tensors."""
+
+    def __init__(self, feature_maps: tuple[torch.Tensor, ...]):
+        self.feature_maps = feature_maps
+
+    def __getitem__(self, index: int):
+        return (self.feature_maps,)[index]
+
+
+class LwDetrViTBackbone(nn.Module):
+    """ViT encoder returning the feature maps after the blocks named by `config.out_indices`.
+
+    Stage 0 is the patch embedding and stage i the output of block i, as in transformers' backbones.
+    """
+
+    def __init__(self, config: LwDetrViTConfig):
+        super().__init__()
+        self.config = config
+        self.windows_per_side = math.isqrt(config.num_windows)
+        if self.windows_per_side**2 != config.num_windows:
+            raise ValueError(f"num_windows must be a perfect square, got {config.num_windows}")
+        self.embeddings = ViTEmbeddings(config)
+        self.encoder = ViTEncoder(config)
+        self.out_indices = list(config.out_indices)
+
+    @property
+    def size_divisor(self) -> int:
+        """Input height and width must be multiples of this (patch size times windows per side)."""
+        return self.embeddings.patch_size * self.windows_per_side
+
+    def check_input(self, pixel_values: torch.Tensor) -> None:
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be [batch, channels, height, width], got shape {tuple(pixel_values.shape)}")
+        batch, channels, height, width = pixel_values.shape
+        if batch == 0:
+            raise ValueError("pixel_values is an empty batch")
+        if channels != self.embeddings.num_channels:
+            raise ValueError(f"pixel_values has {channels} channels; the model expects {self.embeddings.num_channels}")
+        step = self.size_divisor
+        if height < step or width < step or height % step or width % step:
+            raise ValueError(
+                f"image size {height}x{width} does not fit the window grid: height and width must be positive "
+                f"multiples of {step} (patch size {self.embeddings.patch_size} x {self.windows_per_side} windows per side)"
+            )
+
+    def to_windows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[batch, H, W, dim] -> [batch * windows, (H/s) * (W/s), dim], windows in row-major order."""
+        batch, height, width, dim = tokens.shape
+        s = self.windows_per_side
+        tokens = tokens.reshape(batch, s, height // s, s, width // s, dim).permute(0, 1, 3, 2, 4, 5)
+        return tokens.reshape(batch * s * s, (height // s) * (width // s), dim)
+
+    def from_windows(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Inverse of `to_windows`, straight to a channels-first map [batch, dim, H, W]."""
+        s = self.windows_per_side
+        dim = tokens.shape[-1]
+        tokens = tokens.reshape(-1, s, s, height // s, width // s, dim).permute(0, 5, 1, 3, 2, 4)
+        return tokens.reshape(-1, dim, height, width)
+
+    def forward(self, pixel_values: torch.Tensor) -> ViTOutput:
+        self.check_input(pixel_values)
+        tokens = self.embeddings(pixel_values)
+        height, width = tokens.shape[1:3]
+        hidden = self.to_windows(tokens)
+        wanted = set(self.out_indices)
+        stages = {0: hidden} if 0 in wanted else {}
+        for index, block in enumerate(self.encoder.layer, start=1):
+            hidden = block(hidden)
+            if index in wanted:
+                stages[index] = hidden
+        return ViTOutput(tuple(self.from_windows(stages[i], height, width) for i in self.out_indices))
