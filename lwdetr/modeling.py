@@ -113,6 +113,7 @@ class LwDetrModel(nn.Module):
         return self.config.group_detr if self.training else 1
 
     def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> LwDetrModelOutput:
+        self.backbone.backbone.check_input(pixel_values)
         batch, _, height, width = pixel_values.shape
         if pixel_mask is None:
             pixel_mask = torch.ones((batch, height, width), dtype=torch.long, device=pixel_values.device)
@@ -124,8 +125,13 @@ class LwDetrModel(nn.Module):
         memory_mask = torch.cat([mask.flatten(1) for _, mask in levels], 1)
         valid_ratios = torch.stack([_valid_ratio(mask, memory.dtype) for _, mask in levels], 1)
 
-        tokens, anchors, invalid = token_proposals(memory, ~memory_mask, spatial_shapes)
         k, groups = self.config.num_queries, self.groups
+        if memory.shape[1] < k:
+            raise ValueError(
+                f"image size {height}x{width} gives {memory.shape[1]} feature tokens, fewer than the "
+                f"{k} queries the model selects from them; use a larger input"
+            )
+        tokens, anchors, invalid = token_proposals(memory, ~memory_mask, spatial_shapes)
         selected = [self.encoder_heads.select(g, tokens, anchors, invalid, k) for g in range(groups)]
         enc_boxes = torch.cat([s[0] for s in selected], 1)
         enc_queries = torch.cat([s[2] for s in selected], 1)
@@ -211,14 +217,19 @@ class LwDetrForObjectDetection(nn.Module):
         for module in self.modules():
             if isinstance(module, MultiScaleDeformableAttention):
                 module.reset_parameters()
-        prior = -math.log((1 - 0.01) / 0.01)
         heads = self.model.encoder_heads
-        for class_head, box_head in [(self.class_embed, self.bbox_embed)] + list(
-            zip(heads.enc_out_class_embed, heads.enc_out_bbox_embed)
-        ):
-            nn.init.constant_(class_head.bias, prior)
+        for box_head in [self.bbox_embed, *heads.enc_out_bbox_embed]:
             nn.init.zeros_(box_head.layers[-1].weight)
             nn.init.zeros_(box_head.layers[-1].bias)
+        self.reset_class_heads()
+
+    @torch.no_grad()
+    def reset_class_heads(self) -> None:
+        """Fresh class heads (decoder and every encoder group) with the 1 % foreground prior: for a new label set."""
+        prior = -math.log((1 - 0.01) / 0.01)
+        for head in [self.class_embed, *self.model.encoder_heads.enc_out_class_embed]:
+            nn.init.normal_(head.weight, std=self.config.init_std)
+            nn.init.constant_(head.bias, prior)
 
     def forward(
         self,

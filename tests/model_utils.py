@@ -1,0 +1,68 @@
+"""Shared helpers for model tests: a reference model and ours with identical, perturbed weights."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from lwdetr.checkpoint import from_reference_state_dict
+from lwdetr.config import LwDetrConfig, preset_config
+from lwdetr.modeling import LwDetrForObjectDetection
+
+
+def perturbed_reference(config: LwDetrConfig, seed: int = 0) -> transformers.LwDetrForObjectDetection:
+    """A reference model whose every parameter and BatchNorm statistic is moved off its (often zero) init,
+    so that no zero-initialised layer can hide a bug."""
+    torch.manual_seed(seed)
+    model = transformers.LwDetrForObjectDetection(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_var"):
+                buffer.uniform_(0.5, 1.5)
+            elif name.endswith("running_mean"):
+                buffer.normal_(0.0, 0.1)
+    return model
+
+
+def twin_models(preset: str, num_labels: int = 7, seed: int = 0, **overrides):
+    """(reference, ours) with the same weights."""
+    config = preset_config(preset, num_labels=num_labels, **overrides)
+    reference = perturbed_reference(config, seed)
+    ours = LwDetrForObjectDetection(config)
+    ours.load_state_dict(from_reference_state_dict(reference.state_dict()), strict=True)
+    return reference, ours
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """Max absolute difference over the reference tensor's scale (its max magnitude)."""
+    scale = reference.detach().abs().max().clamp_min(1e-12)
+    return ((ours.detach() - reference.detach()).abs().max() / scale).item()
+
+
+def ragged_batch(height: int, width: int, step: int, batch: int = 2, seed: int = 0):
+    """Random pixels and a padding mask in which every image after the first is smaller by a different amount."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch, 3, height, width, generator=generator)
+    mask = torch.ones(batch, height, width, dtype=torch.long)
+    for i in range(1, batch):
+        mask[i, height - i * step // 2 :, :] = 0
+        mask[i, :, width - i * step :] = 0
+    return pixels, mask
+
+
+def random_labels(batch: int, num_labels: int, counts: list[int], seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    labels = []
+    for i in range(batch):
+        n = counts[i % len(counts)]
+        centres = torch.rand(n, 2, generator=generator) * 0.6 + 0.2
+        sizes = torch.rand(n, 2, generator=generator) * 0.3 + 0.05
+        labels.append(
+            {
+                "class_labels": torch.randint(0, num_labels, (n,), generator=generator),
+                "boxes": torch.cat((centres, sizes), -1),
+            }
+        )
+    return labels
