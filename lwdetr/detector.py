@@ -1,0 +1,226 @@
+"""`Detector`: boxes from images in one call, for people who do not want to touch tensors.
+
+    detector = Detector.from_pretrained("AnnaZhang/lwdetr_small_60e_coco")
+    detections = detector.predict("street.jpg", threshold=0.5)          # list[Detection]
+    per_image = detector.predict(["a.jpg", "b.png"])                     # list[list[Detection]]
+
+Bad inputs in a list. `predict` raises the first `ImageLoadError` by default (`on_error="raise"`); with
+`on_error="none"` a bad item gives `None` in its place and the others are still processed. `predict_many` is the
+streaming form the CLI uses: a generator of `Prediction` records, in input order, each carrying either its
+detections or the `ImageLoadError` that stopped it, so a caller can report failures one by one and keep going.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+
+from .images import ImageLoadError, ImageSource, load_image
+from .processing import LwDetrImageProcessor
+
+__all__ = ["Detection", "Detector", "Prediction", "resolve_device"]
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected object. `box` is (x0, y0, x1, y1) in pixels of the original (EXIF-rotated) image."""
+
+    label_id: int
+    label: str
+    score: float
+    box: tuple[float, float, float, float]
+
+    @property
+    def xywh(self) -> tuple[float, float, float, float]:
+        """The box as COCO's (x, y, width, height)."""
+        x0, y0, x1, y1 = self.box
+        return (x0, y0, x1 - x0, y1 - y0)
+
+
+@dataclass
+class Prediction:
+    """The outcome for one input of `Detector.predict_many`.
+
+    `detections` is `None` exactly when `error` is set. `image` is the loaded RGB image (handy for drawing); it is
+    `None` for failed inputs. `size` is the image's (height, width).
+    """
+
+    index: int
+    source: Any
+    detections: list[Detection] | None = None
+    error: ImageLoadError | None = None
+    image: Image.Image | None = None
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        return None if self.image is None else (self.image.height, self.image.width)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`"auto"` picks CUDA when available, else the CPU; anything else goes to `torch.device` as it is."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _load_model(directory: str | os.PathLike) -> torch.nn.Module:
+    """Build the detection model from an HF-format folder; the only place that names the model class."""
+    from .modeling import LwDetrForObjectDetection
+
+    return LwDetrForObjectDetection.from_pretrained(directory)
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'float16' or 'bfloat16'")
+    return resolved
+
+
+class Detector:
+    """A model, its image processor and its label names, ready to turn images into `Detection`s.
+
+    Attributes:
+        model: the detection model (eval mode, on `device`).
+        processor: the `LwDetrImageProcessor` matching the model.
+        id2label: class id -> name.
+        device: where the model runs.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor: LwDetrImageProcessor,
+        id2label: dict[int, str] | None = None,
+        device: str | torch.device = "auto",
+        dtype: torch.dtype | str | None = None,
+        compile: bool = False,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.dtype = _as_dtype(dtype)
+        if self.dtype in (torch.bfloat16, torch.float16) and hasattr(model, "to_mixed_precision"):
+            # reduced precision for the encoder only; query selection, decoder and heads stay fp32
+            self.model = model.to(device=self.device).to_mixed_precision(self.dtype).eval()
+        else:
+            self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        if compile:
+            self.model = torch.compile(self.model)
+        self.processor = processor
+        labels = id2label if id2label is not None else getattr(model.config, "id2label", {})
+        self.id2label = {int(key): str(value) for key, value in labels.items()}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        device: str | torch.device = "auto",
+        dtype: torch.dtype | str | None = None,
+        compile: bool = False,
+    ) -> Detector:
+        """Load model, processor and label names from an HF-format folder or a hub id (one download).
+
+        `dtype="bfloat16"` (or float16) runs the encoder in that precision and the decoder in fp32;
+        `compile=True` wraps the model in `torch.compile` (the first call is slow).
+        """
+        from .hub import resolve_model_dir
+
+        directory = resolve_model_dir(name_or_path)
+        model = _load_model(directory)
+        processor = LwDetrImageProcessor.from_pretrained(directory)
+        return cls(model, processor, device=device, dtype=dtype, compile=compile)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(labels={len(self.id2label)}, device={self.device}, processor={self.processor})"
+
+    def predict(
+        self,
+        images: ImageSource | Sequence[ImageSource],
+        threshold: float = 0.5,
+        max_detections: int = 100,
+        batch_size: int = 8,
+        on_error: Literal["raise", "none"] = "raise",
+    ) -> list[Detection] | list[list[Detection] | None]:
+        """Detect objects in one image (returns `list[Detection]`) or a list of images (one list per image).
+
+        Args:
+            images: anything `load_image` accepts, or a list/tuple of such.
+            threshold: keep detections scoring strictly above it.
+            max_detections: at most this many detections per image (the top-k before thresholding).
+            batch_size: images per forward pass.
+            on_error: for a list, `"raise"` raises the first `ImageLoadError`; `"none"` puts `None` in its place.
+                A single image always raises.
+        """
+        if on_error not in ("raise", "none"):
+            raise ValueError(f"on_error must be 'raise' or 'none'; got {on_error!r}")
+        single = not isinstance(images, (list, tuple))
+        results: list[list[Detection] | None] = []
+        for prediction in self.predict_many([images] if single else images, threshold, max_detections, batch_size):
+            if prediction.error is not None and (single or on_error == "raise"):
+                raise prediction.error
+            results.append(prediction.detections)
+        return results[0] if single else results
+
+    __call__ = predict
+
+    def predict_many(
+        self,
+        images: Iterable[ImageSource],
+        threshold: float = 0.5,
+        max_detections: int = 100,
+        batch_size: int = 8,
+    ) -> Iterator[Prediction]:
+        """Yield one `Prediction` per input, in order; a bad input yields its error instead of stopping the rest.
+
+        Inputs are loaded and run `batch_size` at a time, so an iterable of paths streams with bounded memory.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+        pending: list[Prediction] = []
+        for index, source in enumerate(images):
+            pending.append(self._load(index, source))
+            if sum(p.error is None for p in pending) >= batch_size:
+                yield from self._run(pending, threshold, max_detections)
+                pending = []
+        if pending:
+            yield from self._run(pending, threshold, max_detections)
+
+    def _load(self, index: int, source: ImageSource) -> Prediction:
+        try:
+            return Prediction(index, source, image=load_image(source, max_pixels=self.processor.max_pixels))
+        except ImageLoadError as error:
+            return Prediction(index, source, error=error)
+
+    def _run(self, batch: list[Prediction], threshold: float, max_detections: int) -> list[Prediction]:
+        """Fill in the detections of the loaded items of `batch` with one forward pass."""
+        loaded = [p for p in batch if p.error is None]
+        if loaded:
+            per_image = self._detect([p.image for p in loaded], threshold, max_detections)
+            for prediction, detections in zip(loaded, per_image):
+                prediction.detections = detections
+        return batch
+
+    @torch.inference_mode()
+    def _detect(self, images: list[Image.Image], threshold: float, max_detections: int) -> list[list[Detection]]:
+        """Forward pass and post-processing for RGB images; boxes come back in each image's own pixels."""
+        inputs = self.processor.process_loaded(images).to(self.device, dtype=self.dtype)
+        outputs = self.model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
+        # Post-process in float32 so that half-precision models still rank and scale boxes exactly.
+        raw = {"logits": outputs.logits.float(), "pred_boxes": outputs.pred_boxes.float()}
+        results = self.processor.post_process_object_detection(
+            raw, threshold=threshold, target_sizes=inputs.original_sizes, top_k=max_detections
+        )
+        return [self._to_detections(result) for result in results]
+
+    def _to_detections(self, result: dict[str, torch.Tensor]) -> list[Detection]:
+        scores, labels, boxes = result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist()
+        return [
+            Detection(label, self.id2label.get(label, str(label)), score, tuple(box))
+            for score, label, box in zip(scores, labels, boxes)
+        ]
