@@ -31,8 +31,12 @@ _VIT_RENAMES = {
     "mlp.fc2.": "intermediate.fc2.",
     "attn.proj.": "attention.output.",
 }
-_REFERENCE_ALIASES = {"attention.o_proj.": "attention.output.", "attention.q_proj.": "attention.attention.query.",
-                      "attention.k_proj.": "attention.attention.key.", "attention.v_proj.": "attention.attention.value."}
+_REFERENCE_ALIASES = {
+    "attention.o_proj.": "attention.output.",
+    "attention.q_proj.": "attention.attention.query.",
+    "attention.k_proj.": "attention.attention.key.",
+    "attention.v_proj.": "attention.attention.value.",
+}
 _ENCODER_HEADS = ("enc_output.", "enc_output_norm.", "enc_out_class_embed.", "enc_out_bbox_embed.")
 
 
@@ -134,7 +138,9 @@ def load_config(name_or_path: str | os.PathLike) -> tuple[LwDetrConfig, Path]:
     return LwDetrConfig.from_pretrained(str(directory)), directory
 
 
-def load_pretrained(model_class, name_or_path: str | os.PathLike, *, ignore_mismatched_sizes: bool = False, **overrides):
+def load_pretrained(
+    model_class, name_or_path: str | os.PathLike, *, ignore_mismatched_sizes: bool = False, **overrides
+):
     """Build `model_class` from an HF-format folder or hub id and load its safetensors weights.
 
     `overrides` replace config fields (e.g. a new `id2label`); with `ignore_mismatched_sizes`, parameters whose

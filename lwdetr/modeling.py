@@ -81,6 +81,8 @@ class BackboneWithProjector(nn.Module):
         self.projector = MultiScaleProjector(config)
 
     def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # the encoder may run in a lower precision than the rest (see `LwDetrForObjectDetection.to_mixed_precision`)
+        pixel_values = pixel_values.to(self.backbone.embeddings.projection.weight.dtype)
         maps = self.projector(self.backbone(pixel_values).feature_maps)
         mask = pixel_mask[:, None].float()
         return [(m, F.interpolate(mask, size=m.shape[-2:], mode="nearest")[:, 0].bool()) for m in maps]
@@ -119,7 +121,8 @@ class LwDetrModel(nn.Module):
             pixel_mask = torch.ones((batch, height, width), dtype=torch.long, device=pixel_values.device)
         elif pixel_mask.shape != (batch, height, width):
             raise ValueError(f"pixel_mask has shape {tuple(pixel_mask.shape)}; expected {(batch, height, width)}")
-        levels = self.backbone(pixel_values, pixel_mask)
+        dtype = self.query_feat.weight.dtype
+        levels = [(m.to(dtype), mask) for m, mask in self.backbone(pixel_values, pixel_mask)]
         spatial_shapes = [tuple(m.shape[-2:]) for m, _ in levels]
         memory = torch.cat([m.flatten(2).transpose(1, 2) for m, _ in levels], 1)  # [B, sum(h*w), D]
         memory_mask = torch.cat([mask.flatten(1) for _, mask in levels], 1)
@@ -174,6 +177,18 @@ class LwDetrForObjectDetection(nn.Module):
         if dtype is not None:
             model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         return model.eval()
+
+    def to_mixed_precision(self, dtype: torch.dtype | str = torch.bfloat16) -> LwDetrForObjectDetection:
+        """Put the ViT encoder and projector (nearly all the FLOPs) in `dtype` and everything after them in fp32.
+
+        Query selection (top-k over scores), the deformable decoder's sampling and the box refinement (`exp`) stay
+        in fp32, where a bf16 model's rounding would reorder near-tied proposals or overflow LayerNorm statistics.
+        Returns self.
+        """
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.float()
+        self.model.backbone.to(dtype)
+        return self
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json and model.safetensors with the reference's parameter names."""
@@ -284,4 +299,3 @@ class LwDetrForObjectDetection(nn.Module):
             group_detr=self.model.groups,
         )
         return loss, loss_dict, auxiliary
-

@@ -92,13 +92,27 @@ class ViTEmbeddings(nn.Module):
         self.num_channels = config.num_channels
         self.projection = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=patch, stride=patch)
         self.position_embeddings = None
+        self._grid_cache: tuple[tuple, torch.Tensor] | None = None  # (key, grid), see `position_grid`
         if config.use_absolute_position_embeddings:
             # one extra slot: the pretraining cls token, unused here but part of the checkpoint format
             grid = pretrain // patch
             self.position_embeddings = nn.Parameter(torch.zeros(1, grid * grid + 1, config.hidden_size))
 
     def position_grid(self, height: int, width: int) -> torch.Tensor:
-        """The position embedding resized (bicubic) to a `height x width` token grid: [1, height, width, dim]."""
+        """The position embedding resized (bicubic) to a `height x width` token grid: [1, height, width, dim].
+
+        Without autograd (inference) the resized grid is cached per size; the key includes the parameter's storage
+        and version counter, so loading or editing the weights recomputes it.
+        """
+        table = self.position_embeddings
+        if torch.is_grad_enabled() or torch.jit.is_tracing():
+            return self._resize_position_grid(height, width)
+        key = (height, width, table.data_ptr(), table._version, table.dtype, table.device)
+        if self._grid_cache is None or self._grid_cache[0] != key:
+            self._grid_cache = (key, self._resize_position_grid(height, width))
+        return self._grid_cache[1]
+
+    def _resize_position_grid(self, height: int, width: int) -> torch.Tensor:
         table = self.position_embeddings[:, 1:]
         side = math.isqrt(table.shape[1])
         grid = table.reshape(1, side, side, -1).permute(0, 3, 1, 2)
@@ -154,7 +168,9 @@ class LwDetrViTBackbone(nn.Module):
 
     def check_input(self, pixel_values: torch.Tensor) -> None:
         if pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must be [batch, channels, height, width], got shape {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"pixel_values must be [batch, channels, height, width], got shape {tuple(pixel_values.shape)}"
+            )
         batch, channels, height, width = pixel_values.shape
         if batch == 0:
             raise ValueError("pixel_values is an empty batch")
@@ -164,7 +180,8 @@ class LwDetrViTBackbone(nn.Module):
         if height < step or width < step or height % step or width % step:
             raise ValueError(
                 f"image size {height}x{width} does not fit the window grid: height and width must be positive "
-                f"multiples of {step} (patch size {self.embeddings.patch_size} x {self.windows_per_side} windows per side)"
+                f"multiples of {step} (patch size {self.embeddings.patch_size} x {self.windows_per_side} windows "
+                "per side)"
             )
 
     def to_windows(self, tokens: torch.Tensor) -> torch.Tensor:

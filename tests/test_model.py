@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from model_utils import random_labels, ragged_batch, relative_error, twin_models
+from model_utils import ragged_batch, random_labels, relative_error, twin_models
 
 from lwdetr.checkpoint import from_reference_state_dict, to_reference_state_dict
 from lwdetr.config import PRESETS, preset_config

@@ -1,0 +1,73 @@
+"""LW-DETR demo: detect objects in images and fine-tune on your own data (Gradio).
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--data-dir ./app_data] [--model HUB_ID_OR_FOLDER]
+
+Serves on http://127.0.0.1:7860 by default (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are honoured; on a Hugging
+Face Space, where SPACE_ID is set, it binds 0.0.0.0). Everything it writes (uploads, Gradio's cache, datasets,
+runs) goes under the data folder: `--data-dir`, env LWDETR_APP_DATA, default ./app_data.
+
+The default model is the COCO `small` checkpoint when the hub has it (or the local cache does); otherwise the
+bundled demo model in examples/demo_model. The UI says which one is active and why.
+
+Other settings (env): LWDETR_APP_MODEL (as --model), LWDETR_APP_DEMO_MODEL (the fallback folder),
+LWDETR_APP_EXAMPLES (example images folder), LWDETR_APP_HUB_TIMEOUT (seconds, 30), LWDETR_APP_MAX_UPLOAD ("200mb"),
+LWDETR_APP_SYNTH_TRAIN / _VAL / _SIZE (the synthetic sample: 48 / 16 images of 256 px).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when Blocks() is built; no telemetry threads
+
+from lwdetr_app.settings import AppSettings, configure_environment, resolve_server  # noqa: E402 - after the env
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--host", help="address to bind (default: GRADIO_SERVER_NAME, 0.0.0.0 on a Space, else 127.0.0.1)"
+    )
+    parser.add_argument("--port", type=int, help="port (default: GRADIO_SERVER_PORT or 7860)")
+    parser.add_argument(
+        "--data-dir", help="folder for uploads, caches and runs (default: LWDETR_APP_DATA or ./app_data)"
+    )
+    parser.add_argument("--model", help="default model: hub id or folder (default: COCO small, else the demo model)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = AppSettings.from_env(data_dir=args.data_dir, model=args.model)
+    configure_environment(settings.paths, redirect_tempfile=True)  # before gradio builds anything
+
+    from lwdetr_app.handlers import AppContext
+    from lwdetr_app.models import ModelChoice, ModelRegistry, choose_default_model
+    from lwdetr_app.ui import build_demo
+
+    default = choose_default_model(settings.demo_model_dir, settings.model, settings.hub_timeout)
+    registry = ModelRegistry()
+    if default.ref:
+        try:
+            registry.get(default.ref)  # load once, before the first request
+        except Exception as error:  # noqa: BLE001 - the UI says so; the app still serves
+            default = ModelChoice(None, f"{default.reason}; but it could not be loaded: {error}")
+    print(f"Active model: {default.reason}", flush=True)
+    demo = build_demo(AppContext(settings, default, registry))
+    host, port = resolve_server(args.host, args.port)
+    demo.queue(default_concurrency_limit=1).launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        ssr_mode=False,
+        run_history=False,
+        show_error=True,
+        max_file_size=settings.max_upload,
+        # Files the app hands out (weights zips, detection JSON, example images); datasets and caches are not.
+        allowed_paths=[str(settings.paths.runs), str(settings.paths.results), str(settings.examples_dir)],
+    )
+
+
+if __name__ == "__main__":
+    main()

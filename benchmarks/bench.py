@@ -1,0 +1,345 @@
+"""Ours vs transformers' `LwDetrForObjectDetection`, with identical weights, in one process.
+
+Every comparison runs the two implementations interleaved (A, B, A, B, ...) so that the noise of a shared machine
+hits both alike, and reports medians and the ratio reference / ours (> 1 means ours is faster).
+
+    python benchmarks/bench.py                 # the full run (a few minutes on 2 cores)
+    python benchmarks/bench.py --quick         # a smoke run
+    python benchmarks/bench.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lwdetr.checkpoint import from_reference_state_dict  # noqa: E402
+from lwdetr.config import preset_config  # noqa: E402
+from lwdetr.modeling import LwDetrForObjectDetection  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*You'd better set embed_dim.*")
+
+NUM_LABELS = 91
+
+
+def build_pair(preset: str, seed: int = 0) -> tuple[torch.nn.Module, LwDetrForObjectDetection]:
+    """(reference, ours) in eval mode, ours loaded from the reference's (slightly perturbed) weights."""
+    import transformers
+
+    config = preset_config(preset, num_labels=NUM_LABELS)
+    torch.manual_seed(seed)
+    reference = transformers.LwDetrForObjectDetection(config)
+    with torch.no_grad():  # move the zero-initialised box heads off zero so boxes differ between queries
+        for param in reference.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    ours = LwDetrForObjectDetection(config)
+    ours.load_state_dict(from_reference_state_dict(reference.state_dict()), strict=True)
+    return reference.eval(), ours.eval()
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved round-robin."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
+    """The machine's fp32 matmul throughput (FLOP/s) with the current thread count: best of a few big matmuls."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def forward_flops(model: torch.nn.Module, pixels: torch.Tensor) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(pixel_values=pixels)
+    return counter.get_total_flops()
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_rss_increase_mib(fn: Callable[[], object]) -> float:
+    """Peak resident memory reached during `fn` above the resident memory before it (Linux: resets VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # 5 resets the peak-RSS watermark
+    except OSError:
+        return float("nan")
+    before = _rss_kib("VmRSS")
+    fn()
+    return (_rss_kib("VmHWM") - before) / 1024
+
+
+def random_labels(batch: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    labels = []
+    for _ in range(batch):
+        n = 6
+        centres = torch.rand(n, 2, generator=generator) * 0.6 + 0.2
+        sizes = torch.rand(n, 2, generator=generator) * 0.3 + 0.05
+        classes = torch.randint(0, NUM_LABELS, (n,), generator=generator)
+        labels.append({"class_labels": classes, "boxes": torch.cat((centres, sizes), -1)})
+    return labels
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pixels, labels) -> Callable[[], None]:
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(pixel_values=pixels, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+class Report:
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def add(self, name: str, reference: float, ours: float, unit: str, higher_is_better: bool = False) -> None:
+        gain = ours / reference if higher_is_better else reference / ours
+        self.rows.append({"metric": name, "reference": reference, "ours": ours, "unit": unit, "gain": gain})
+        print(f"  {name}: reference {reference:.4g} {unit}, ours {ours:.4g} {unit}, gain x{gain:.2f}", flush=True)
+
+    def markdown(self) -> str:
+        lines = ["| metric | reference | ours | unit | gain (>1 = ours better) |", "|---|---|---|---|---|"]
+        for row in self.rows:
+            lines.append(
+                f"| {row['metric']} | {row['reference']:.4g} | {row['ours']:.4g} | {row['unit']} | x{row['gain']:.2f} |"
+            )
+        return "\n".join(lines)
+
+
+def bench_latency(report: Report, preset: str, batch: int, repeats: int, size: int = 640) -> None:
+    reference, ours = build_pair(preset)
+    pixels = torch.randn(batch, 3, size, size)
+    with torch.inference_mode():
+        fns = {"reference": lambda: reference(pixel_values=pixels), "ours": lambda: ours(pixel_values=pixels)}
+        medians = interleaved_medians(fns, repeats)
+        diff = (reference(pixel_values=pixels).logits - ours(pixel_values=pixels).logits).abs().max().item()
+    print(f"  {preset} batch {batch}: max |logits diff| {diff:.2e}")
+    if batch == 1:
+        report.add(f"latency {preset} b1 {size}", medians["reference"] * 1e3, medians["ours"] * 1e3, "ms")
+    else:
+        report.add(
+            f"throughput {preset} b{batch} {size}",
+            batch / medians["reference"],
+            batch / medians["ours"],
+            "img/s",
+            higher_is_better=True,
+        )
+
+
+def bench_flops_and_memory(report: Report, preset: str, repeats: int, peak: float, size: int = 640) -> None:
+    reference, ours = build_pair(preset)
+    pixels = torch.randn(1, 3, size, size)
+    flops = {"reference": forward_flops(reference, pixels), "ours": forward_flops(ours, pixels)}
+    models = {"reference": reference, "ours": ours}
+    with torch.inference_mode():
+        medians = interleaved_medians(
+            {name: (lambda m=m: m(pixel_values=pixels)) for name, m in models.items()}, repeats
+        )
+        memory: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(3):
+            for name, model in models.items():
+                memory[name].append(peak_rss_increase_mib(lambda m=model: m(pixel_values=pixels)))
+    report.add(f"forward GFLOPs {preset} b1", flops["reference"] / 1e9, flops["ours"] / 1e9, "GFLOP")
+    fraction = {name: flops[name] / medians[name] / peak for name in models}
+    report.add(
+        f"fraction of fp32 matmul peak {preset} b1", fraction["reference"], fraction["ours"], "", higher_is_better=True
+    )
+    report.add(
+        f"peak RSS increase {preset} b1 forward",
+        statistics.median(memory["reference"]),
+        statistics.median(memory["ours"]),
+        "MiB",
+    )
+
+
+def bench_training(report: Report, preset: str, batch: int, repeats: int, size: int = 640) -> None:
+    reference, ours = build_pair(preset)
+    reference.train()
+    ours.train()
+    pixels = torch.randn(batch, 3, size, size)
+    labels = random_labels(batch)
+    steps = {
+        "reference": train_step(reference, torch.optim.AdamW(reference.parameters(), lr=1e-6), pixels, labels),
+        "ours": train_step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-6), pixels, labels),
+    }
+    medians = interleaved_medians(steps, repeats)
+    report.add(f"train step {preset} b{batch} {size} (group DETR)", medians["reference"], medians["ours"], "s")
+    memory = {name: peak_rss_increase_mib(step) for name, step in steps.items()}
+    report.add(f"peak RSS increase {preset} train step", memory["reference"], memory["ours"], "MiB")
+
+
+def _model_folder(preset: str, directory: Path, size: int) -> Path:
+    """An HF-format folder (weights + image processor) that both `Detector` and transformers' pipeline load."""
+    from lwdetr.processing import LwDetrImageProcessor
+
+    _, ours = build_pair(preset)
+    with torch.no_grad():  # spread the class scores so that the top detections are well separated
+        ours.class_embed.weight.normal_(0, 0.2)
+    ours.save_pretrained(directory)
+    LwDetrImageProcessor(size={"height": size, "width": size}).save_pretrained(directory)
+    return directory
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    lt, rb = np.maximum(a[:, :2], b[:, :2]), np.minimum(a[:, 2:], b[:, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area = lambda x: (x[:, 2:] - x[:, :2]).prod(-1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter + 1e-9)
+
+
+def detections_agree(ours, theirs, top: int = 100) -> float:
+    """Fraction of the reference's top detections found in ours: same label, IoU >= 0.9, score within 0.02."""
+    theirs = sorted(theirs, key=lambda d: -d["score"])[:top]
+    if not theirs:
+        return 1.0
+    mine = sorted(ours, key=lambda d: -d.score)[:top]
+    if not mine:
+        return 0.0
+    boxes = np.array([d.box for d in mine])
+    found = 0
+    for det in theirs:
+        b = det["box"]
+        box = np.array([[b["xmin"], b["ymin"], b["xmax"], b["ymax"]]], dtype=float)
+        iou = _box_iou(boxes, np.repeat(box, len(boxes), 0))
+        ok = [
+            iou[i] >= 0.9 and mine[i].label == det["label"] and abs(mine[i].score - det["score"]) <= 0.02
+            for i in range(len(mine))
+        ]
+        found += any(ok)
+    return found / len(theirs)
+
+
+def bench_end_to_end(report: Report, preset: str, repeats: int, num_images: int, size: int = 640) -> None:
+    """`Detector.predict` (fp32 and bf16) vs `transformers.pipeline("object-detection")` in fp32."""
+    import transformers
+    from PIL import Image
+
+    from lwdetr.detector import Detector
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _model_folder(preset, Path(tmp), size)
+        rng = np.random.default_rng(0)
+        images = [Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)) for _ in range(num_images)]
+        pipe = transformers.pipeline("object-detection", model=str(folder), device="cpu")
+        detectors = {
+            "float32": Detector.from_pretrained(folder, device="cpu"),
+            "bfloat16": Detector.from_pretrained(folder, device="cpu", dtype="bfloat16"),
+        }
+        fns = {"reference": lambda: pipe(images, threshold=0.0)}
+        for name, detector in detectors.items():
+            fns[name] = lambda d=detector: d.predict(images, threshold=0.0, max_detections=100)
+        medians = interleaved_medians(fns, repeats)
+        theirs = pipe(images, threshold=0.0)
+        for name in detectors:
+            agreement = np.mean([detections_agree(o, t) for o, t in zip(fns[name](), theirs)])
+            print(f"  detector {name}: {agreement:.1%} of the reference's top-100 detections matched")
+            report.add(
+                f"end to end {preset} {num_images} images, Detector {name} vs pipeline fp32",
+                medians["reference"],
+                medians[name],
+                "s",
+            )
+
+
+def bench_onnx(report: Report, preset: str, repeats: int, size: int = 640) -> None:
+    """onnxruntime (CPU) on our exported model vs the reference in PyTorch, batch 1."""
+    import onnxruntime as ort
+
+    from lwdetr.onnx_export import export_onnx
+
+    reference, ours = build_pair(preset)
+    pixels = torch.randn(1, 3, size, size)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(ours, Path(tmp) / "model.onnx", image_size=(size, size))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: pixels.numpy()}
+        with torch.inference_mode():
+            medians = interleaved_medians(
+                {"reference": lambda: reference(pixel_values=pixels), "onnx": lambda: session.run(None, feed)}, repeats
+            )
+    name = f"latency {preset} b1 {size}, onnxruntime vs reference torch"
+    report.add(name, medians["reference"] * 1e3, medians["onnx"] * 1e3, "ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few repeats, small inputs: a smoke run")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: latency train flops e2e onnx")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    repeats = 2 if args.quick else 7
+    size = 320 if args.quick else 640
+
+    report = Report()
+    peak = matmul_peak_flops(1024 if args.quick else 2048)
+    print(f"threads {torch.get_num_threads()}, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+    sections: list[tuple[str, Callable[[], None]]] = [
+        ("latency", lambda: bench_latency(report, "tiny", 1, repeats, size)),
+        ("latency", lambda: bench_latency(report, "small", 1, repeats, size)),
+        ("latency", lambda: bench_latency(report, "tiny", 8 if not args.quick else 2, max(2, repeats // 2), size)),
+        ("train", lambda: bench_training(report, "tiny", 4 if not args.quick else 2, max(2, repeats // 2), size)),
+        ("flops", lambda: bench_flops_and_memory(report, "tiny", repeats, peak, size)),
+        ("e2e", lambda: bench_end_to_end(report, "tiny", max(2, repeats // 2), 2 if args.quick else 4, size)),
+        ("onnx", lambda: bench_onnx(report, "tiny", repeats, size)),
+    ]
+    for name, run in sections:
+        if name in args.skip:
+            continue
+        try:
+            run()
+        except Exception as error:  # one failing section should not lose the others' numbers
+            print(f"  section {name} failed: {type(error).__name__}: {error}", flush=True)
+
+    print()
+    print(f"threads {torch.get_num_threads()}, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s, torch {torch.__version__}")
+    print(report.markdown())
+    if args.json:
+        payload = {"threads": torch.get_num_threads(), "matmul_peak_flops": peak, "rows": report.rows}
+        args.json.write_text(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""The Gradio app's helpers: settings and data folder, model registry, detection, dataset preview, training job, UI.
+
+`app.py` is the entry point; `lwdetr/` and `finetune/` never import this package (nor gradio). Only `ui` imports
+gradio, so the other modules are plain Python and tested as such.
+"""

@@ -1,0 +1,112 @@
+"""Datasets for the Fine-tune tab: extract an uploaded zip or make the synthetic sample, validate, preview.
+
+Everything is written under the app's `datasets/` folder. An uploaded zip is extracted once per content (the folder
+name carries a hash of the bytes); the synthetic sample once per size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from lwdetr.detector import Detection
+from lwdetr.draw import draw_detections
+
+__all__ = ["DatasetPreview", "inspect_dataset", "prepare_synthetic", "prepare_zip"]
+
+
+@dataclass
+class DatasetPreview:
+    """What the tab shows about a dataset: the report text, a few images with their boxes, and whether it is usable."""
+
+    ok: bool
+    report: str
+    root: Path | None = None
+    images: list[tuple[Image.Image, str]] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def prepare_zip(zip_path: str | os.PathLike, datasets_dir: Path) -> Path:
+    """Extract `zip_path` safely under `datasets_dir` (reusing an earlier extraction of the same bytes).
+
+    Returns the dataset root. Raises `finetune.errors.DataError` for unsafe or unreadable zips.
+    """
+    from finetune.archive import dataset_root, safe_extract_zip
+    from finetune.errors import DataError
+
+    zip_path = Path(zip_path)
+    if zip_path.suffix.lower() != ".zip":
+        raise DataError(f"{zip_path.name}: expected a .zip file")
+    dest = datasets_dir / f"upload-{_file_digest(zip_path)}"
+    if dest.is_dir() and any(dest.iterdir()):
+        return dataset_root(dest)
+    return safe_extract_zip(zip_path, dest)
+
+
+def prepare_synthetic(datasets_dir: Path, num_train: int, num_val: int, image_size: int, seed: int = 0) -> Path:
+    """The built-in synthetic sample (circles, squares, triangles), generated on first use."""
+    from finetune.synthetic import make_synthetic_dataset
+
+    dest = datasets_dir / f"synthetic-{num_train}-{num_val}-{image_size}-seed{seed}"
+    if (dest / "train" / "_annotations.coco.json").is_file():
+        return dest
+    datasets_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=datasets_dir))
+    try:
+        make_synthetic_dataset(staging, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed)
+        if dest.exists():  # another session made it meanwhile
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            os.rename(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dest
+
+
+def _preview(record, id2label: dict[int, str]) -> tuple[Image.Image, str]:
+    boxes = [
+        Detection(int(label), id2label.get(int(label), str(label)), 1.0, (x, y, x + w, y + h))
+        for (x, y, w, h), label in zip(record.boxes.tolist(), record.labels.tolist())
+    ]
+    image = record.load_image()
+    image.thumbnail((512, 512))  # boxes are drawn after scaling them the same way
+    scale = image.width / max(record.width, 1)
+    scaled = [Detection(b.label_id, b.label, b.score, tuple(v * scale for v in b.box)) for b in boxes]
+    return draw_detections(image, scaled, show_scores=False), f"{record.file_name} ({len(boxes)} boxes)"
+
+
+def inspect_dataset(root: str | os.PathLike, work_dir: Path | None = None, max_images: int = 6) -> DatasetPreview:
+    """Validate `root` with `finetune.data` and draw the ground truth of the first few training images.
+
+    `work_dir` receives anything `finetune.data` needs to convert (kept inside the app's data folder).
+    """
+    from finetune.data import load_detection_data
+    from finetune.errors import DataError
+
+    try:
+        data = load_detection_data(str(root), work_dir=work_dir)
+    except DataError as error:
+        return DatasetPreview(False, f"This dataset cannot be used: {error}")
+    previews = []
+    for record in [r for r in data.train if len(r.boxes)][:max_images]:
+        try:
+            previews.append(_preview(record, data.id2label))
+        except (DataError, OSError):
+            continue
+    classes = [data.id2label[key] for key in sorted(data.id2label)]
+    return DatasetPreview(True, data.report.to_text(), Path(root), previews, classes)

@@ -1,0 +1,188 @@
+"""Which models the app offers, which one it starts with (and why), and a small cache of loaded `Detector`s."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from lwdetr.detector import Detector
+
+__all__ = [
+    "DEFAULT_HUB_MODEL",
+    "PUBLISHED_MODELS",
+    "ModelChoice",
+    "ModelRegistry",
+    "RunInfo",
+    "choose_default_model",
+    "list_runs",
+    "model_choices",
+]
+
+_SIZES = ("tiny", "small", "medium", "large", "xlarge")
+PUBLISHED_MODELS: tuple[str, ...] = tuple(f"AnnaZhang/lwdetr_{size}_60e_coco" for size in _SIZES) + tuple(
+    f"AnnaZhang/lwdetr_{size}_30e_objects365" for size in _SIZES
+)
+DEFAULT_HUB_MODEL = "AnnaZhang/lwdetr_small_60e_coco"
+RUN_INFO_FILE = "app_run.json"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """A model reference (hub id or folder; None when nothing is usable) and a sentence saying why it is active."""
+
+    ref: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A fine-tuning run made in this app that left a loadable model folder."""
+
+    name: str
+    model_dir: Path
+    ap: float | None
+
+    @property
+    def label(self) -> str:
+        return f"Fine-tuned: {self.name}" + (f" (AP {self.ap:.3f})" if self.ap is not None else "")
+
+
+def _is_model_dir(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def list_runs(runs_dir: Path) -> list[RunInfo]:
+    """Runs under `runs_dir` with a `best/` (or, for a run stopped early, `last/`) model folder; newest first."""
+    runs = []
+    if not runs_dir.is_dir():
+        return runs
+    for run in sorted(runs_dir.iterdir(), key=lambda p: p.name, reverse=True):
+        folder = next((run / name for name in ("best", "last") if _is_model_dir(run / name)), None)
+        if folder is None:
+            continue
+        ap = None
+        try:
+            ap = json.loads((run / RUN_INFO_FILE).read_text(encoding="utf-8")).get("best_ap")
+        except (OSError, ValueError, AttributeError):
+            pass
+        runs.append(RunInfo(run.name, folder.resolve(), ap if isinstance(ap, (int, float)) else None))
+    return runs
+
+
+def display_path(path: Path) -> str:
+    """`path` relative to the repository when it lies inside it (`examples/demo_model`), else absolute."""
+    from .settings import REPO_ROOT
+
+    try:
+        return path.resolve().relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+def model_choices(runs_dir: Path, demo_model_dir: Path) -> list[tuple[str, str]]:
+    """(label, value) pairs for a model picker: the bundled demo model, runs made here, the published checkpoints."""
+    choices = []
+    if _is_model_dir(demo_model_dir):
+        choices.append((f"Bundled demo model ({display_path(demo_model_dir)})", str(demo_model_dir.resolve())))
+    choices += [(run.label, str(run.model_dir)) for run in list_runs(runs_dir)]
+    choices += [(model_id, model_id) for model_id in PUBLISHED_MODELS]
+    return choices
+
+
+def _short(error: BaseException, limit: int = 120) -> str:
+    """A short reason for the status line (`lwdetr.hub`'s messages also say how to pass a folder: not needed here)."""
+    if "HF_HUB_OFFLINE" in str(error):
+        return "offline mode: HF_HUB_OFFLINE is set"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if inner := re.search(r"from the Hugging Face hub \((.*)\); check", text):
+        text = inner.group(1).removeprefix("Got: ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _resolve_with_timeout(model_id: str, timeout: float) -> str | None:
+    """None when `model_id` is in the cache or downloadable within `timeout` seconds, else the reason it is not."""
+    from lwdetr.hub import resolve_model_dir
+
+    outcome: dict[str, str | None] = {}
+
+    def attempt() -> None:
+        try:
+            resolve_model_dir(model_id)
+            outcome["error"] = None
+        except Exception as error:  # noqa: BLE001 - any failure means "not available"
+            outcome["error"] = _short(error)
+
+    worker = threading.Thread(target=attempt, name="hub-check", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if "error" not in outcome:
+        return f"no answer within {timeout:.0f} s"
+    return outcome["error"]
+
+
+def choose_default_model(
+    demo_model_dir: Path, override: str | None = None, hub_timeout: float = 30.0, hub_model: str = DEFAULT_HUB_MODEL
+) -> ModelChoice:
+    """The COCO `small` checkpoint when the hub has it (or the cache does), else the bundled demo model."""
+    if override:
+        return ModelChoice(override, f"{override}: chosen with --model / LWDETR_APP_MODEL")
+    problem = _resolve_with_timeout(hub_model, hub_timeout)
+    if problem is None:
+        return ModelChoice(hub_model, f"{hub_model} (COCO, small): from the Hugging Face hub or its local cache")
+    shown = display_path(demo_model_dir)
+    if _is_model_dir(demo_model_dir):
+        return ModelChoice(
+            str(demo_model_dir.resolve()), f"Bundled demo model ({shown}): the hub is unreachable ({problem})"
+        )
+    return ModelChoice(None, f"No model available: the hub is unreachable ({problem}) and {shown} is missing")
+
+
+class ModelRegistry:
+    """Loaded `Detector`s by reference, the `capacity` most recently used kept in memory; thread-safe.
+
+    A local folder is keyed with its weights' modification time, so a run's `best/` that is rewritten later (while
+    training goes on) is loaded again rather than served stale.
+    """
+
+    def __init__(self, capacity: int = 3, device: str = "auto"):
+        self.capacity = capacity
+        self.device = device
+        self._detectors: OrderedDict[tuple[str, float], Detector] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[tuple[str, float], threading.Lock] = {}
+
+    @staticmethod
+    def _key(ref: str) -> tuple[str, float]:
+        ref = str(ref).strip()
+        folder = Path(ref).expanduser()
+        stamps = [path.stat().st_mtime for path in folder.glob("*.safetensors")] if folder.is_dir() else []
+        return ref, max(stamps, default=0.0)
+
+    def _cached(self, key: tuple[str, float]) -> Detector | None:
+        with self._lock:
+            if key in self._detectors:
+                self._detectors.move_to_end(key)
+                return self._detectors[key]
+            return None
+
+    def get(self, ref: str) -> Detector:
+        """The detector for `ref` (hub id or folder), loading it on first use. Raises on failure (OSError etc.)."""
+        key = self._key(ref)
+        if (detector := self._cached(key)) is not None:
+            return detector
+        with self._lock:
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        with key_lock:  # one load per model; other models stay available meanwhile
+            if (detector := self._cached(key)) is not None:
+                return detector
+            detector = Detector.from_pretrained(key[0], device=self.device)
+            with self._lock:
+                self._detectors[key] = detector
+                self._loading.pop(key, None)
+                while len(self._detectors) > self.capacity:
+                    self._detectors.popitem(last=False)
+            return detector

@@ -1,0 +1,134 @@
+"""Where the app keeps its files, which address it serves on, and the knobs tests turn (all from env or CLI).
+
+Everything the app writes goes under one data folder (`--data-dir`, env `LWDETR_APP_DATA`, default `./app_data`):
+
+    app_data/
+      gradio/          Gradio's uploads and output cache (GRADIO_TEMP_DIR)
+      cache/           matplotlib's config cache, Python's temporary files
+      datasets/        extracted dataset zips and the synthetic sample
+      runs/            fine-tuning runs (best/, last/, metrics, weights zip)
+      results/         per-session detection JSON files
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "AppPaths",
+    "AppSettings",
+    "DEFAULT_PORT",
+    "REPO_ROOT",
+    "configure_environment",
+    "resolve_server",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PORT = 7860
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else default
+
+
+@dataclass(frozen=True)
+class AppPaths:
+    """The sub-folders of the data folder (see the module docstring)."""
+
+    root: Path
+
+    @property
+    def gradio(self) -> Path:
+        return self.root / "gradio"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def datasets(self) -> Path:
+        return self.root / "datasets"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    def create(self) -> AppPaths:
+        for folder in (self.gradio, self.cache, self.datasets, self.runs, self.results):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+@dataclass
+class AppSettings:
+    """What the app needs to know at start-up. `from_env` reads the environment; the CLI overrides fields."""
+
+    data_dir: Path = Path("app_data")
+    model: str | None = None  # force the default model (CLI --model / LWDETR_APP_MODEL)
+    demo_model_dir: Path = REPO_ROOT / "examples" / "demo_model"
+    examples_dir: Path = REPO_ROOT / "examples" / "images"
+    hub_timeout: float = 30.0  # seconds to wait for the hub when choosing the default model
+    synthetic_train: int = 48
+    synthetic_val: int = 16
+    synthetic_image_size: int = 256
+    max_upload: str = "200mb"
+    max_image_pixels: int = 40_000_000
+    paths: AppPaths = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).expanduser().resolve()
+        self.demo_model_dir = Path(self.demo_model_dir).expanduser()
+        self.examples_dir = Path(self.examples_dir).expanduser()
+        self.paths = AppPaths(self.data_dir)
+
+    @classmethod
+    def from_env(cls, **overrides) -> AppSettings:
+        env = os.environ
+        values = {
+            "data_dir": Path(env.get("LWDETR_APP_DATA") or "app_data"),
+            "model": env.get("LWDETR_APP_MODEL") or None,
+            "demo_model_dir": Path(env.get("LWDETR_APP_DEMO_MODEL") or REPO_ROOT / "examples" / "demo_model"),
+            "examples_dir": Path(env.get("LWDETR_APP_EXAMPLES") or REPO_ROOT / "examples" / "images"),
+            "hub_timeout": float(env.get("LWDETR_APP_HUB_TIMEOUT") or 30.0),
+            "synthetic_train": _env_int("LWDETR_APP_SYNTH_TRAIN", 48),
+            "synthetic_val": _env_int("LWDETR_APP_SYNTH_VAL", 16),
+            "synthetic_image_size": _env_int("LWDETR_APP_SYNTH_SIZE", 256),
+            "max_upload": env.get("LWDETR_APP_MAX_UPLOAD") or "200mb",
+        }
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**values)
+
+
+def configure_environment(paths: AppPaths, redirect_tempfile: bool = False) -> None:
+    """Point Gradio's cache (and matplotlib's) inside the data folder; call before any `gr.Blocks` is built.
+
+    `redirect_tempfile` also sends Python's `tempfile` (and child processes via TMPDIR) into the data folder; the
+    app process does this, in-process tests do not (it is process-wide).
+    """
+    paths.create()
+    os.environ["GRADIO_TEMP_DIR"] = str(paths.gradio)
+    os.environ["GRADIO_EXAMPLES_CACHE"] = str(paths.gradio / "cached_examples")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ["MPLCONFIGDIR"] = str(paths.cache / "matplotlib")
+    if redirect_tempfile:
+        tmp = paths.cache / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        os.environ["TMPDIR"] = str(tmp)
+        tempfile.tempdir = str(tmp)
+
+
+def resolve_server(host: str | None, port: int | None) -> tuple[str, int]:
+    """CLI value, else Gradio's GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, else 0.0.0.0 on a Space or 127.0.0.1."""
+    env = os.environ
+    default_host = "0.0.0.0" if env.get("SPACE_ID") else "127.0.0.1"
+    resolved_host = host or env.get("GRADIO_SERVER_NAME") or default_host
+    resolved_port = port or _env_int("GRADIO_SERVER_PORT", DEFAULT_PORT)
+    return resolved_host, resolved_port

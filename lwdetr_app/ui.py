@@ -1,0 +1,191 @@
+"""The Gradio UI: a Detect tab and a Fine-tune tab over `lwdetr.Detector` and `finetune`.
+
+`build_demo` lays out the components and wires every event explicitly to a method of `AppContext`
+(`lwdetr_app.handlers`). Only `/detect` is a public API endpoint; the UI's own events are private.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from . import detection
+from .handlers import AppContext, empty_table, metrics_frame
+
+__all__ = ["AppContext", "build_demo"]
+
+_INTRO = (
+    "# LW-DETR: light-weight detection transformer\n"
+    "Detect objects in an image with a published checkpoint or your own fine-tuned model, "
+    "or fine-tune one on your dataset in the second tab."
+)
+
+
+def build_demo(ctx: AppContext) -> gr.Blocks:
+    """The two-tab Blocks app over `ctx`."""
+    private = {"api_visibility": "private"}
+    with gr.Blocks(title="LW-DETR", analytics_enabled=False, delete_cache=(1800, 3600)) as demo:
+        gr.Markdown(_INTRO)
+        active_model = gr.State(ctx.default.ref)
+        raw_state = gr.State(None)
+        seen_state = gr.State(None)
+        dataset_state = gr.State(None)
+        with gr.Tabs() as tabs:
+            with gr.Tab("Detect", id="detect"):
+                detect_ui = _detect_tab(ctx)
+            with gr.Tab("Fine-tune", id="finetune"):
+                train_ui = _train_tab(ctx)
+        timer = gr.Timer(1.0)
+
+        d, t = detect_ui, train_ui
+        filters = [d["threshold"], d["max_det"], d["classes"]]
+        render_outputs = [d["output"], d["table"], d["count"], d["timing"], d["json"]]
+        detect_outputs = [raw_state, *render_outputs, d["status"]]
+        d["image"].change(
+            ctx.detect, [d["image"], active_model, *filters], detect_outputs, preprocess=False,
+            api_name="detect_new_image", concurrency_id="inference", concurrency_limit=2, **private,
+        )  # fmt: skip
+        d["button"].click(
+            ctx.detect, [d["image"], active_model, *filters], detect_outputs, preprocess=False,
+            api_name="detect_again", concurrency_id="inference", concurrency_limit=2, **private,
+        )  # fmt: skip
+        for control in filters:
+            control.change(
+                ctx.refilter, [raw_state, *filters], render_outputs, trigger_mode="always_last",
+                show_progress="hidden", concurrency_limit=None, **private,
+            )  # fmt: skip
+        d["model"].change(
+            ctx.select_model, [d["model"], active_model, d["image"], d["threshold"], d["max_det"]],
+            [active_model, d["model_status"], d["classes"], *detect_outputs], preprocess=False,
+            concurrency_id="inference", concurrency_limit=2, **private,
+        )  # fmt: skip
+        d["api_button"].click(
+            ctx.detect_api, [d["image"], d["threshold"]], d["api_json"], preprocess=False, api_name="detect",
+            concurrency_id="inference", concurrency_limit=2,
+        )  # fmt: skip
+
+        t["zip"].upload(ctx.use_zip, t["zip"], [dataset_state, t["report"], t["gallery"]], **private)
+        t["synthetic"].click(ctx.use_synthetic, None, [dataset_state, t["report"], t["gallery"]], **private)
+        settings = [t["base_model"], t["epochs"], t["batch_size"], t["image_size"], t["lr"], t["freeze"]]
+        t["start"].click(ctx.start_training, [dataset_state, *settings], t["status"], **private).then(
+            ctx.follow_training, None, t["progress"], concurrency_limit=None, **private
+        )
+        t["stop"].click(ctx.stop_training, None, t["status"], **private)
+        poll_outputs = [
+            seen_state, t["status"], t["loss_plot"], t["ap_plot"], t["log"], t["metrics"],
+            t["weights"], t["use"], t["start"], t["stop"], d["model"], t["base_model"],
+        ]  # fmt: skip
+        timer.tick(ctx.poll, seen_state, poll_outputs, show_progress="hidden", concurrency_limit=None, **private)
+        t["use"].click(ctx.use_in_detect, None, [d["model"], tabs], **private)
+        demo.load(ctx.follow_training, None, t["progress"], concurrency_limit=None, **private)
+    return demo
+
+
+def _detect_tab(ctx: AppContext) -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    c["model_status"] = gr.Markdown(ctx.model_status(ctx.default.ref), elem_id="model-status")
+    with gr.Row():
+        with gr.Column(scale=1):
+            c["image"] = gr.Image(
+                type="filepath", sources=["upload", "webcam", "clipboard"], label="Image", elem_id="input-image"
+            )
+            c["model"] = gr.Dropdown(
+                ctx.model_choices(), value=ctx.default.ref, allow_custom_value=True, label="Model",
+                info="A published checkpoint, a run fine-tuned here, or a local model folder path",
+                elem_id="model-picker",
+            )  # fmt: skip
+            c["threshold"] = gr.Slider(
+                detection.FLOOR_THRESHOLD, 1.0, value=0.4, step=0.01, label="Score threshold", elem_id="threshold"
+            )
+            c["max_det"] = gr.Slider(
+                1, detection.FLOOR_MAX_DETECTIONS, value=100, step=1, label="Max detections", elem_id="max-detections"
+            )
+            c["classes"] = gr.Dropdown(
+                ctx.class_names(ctx.default.ref), value=[], multiselect=True, label="Classes",
+                info="Show only these classes (empty: all)", elem_id="class-filter",
+            )  # fmt: skip
+            c["button"] = gr.Button("Detect again", elem_id="detect-btn")
+        with gr.Column(scale=1):
+            c["output"] = gr.Image(
+                type="pil", format="png", label="Detections", interactive=False, elem_id="output-image"
+            )
+            with gr.Row():
+                c["count"] = gr.Number(label="Detections", precision=0, interactive=False, elem_id="det-count")
+                c["timing"] = gr.Textbox(label="Inference time", interactive=False, elem_id="inference-time")
+            c["json"] = gr.DownloadButton(
+                "Download JSON (COCO results)", interactive=False, elem_id="download-json", size="md"
+            )
+            c["status"] = gr.Markdown(elem_id="detect-status")
+    c["table"] = gr.Dataframe(
+        empty_table(), headers=detection.COLUMNS, label="Boxes (original pixels)", interactive=False,
+        elem_id="detections-table", max_height=420,
+    )  # fmt: skip
+    examples = ctx.example_images()
+    if examples:
+        gr.Examples([[path] for path in examples], inputs=[c["image"]], label="Examples", cache_examples=False)
+    c["api_button"] = gr.Button(visible=False)
+    c["api_json"] = gr.JSON(visible=False)
+    return c
+
+
+def _train_tab(ctx: AppContext) -> dict[str, Any]:
+    c: dict[str, Any] = {}
+    with gr.Row():
+        with gr.Column(scale=1):
+            gr.Markdown("### 1 · Dataset\nA zip of a Roboflow COCO export or a plain COCO folder, or the sample.")
+            c["zip"] = gr.File(label="Dataset zip", file_types=[".zip"], type="filepath", elem_id="dataset-zip")
+            c["synthetic"] = gr.Button("Use the built-in synthetic sample", elem_id="use-synthetic")
+            c["report"] = gr.Textbox(
+                label="Validation report", lines=10, max_lines=24, interactive=False, elem_id="dataset-report"
+            )
+            c["gallery"] = gr.Gallery(
+                label="Training images with their ground-truth boxes", columns=3, height=300, elem_id="dataset-gallery"
+            )
+        with gr.Column(scale=1):
+            gr.Markdown("### 2 · Settings")
+            c["base_model"] = gr.Dropdown(
+                ctx.base_model_choices(), value=ctx.default_base_model(), allow_custom_value=True, label="Base model",
+                info="Hub id, preset, an earlier run, or a local folder", elem_id="base-model",
+            )  # fmt: skip
+            with gr.Row():
+                c["epochs"] = gr.Number(10, label="Epochs", precision=0, minimum=1, maximum=500, elem_id="epochs")
+                c["batch_size"] = gr.Number(
+                    4, label="Batch size", precision=0, minimum=1, maximum=64, elem_id="batch-size"
+                )
+            with gr.Row():
+                c["image_size"] = gr.Number(
+                    512, label="Image size", precision=0, minimum=64, maximum=1280, step=32, elem_id="image-size"
+                )
+                c["lr"] = gr.Number(1e-4, label="Learning rate", minimum=0, elem_id="lr")
+            c["freeze"] = gr.Checkbox(False, label="Freeze backbone", elem_id="freeze")
+            with gr.Row():
+                c["start"] = gr.Button("Start", variant="primary", elem_id="start-training")
+                c["stop"] = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop-training")
+    gr.Markdown("### 3 · Training")
+    c["status"] = gr.Markdown("**Job:** No training job yet.", elem_id="train-status")
+    c["progress"] = gr.Textbox(label="Progress", interactive=False, elem_id="train-progress")
+    with gr.Row():
+        c["loss_plot"] = gr.LinePlot(
+            None,
+            x="epoch",
+            y="value",
+            color="series",
+            title="Training loss",
+            height=260,
+            elem_id="loss-plot",
+            color_map={"loss (step)": "#1f77b4", "loss (epoch mean)": "#ff7f0e"},
+        )
+        c["ap_plot"] = gr.LinePlot(
+            None, x="epoch", y="value", color="series", title="Validation AP", y_lim=[0, 1], height=260,
+            color_map={"AP": "#2ca02c", "AP50": "#1f77b4", "AP75": "#d62728"},
+            elem_id="ap-plot",
+        )  # fmt: skip
+    c["log"] = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False, elem_id="train-log")
+    c["metrics"] = gr.Dataframe(
+        metrics_frame({}), headers=["metric", "value"], label="Best metrics", interactive=False, elem_id="metrics"
+    )
+    with gr.Row():
+        c["weights"] = gr.DownloadButton("Download weights", interactive=False, elem_id="download-weights")
+        c["use"] = gr.Button("Use in Detect", interactive=False, elem_id="use-in-detect")
+    return c

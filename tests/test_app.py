@@ -1,0 +1,504 @@
+"""The Gradio app: its plain functions (filtering, bad uploads, default model, data folder, one job at a time) and
+`python app.py` served for real, called through `gradio_client`.
+
+The bundled demo model (examples/demo_model) and example images (examples/images) are used when they exist; until
+then a small biased nano model and synthetic images are made in a temporary folder and passed through env.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import warnings
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lwdetr.detector import Detector
+from lwdetr_app import detection
+from lwdetr_app.handlers import AppContext
+from lwdetr_app.models import ModelChoice, ModelRegistry, choose_default_model, list_runs, model_choices
+from lwdetr_app.settings import AppSettings, configure_environment, resolve_server
+from lwdetr_app.training import JobBusyError, RunOutcome, TrainingJob, TrainRequest
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED_MODEL = REPO / "examples" / "demo_model"
+BUNDLED_EXAMPLES = REPO / "examples" / "images"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+# ------------------------------------------------------------------------------------------------ shared fixtures
+
+
+def make_test_model(folder: Path) -> Path:
+    """A random nano model over circle/square/triangle whose class bias makes many boxes score 0.8-0.93."""
+    from lwdetr.config import preset_config
+    from lwdetr.modeling import LwDetrForObjectDetection
+    from lwdetr.processing import LwDetrImageProcessor
+
+    id2label = {0: "circle", 1: "square", 2: "triangle"}
+    torch.manual_seed(0)
+    config = preset_config("nano", num_labels=3, id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    model = LwDetrForObjectDetection(config)
+    with torch.no_grad():
+        model.class_embed.bias.fill_(2.0)
+    model.save_pretrained(folder)
+    LwDetrImageProcessor(size={"height": 256, "width": 256}).save_pretrained(folder)
+    return folder
+
+
+def bundled_or_test_assets(root: Path) -> tuple[Path, list[Path], dict[str, str]]:
+    """(model folder, example images, env overrides): the repo's own when present, else made under `root`."""
+    env: dict[str, str] = {}
+    model = BUNDLED_MODEL
+    if not (BUNDLED_MODEL / "config.json").is_file():
+        model = make_test_model(root / "demo_model")
+        env["LWDETR_APP_DEMO_MODEL"] = str(model)
+    examples = sorted(p for p in BUNDLED_EXAMPLES.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not examples:
+        from finetune.synthetic import make_synthetic_dataset
+
+        synthetic = make_synthetic_dataset(root / "synthetic", num_train=3, num_val=1, image_size=256, seed=1)
+        folder = root / "examples"
+        folder.mkdir()
+        for path in sorted((synthetic / "train").glob("*.jpg")):
+            shutil.copy(path, folder / path.name)
+        examples = sorted(folder.glob("*.jpg"))
+        env["LWDETR_APP_EXAMPLES"] = str(folder)
+    return model, examples, env
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    return bundled_or_test_assets(tmp_path_factory.mktemp("assets"))
+
+
+@pytest.fixture(scope="session")
+def expected_detector(assets) -> Detector:
+    return Detector.from_pretrained(assets[0], device="cpu")
+
+
+@pytest.fixture
+def ctx(tmp_path, assets, monkeypatch):
+    """An AppContext over a fresh data folder, the demo model as default, and its own training job."""
+    model, examples, _ = assets
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "data" / "gradio"))
+    settings = AppSettings(data_dir=tmp_path / "data", demo_model_dir=model, examples_dir=examples[0].parent)
+    default = ModelChoice(str(model), "Bundled demo model (test): the hub is unreachable")
+    return AppContext(settings, default, ModelRegistry(device="cpu"), TrainingJob())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app_server(workdir: Path, extra_env: dict[str, str], timeout: float = 120.0):
+    """`python app.py` on a free port, run from `workdir` with its data folder `workdir/data`; (process, url)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_TEMP_DIR", "LWDETR_APP_"))}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        GRADIO_ANALYTICS_ENABLED="False",
+        NO_PROXY="127.0.0.1,localhost",
+        no_proxy="127.0.0.1,localhost",
+        PYTHONUNBUFFERED="1",
+        **extra_env,
+    )
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = open(workdir.parent / f"app-{port}.log", "w")  # noqa: SIM115 - closed by the caller via process
+    args = [sys.executable, str(REPO / "app.py"), "--port", str(port), "--data-dir", str(workdir / "data")]
+    process = subprocess.Popen(args, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"app.py exited with {process.returncode}:\n{Path(log.name).read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/gradio_api/info", timeout=2):
+                return process, url
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"app.py did not answer within {timeout} s:\n{Path(log.name).read_text()[-3000:]}")
+
+
+def stop_app_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+# --------------------------------------------------------------------------------------------- pure functions
+
+DETECTIONS = [
+    {"label": "circle", "label_id": 0, "score": 0.95, "box": [0.0, 0.0, 10.0, 10.0]},
+    {"label": "square", "label_id": 1, "score": 0.60, "box": [5.0, 5.0, 25.0, 15.0]},
+    {"label": "circle", "label_id": 0, "score": 0.30, "box": [1.0, 2.0, 3.0, 4.0]},
+    {"label": "triangle", "label_id": 2, "score": 0.05, "box": [0.0, 0.0, 1.0, 1.0]},
+]
+
+
+def test_filter_detections_by_threshold_max_and_class():
+    assert [d["score"] for d in detection.filter_detections(DETECTIONS, 0.5, 100)] == [0.95, 0.60]
+    assert [d["score"] for d in detection.filter_detections(DETECTIONS, 0.01, 2)] == [0.95, 0.60]
+    assert [d["score"] for d in detection.filter_detections(DETECTIONS, 0.0, 100, ["circle"])] == [0.95, 0.30]
+    assert detection.filter_detections(DETECTIONS, 0.99, 100) == []
+    assert len(detection.filter_detections(DETECTIONS, 0.01, 100, [])) == 4  # empty filter: every class
+
+
+def test_table_and_coco_results():
+    rows = detection.table_rows(DETECTIONS[1:2])
+    assert rows == [["square", 0.6, 5.0, 5.0, 25.0, 15.0]]
+    results = detection.coco_results(DETECTIONS[1:2], image_id=42)
+    assert results == [{"image_id": 42, "category_id": 1, "bbox": [5.0, 5.0, 20.0, 10.0], "score": 0.6}]
+    assert detection.image_id_from_name("000000039769.jpg") == 39769
+    assert detection.image_id_from_name("train_00003.jpg") == 3
+    assert detection.image_id_from_name("street.png") == 0
+
+
+def test_resolve_server(monkeypatch):
+    for name in ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "SPACE_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert resolve_server(None, None) == ("127.0.0.1", 7860)
+    monkeypatch.setenv("SPACE_ID", "someone/lwdetr")
+    assert resolve_server(None, None) == ("0.0.0.0", 7860)
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "10.0.0.5")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "8000")
+    assert resolve_server(None, None) == ("10.0.0.5", 8000)
+    assert resolve_server("127.0.0.2", 9000) == ("127.0.0.2", 9000)
+
+
+def test_settings_from_env_and_gradio_cache_inside_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("LWDETR_APP_DATA", str(tmp_path / "appdata"))
+    monkeypatch.setenv("LWDETR_APP_SYNTH_TRAIN", "5")
+    settings = AppSettings.from_env()
+    assert settings.data_dir == (tmp_path / "appdata").resolve() and settings.synthetic_train == 5
+    assert AppSettings.from_env(data_dir=tmp_path / "cli").data_dir == (tmp_path / "cli").resolve()  # CLI wins
+    for name in ("GRADIO_TEMP_DIR", "GRADIO_EXAMPLES_CACHE", "MPLCONFIGDIR"):
+        monkeypatch.setenv(name, "/elsewhere")
+    configure_environment(settings.paths)
+    for name in ("GRADIO_TEMP_DIR", "GRADIO_EXAMPLES_CACHE", "MPLCONFIGDIR"):
+        assert Path(os.environ[name]).is_relative_to(settings.data_dir)
+    assert all((settings.data_dir / sub).is_dir() for sub in ("gradio", "datasets", "runs", "results"))
+
+
+# ------------------------------------------------------------------------------------------------ default model
+
+
+def test_default_model_offline_falls_back_to_bundled_demo(tmp_path, assets, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    choice = choose_default_model(assets[0], hub_timeout=10)
+    assert time.monotonic() - start < 5  # offline is decided fast
+    assert choice.ref == str(assets[0].resolve())
+    assert choice.reason.startswith("Bundled demo model (") and "the hub is unreachable" in choice.reason
+    missing = choose_default_model(tmp_path / "nothing", hub_timeout=10)
+    assert missing.ref is None and "missing" in missing.reason
+    forced = choose_default_model(tmp_path / "nothing", override="some/model")
+    assert forced.ref == "some/model" and "--model" in forced.reason
+
+
+def test_model_picker_lists_published_checkpoints_runs_and_demo(tmp_path, assets):
+    runs = tmp_path / "runs"
+    shutil.copytree(assets[0], runs / "20250101-000000-nano" / "best")
+    (runs / "20250101-000000-nano" / "app_run.json").write_text('{"best_ap": 0.5}')
+    (runs / "20250102-000000-broken").mkdir()  # no model folder: not offered
+    choices = model_choices(runs, assets[0])
+    values = [value for _, value in choices]
+    sizes = ("tiny", "small", "medium", "large", "xlarge")
+    assert all(f"AnnaZhang/lwdetr_{s}_60e_coco" in values for s in sizes)
+    assert all(f"AnnaZhang/lwdetr_{s}_30e_objects365" in values for s in sizes)
+    assert values[0] == str(assets[0].resolve()) and choices[0][0].startswith("Bundled demo model")
+    assert [r.name for r in list_runs(runs)] == ["20250101-000000-nano"]
+    assert (
+        "Fine-tuned: 20250101-000000-nano (AP 0.500)",
+        str((runs / "20250101-000000-nano/best").resolve()),
+    ) in choices
+
+
+# ------------------------------------------------------------------------------------------------- Detect tab
+
+
+def test_detect_then_refilter_without_running_the_model(ctx, assets, expected_detector, monkeypatch):
+    example = str(assets[1][0])
+    expected = expected_detector.predict(example, threshold=detection.FLOOR_THRESHOLD, max_detections=300)
+    calls = []
+    original = Detector.predict
+    monkeypatch.setattr(Detector, "predict", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+
+    raw, image, table, count, timing, json_update, status = ctx.detect(example, ctx.default.ref, 0.3, 100, [])
+    assert len(calls) == 1 and raw["detections"] and timing.endswith("ms") and "candidate boxes" in status
+    assert len(raw["detections"]) == len(expected)
+    assert count == sum(d.score >= 0.3 for d in expected[:100]) == len(table)
+    assert isinstance(image, Image.Image) and image.size == Image.open(example).size
+    results = json.loads(Path(json_update["value"]).read_text())
+    assert len(results) == count and all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in results)
+
+    scores = sorted((d["score"] for d in raw["detections"]), reverse=True)
+    high = scores[min(len(scores) - 1, 5)]  # keeps about six boxes
+    _, table_high, count_high, _, _ = ctx.refilter(raw, high, 100, [])
+    assert count_high == sum(s >= high for s in scores) == len(table_high)
+    first_label = raw["detections"][0]["label"]
+    _, table_class, count_class, _, _ = ctx.refilter(raw, 0.01, 300, [first_label])
+    assert count_class == sum(d["label"] == first_label for d in raw["detections"])
+    assert set(table_class["label"]) == {first_label}
+    assert len(calls) == 1  # sliders and class filter never ran the model again
+
+
+def test_large_photo_is_shown_scaled_but_boxes_stay_in_original_pixels(ctx, assets, tmp_path):
+    path = tmp_path / "data" / "gradio" / "large.jpg"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.open(assets[1][0]).resize((3200, 2400)).save(path)
+    raw, image, table, count, *_ = ctx.detect(str(path), ctx.default.ref, 0.01, 300, [])
+    assert (raw["width"], raw["height"]) == (3200, 2400) and image.size == (1600, 1200)
+    assert count == len(table) > 0
+    assert list(table.iloc[0, 2:]) == [round(v, 1) for v in raw["detections"][0]["box"]]  # not scaled
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"this is not an image", "not a recognised image"),
+        (b"", "empty"),
+        ("truncated", "truncated"),
+        ("huge", "pixels"),
+    ],
+)
+def test_bad_upload_gives_a_visible_message(ctx, assets, tmp_path, content, message):
+    path = tmp_path / "data" / "gradio" / "upload.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if content == "truncated":
+        path.write_bytes(assets[1][0].read_bytes()[:2000])
+    elif content == "huge":
+        ctx.settings.max_image_pixels = 1_000_000
+        Image.new("RGB", (1200, 1000)).save(path)
+    else:
+        path.write_bytes(content)
+    payload = {"path": str(path), "orig_name": "holiday.png", "meta": {"_type": "gradio.FileData"}}
+    with warnings.catch_warnings(record=True) as caught:  # gr.Warning outside a request is a Python warning
+        warnings.simplefilter("always")
+        raw, image, table, count, _, _, status = ctx.detect(payload, ctx.default.ref, 0.5, 100, [])
+    assert raw is None and image is None and count == 0 and table.empty
+    assert status.startswith("⚠️") and message in status and "holiday.png" in status
+    assert str(path) not in status  # the user's file name, not our cache path
+    assert any(message in str(w.message) for w in caught)
+    with pytest.raises(gr.Error, match=message):
+        ctx.detect_api(payload, 0.5)
+
+
+def test_files_outside_uploads_are_refused(ctx, tmp_path):
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (32, 32)).save(outside)
+    with pytest.raises(gr.Error, match="not an uploaded file"):
+        ctx.detect_api({"path": str(outside), "orig_name": "secret.png"}, 0.5)
+
+
+def test_switching_to_a_bad_model_keeps_the_previous_one(ctx, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outputs = ctx.select_model(str(tmp_path / "no-such-model"), ctx.default.ref, None, 0.5, 100)
+    assert outputs[0] is not None and outputs[0].get("__type__") == "update"  # gr.skip(): active model unchanged
+    assert "Cannot load model" in outputs[1] and "Still using the previous model" in outputs[1]
+
+
+# ----------------------------------------------------------------------------------------------- Fine-tune tab
+
+
+def test_synthetic_sample_and_bad_zips(ctx, tmp_path):
+    ctx.settings.synthetic_train, ctx.settings.synthetic_val, ctx.settings.synthetic_image_size = 6, 2, 96
+    root, report, gallery = ctx.use_synthetic()
+    assert Path(root).is_relative_to(ctx.paths.datasets) and "Classes (3)" in report
+    assert 1 <= len(gallery) <= 6 and isinstance(gallery[0][0], Image.Image)
+
+    good = tmp_path / "data" / "gradio" / "good.zip"
+    good.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(good, "w") as archive:
+        for path in Path(root).rglob("*"):
+            archive.write(path, f"my-dataset/{path.relative_to(root)}")
+    uploaded_root, report, gallery = ctx.use_zip(str(good))
+    assert Path(uploaded_root).is_relative_to(ctx.paths.datasets) and "Classes (3)" in report and gallery
+
+    bad_cases = {
+        "not-a-zip.zip": b"definitely not a zip",
+        "escape.zip": {"../evil.txt": "x"},
+        "no-annotations.zip": {"train/readme.txt": "nothing here"},
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, content in bad_cases.items():
+            path = good.parent / name
+            if isinstance(content, bytes):
+                path.write_bytes(content)
+            else:
+                with zipfile.ZipFile(path, "w") as archive:
+                    for entry, text in content.items():
+                        archive.writestr(entry, text)
+            dataset, report, gallery = ctx.use_zip(str(path))
+            assert dataset is None and gallery == [] and report.startswith("This dataset cannot be used"), name
+    assert not (tmp_path / "evil.txt").exists() and not (ctx.paths.root / "evil.txt").exists()
+
+
+def fake_runner(model_dir: Path, started: threading.Event, release: threading.Event):
+    """A stand-in for finetune's training: 4 steps, each waiting for `release` (or a stop)."""
+
+    def event(kind, step, **fields):
+        return SimpleNamespace(
+            kind=kind, step=step, total_steps=4, epoch=1, epochs=1, metrics=fields.get("metrics", {}),
+            message=fields.get("message", ""), eta_seconds=fields.get("eta"),
+        )  # fmt: skip
+
+    def run(config, callback, stop_event):
+        output = Path(config["output"])
+        callback(event("start", 0, message="starting"))
+        started.set()
+        for step in range(1, 5):
+            while not (release.is_set() or stop_event.is_set()):
+                time.sleep(0.01)
+            if stop_event.is_set():
+                shutil.copytree(model_dir, output / "last")
+                callback(event("stopped", step - 1, message="stopped"))
+                return RunOutcome(output, None, output / "last", {}, True)
+            callback(event("step", step, metrics={"loss": 10.0 - step}, eta=4.0 - step))
+        metrics = {"AP": 0.5, "AP50": 0.8, "AP75": 0.4, "AP/circle": 0.6}
+        callback(event("epoch", 4, metrics={"loss": 7.5, **metrics}, message="epoch 1/1"))
+        shutil.copytree(model_dir, output / "best")
+        return RunOutcome(output, output / "best", None, metrics, False)
+
+    return run
+
+
+def test_one_job_at_a_time_and_progress_survives_new_sessions(ctx, assets, tmp_path):
+    started, release = threading.Event(), threading.Event()
+    ctx.job.runner = fake_runner(assets[0], started, release)
+    request = TrainRequest(data=str(tmp_path), model="nano", epochs=1)
+    name = ctx.job.start(request, ctx.paths.runs)
+    assert started.wait(10)
+    assert isinstance(ctx.detect_api(str(assets[1][0]), 0.5), list)  # detection keeps working meanwhile
+    with pytest.raises(JobBusyError, match="already running"):
+        ctx.job.start(request, ctx.paths.runs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        message = ctx.start_training(str(tmp_path), "nano", 1, 2, 256, 1e-4, False)
+    assert "already running" in message and any("already running" in str(w.message) for w in caught)
+
+    # A new page (no seen state) gets the running job's state; an unchanged one gets gr.skip() everywhere.
+    first = ctx.poll(None)
+    assert first[0]["version"] == ctx.job.snapshot().version and "Training" in first[1] and name in first[1]
+    assert all(item == gr.skip() for item in ctx.poll(first[0]))
+
+    release.set()
+    assert ctx.job.wait(10)
+    snap = ctx.job.snapshot()
+    assert snap.state == "done" and snap.metrics["AP"] == 0.5 and Path(snap.weights_zip).is_file()
+    assert [p[2] for p in snap.loss_points if p[1] == "loss (step)"] == [9.0, 8.0, 7.0, 6.0]
+    assert ("AP", 0.5) in [(p[1], p[2]) for p in snap.ap_points]
+    outputs = ctx.poll(first[0])
+    assert "Finished" in outputs[1] and list(outputs[5]["metric"])[:3] == ["AP", "AP50", "AP75"]
+    assert outputs[6]["value"] == snap.weights_zip and outputs[7]["interactive"] is True
+
+    extracted = tmp_path / "weights"
+    zipfile.ZipFile(snap.weights_zip).extractall(extracted)
+    folder = next(p.parent for p in extracted.rglob("config.json"))
+    assert folder.name == name and Detector.from_pretrained(folder, device="cpu").id2label
+    model_update, tabs = ctx.use_in_detect()
+    assert model_update["value"] == snap.model_dir and any(v == snap.model_dir for _, v in model_update["choices"])
+
+
+def test_stop_saves_the_last_state(ctx, assets, tmp_path):
+    started, release = threading.Event(), threading.Event()
+    ctx.job.runner = fake_runner(assets[0], started, release)
+    ctx.job.start(TrainRequest(data=str(tmp_path), model="nano"), ctx.paths.runs)
+    assert started.wait(10)
+    assert ctx.job.stop() and ctx.job.wait(10)
+    snap = ctx.job.snapshot()
+    assert snap.state == "stopped" and snap.model_dir.endswith("last") and Path(snap.weights_zip).is_file()
+    assert not ctx.job.stop()  # nothing to stop any more
+    assert any(run.model_dir.name == "last" for run in list_runs(ctx.paths.runs))
+
+
+def test_a_failing_run_is_reported_and_the_next_one_can_start(ctx, tmp_path):
+    def broken(config, callback, stop_event):
+        raise ValueError("image size 100 does not fit this model")
+
+    ctx.job.runner = broken
+    ctx.job.start(TrainRequest(data=str(tmp_path), model="nano"), ctx.paths.runs)
+    assert ctx.job.wait(10)
+    snap = ctx.job.snapshot()
+    assert snap.state == "failed" and "does not fit" in snap.summary()
+    ctx.job.start(TrainRequest(data=str(tmp_path), model="nano"), ctx.paths.runs)  # not busy any more
+    assert ctx.job.wait(10)
+
+
+# ------------------------------------------------------------------------------------- the app, served for real
+
+
+@pytest.fixture(scope="module")
+def served_app(tmp_path_factory, assets):
+    workdir = tmp_path_factory.mktemp("served") / "cwd"
+    process, url = start_app_server(workdir, assets[2])
+    yield SimpleNamespace(url=url, workdir=workdir, data=workdir / "data")
+    stop_app_server(process)
+
+
+def test_gradio_client_detect_returns_the_bundled_models_detections(served_app, assets, expected_detector):
+    from gradio_client import Client, handle_file
+
+    threshold = 0.3
+
+    def expected_for(image: Path) -> list:
+        found = expected_detector.predict(str(image), threshold=detection.FLOOR_THRESHOLD, max_detections=300)
+        return [d for d in found if d.score >= threshold][:100]
+
+    example = next((image for image in assets[1] if expected_for(image)), None)
+    assert example is not None, "the bundled model should find something in a shipped example"
+    expected = expected_for(example)
+    client = Client(served_app.url, verbose=False, analytics_enabled=False)
+    detections = client.predict(handle_file(str(example)), threshold, api_name="/detect")
+    assert [d["label"] for d in detections] == [d.label for d in expected]
+    for got, want in zip(detections, expected):
+        assert set(got) == {"label", "label_id", "score", "box"} and got["label_id"] == want.label_id
+        assert got["score"] == pytest.approx(want.score, abs=1e-4)
+        assert np.allclose(got["box"], want.box, atol=0.05)
+
+    bad = served_app.workdir.parent / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(Exception, match="Cannot read this image"):
+        client.predict(handle_file(str(bad)), 0.5, api_name="/detect")
+    strict = max(d["score"] for d in detections) - 1e-3
+    # The app keeps serving after the bad upload.
+    assert client.predict(handle_file(str(example)), strict, api_name="/detect") == [
+        d for d in detections if d["score"] >= strict
+    ]
+
+
+def test_served_app_writes_only_inside_its_data_folder(served_app, assets):
+    from gradio_client import Client, handle_file
+
+    client = Client(served_app.url, verbose=False, analytics_enabled=False)
+    upload = served_app.workdir.parent / "confinement-check.png"
+    Image.open(assets[1][0]).save(upload)
+    client.predict(handle_file(str(upload)), 0.5, api_name="/detect")
+    info = client.view_api(print_info=False, return_format="dict")
+    assert list(info["named_endpoints"]) == ["/detect"]  # the UI's own events are private
+    assert sorted(p.name for p in served_app.workdir.iterdir()) == ["data"]  # nothing else in the working folder
+    uploads = [p.name for p in (served_app.data / "gradio").rglob("*") if p.is_file()]
+    assert "confinement-check.png" in uploads  # Gradio's uploads land inside the data folder

@@ -1,0 +1,197 @@
+"""The app in a real browser: Playwright drives headless Debian Chromium against `python app.py`.
+
+Detect tab: drop an image, move the threshold slider and watch the table shrink, download the COCO JSON.
+Fine-tune tab: the synthetic sample, a one-epoch nano run to its end (surviving a page reload), the weights zip
+downloaded and loaded by `lwdetr.Detector`, and "Use in Detect". Screenshots go to test-artifacts/.
+
+Never skipped in CI: without Chromium (or Playwright) the tests fail when the CI variable is set.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import zipfile
+from pathlib import Path
+
+import pytest
+from test_app import REPO, bundled_or_test_assets, start_app_server, stop_app_server
+
+from lwdetr.detector import Detector
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+ARTIFACTS = REPO / "test-artifacts"
+TRAINING_TIMEOUT_MS = 240_000
+
+
+def _require_browser():
+    """Playwright's sync API, or skip (locally) / fail (in CI) when it or Chromium is missing."""
+    problem = None
+    try:
+        from playwright import sync_api
+    except ImportError as error:
+        problem, sync_api = f"playwright is not installed ({error})", None
+    if problem is None and not Path(CHROMIUM).exists():
+        problem = f"Chromium not found at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)"
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"browser tests must run in CI: {problem}")
+        pytest.skip(problem)
+    return sync_api
+
+
+@pytest.fixture(scope="module")
+def playwright_api():
+    return _require_browser()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, playwright_api):
+    root = tmp_path_factory.mktemp("browser")
+    model, examples, env = bundled_or_test_assets(root / "assets")
+    # A tiny synthetic sample so that the UI's fine-tune ends in seconds.
+    env.update(LWDETR_APP_SYNTH_TRAIN="8", LWDETR_APP_SYNTH_VAL="4", LWDETR_APP_SYNTH_SIZE="128")
+    process, url = start_app_server(root / "cwd", env)
+    yield {"url": url, "model": model, "examples": examples, "downloads": root / "downloads"}
+    stop_app_server(process)
+
+
+@pytest.fixture(scope="module")
+def chromium_browser(playwright_api):
+    with playwright_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def ui_page(chromium_browser, app):
+    context = chromium_browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    url = app["url"]
+    context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(url) else route.abort())
+    tab = context.new_page()
+    tab.set_default_timeout(30_000)
+    tab.goto(url)
+    yield tab
+    context.close()
+
+
+def drop_file(page, target, path: Path, mime: str) -> None:
+    """A real drag-and-drop of `path` onto `target` (dragenter, dragover, drop with a DataTransfer)."""
+    data = base64.b64encode(path.read_bytes()).decode()
+    transfer = page.evaluate_handle(
+        """([b64, name, mime]) => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, {type: mime}));
+            return transfer;
+        }""",
+        [data, path.name, mime],
+    )
+    for event in ("dragenter", "dragover", "drop"):
+        target.dispatch_event(event, {"dataTransfer": transfer})
+
+
+def expected_counts(model: Path, image: Path) -> tuple[float, int, float, int]:
+    """(low threshold, boxes at it, high threshold, fewer boxes at it) as the app should show them (max 100)."""
+    scores = [d.score for d in Detector.from_pretrained(model, device="cpu").predict(str(image), 0.01, 300)]
+
+    def count(threshold: float) -> int:
+        return min(100, sum(s >= threshold for s in scores))
+
+    def clear(threshold: float) -> bool:  # no score so close that float noise could flip it
+        return all(abs(s - threshold) > 5e-4 for s in scores)
+
+    low = next(t for t in (0.05, 0.06, 0.07, 0.08) if clear(t))
+    candidates = [t / 100 for t in range(95, 9, -1) if clear(t / 100) and count(t / 100) < count(low)]
+    assert candidates, f"no threshold shrinks the table (scores {sorted(scores)[-5:]})"
+    # Prefer a few boxes left (a telling screenshot), else any fewer, else none.
+    high = next((t for t in candidates if 2 <= count(t) <= 8), next((t for t in candidates if count(t)), candidates[0]))
+    return low, count(low), high, count(high)
+
+
+def test_detect_tab_drop_image_and_refilter_with_the_slider(ui_page, app, playwright_api):
+    page, expect = ui_page, playwright_api.expect
+    example = app["examples"][0]
+    low, n_low, high, n_high = expected_counts(app["model"], example)
+    expect(page.locator("#model-status")).to_contain_text("Bundled demo model")
+    expect(page.locator("#model-status")).to_contain_text("the hub is unreachable")
+
+    drop_file(page, page.get_by_role("button", name="Drop an image file here to upload"), example, "image/jpeg")
+    expect(page.locator("#input-image img")).to_be_visible()
+    expect(page.locator("#output-image img")).to_be_visible()
+    expect(page.locator("#inference-time textarea")).to_have_value(re.compile(r"^\d+ ms$"))
+
+    count, rows = page.locator("#det-count input"), page.locator("#detections-table [role=row][data-index]")
+    page.locator("#threshold input[type=range]").fill(str(low))
+    expect(count).to_have_value(str(n_low))
+    rows_low = rows.count()
+    page.locator("#threshold input[type=range]").fill(str(high))
+    expect(page.locator("#threshold input[type=number]")).to_have_value(str(high))
+    expect(count).to_have_value(str(n_high))
+    if n_high <= 8:  # the table is virtualised: only small tables render every row
+        expect(rows).to_have_count(n_high)
+    assert rows.count() < rows_low or n_high < n_low
+    if n_high:
+        expect(rows.first.locator("[data-col='0']")).not_to_be_empty()
+
+    with page.expect_download() as download:
+        page.locator("#download-json").click()
+    results = json.loads(Path(download.value.path()).read_text())
+    assert len(results) == n_high and all(r["score"] >= high for r in results)
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "detect-tab.png", full_page=True)
+
+
+def test_finetune_tab_short_run_download_and_use_in_detect(ui_page, app, playwright_api):
+    page, expect = ui_page, playwright_api.expect
+    page.get_by_role("tab", name="Fine-tune").click()
+    page.get_by_role("button", name="Use the built-in synthetic sample").click()
+    expect(page.locator("#dataset-report textarea")).to_have_value(re.compile(r"Classes \(3\): circle, square"))
+    expect(page.locator("#dataset-gallery img").first).to_be_visible()
+
+    page.locator("#base-model input").click()
+    page.get_by_role("option", name="Preset nano (random init)").click()
+    for elem_id, value in (("epochs", "1"), ("batch-size", "2"), ("image-size", "256")):
+        box = page.locator(f"#{elem_id} input")
+        box.fill(value)
+        box.press("Tab")
+    page.get_by_role("button", name="Start").click()
+    expect(page.locator("#train-status")).to_contain_text(re.compile("Starting|Training|Finished"))
+
+    # The job lives in the server, not in the page: a reload finds it again.
+    page.reload()
+    page.get_by_role("tab", name="Fine-tune").click()
+    log = page.locator("#train-log textarea")
+    expect(log).to_have_value(re.compile(r"Run \d{8}-\d{6}-nano"))
+    expect(page.locator("#train-status")).to_contain_text("Finished", timeout=TRAINING_TIMEOUT_MS)
+    expect(log).to_have_value(re.compile(r"epoch 1/1"))
+    metric_cells = page.locator("#metrics [role=row][data-index] [data-col='0']")
+    expect(metric_cells.first).to_have_text("AP")
+
+    weights = page.locator("#download-weights")
+    expect(weights).to_be_enabled()
+    with page.expect_download() as download:
+        weights.click()
+    target = app["downloads"] / "weights"
+    with zipfile.ZipFile(download.value.path()) as archive:
+        archive.extractall(target)
+    folder = next(p.parent for p in target.rglob("config.json"))
+    detector = Detector.from_pretrained(folder, device="cpu")
+    assert sorted(detector.id2label.values()) == ["circle", "square", "triangle"]
+    assert isinstance(detector.predict(str(app["examples"][0]), threshold=0.0), list)
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "finetune-tab.png", full_page=True)
+    page.get_by_role("button", name="Use in Detect").click()
+    expect(page.locator("#model-status")).to_contain_text(f"Fine-tuned: {folder.name}")
+    expect(page.get_by_role("tab", name="Detect")).to_have_attribute("aria-selected", "true")
