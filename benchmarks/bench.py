@@ -80,8 +80,15 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 def forward_flops(model: torch.nn.Module, pixels: torch.Tensor) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(pixel_values=pixels)
+    # FlopCounterMode's module tracker hooks autograd; with parameters frozen it needs no graph at all
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(pixel_values=pixels)
+    finally:
+        for param, flag in zip(model.parameters(), flags):
+            param.requires_grad_(flag)
     return counter.get_total_flops()
 
 

@@ -1,0 +1,120 @@
+"""Command line: `python -m finetune --data PATH --model nano --epochs 10 --image-size 256 --output runs/x`.
+
+Every `TrainConfig` field is an option (`field_name` -> `--field-name`; booleans also have `--no-...`). The same
+command runs unchanged under `accelerate launch` or `torchrun --nproc_per_node K` (K processes, data shared out).
+Data problems print one line and exit with status 2; `--dry-run` prints the data validation report and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+import typing
+
+from finetune.train import TrainConfig
+
+HELP = {
+    "data": "training data: a Roboflow/COCO export folder (train/ valid/ test/), a COCO .json, a .zip of either, "
+    "or a Hugging Face dataset (save_to_disk folder or hub id)",
+    "val_data": "a separate validation set (same forms); default: the data's own valid/ split, else a held-out "
+    "share of train (--val-fraction)",
+    "model": "starting point: a preset name (nano, tiny, small, medium, large, xlarge; random init), a local "
+    "HF-format folder or a hub id (heads re-initialised for your classes)",
+    "output": "run folder: best/, last/, state/, metrics.jsonl, plots, README.md",
+    "epochs": "number of epochs (with --resume: the total to reach)",
+    "batch_size": "images per process and micro-batch",
+    "image_size": "square training/eval size in pixels; a multiple of the model's size divisor (32 for nano, 64 for "
+    "the published presets)",
+    "lr": "base learning rate (projector, query selection, heads; the decoder gets lr x component decay)",
+    "lr_encoder": "ViT learning rate before layer-wise decay (default: 1.5 x lr, LW-DETR's 1.5e-4 for 1e-4)",
+    "weight_decay": "AdamW weight decay (none on biases, norms, layer scales, embeddings)",
+    "layer_decay": "layer-wise learning-rate decay of the ViT per block from the top (default: 0.8 for a pretrained "
+    "model, 1.0 for a preset trained from scratch)",
+    "component_decay": "decoder lr factor, the ViT gets its square (LW-DETR's lr_component_decay; default: 0.7 for a "
+    "pretrained model, 1.0 for a preset)",
+    "warmup_epochs": "linear warmup length in epochs",
+    "warmup_steps": "linear warmup length in optimizer steps (overrides --warmup-epochs)",
+    "schedule": "learning-rate decay after warmup: cosine, step (x0.1 for the last third) or constant",
+    "min_lr_ratio": "final cosine learning rate as a fraction of the base rate",
+    "grad_accum": "micro-batches per optimizer step (effective batch = batch size x grad accum x processes)",
+    "clip_grad": "gradient clipping max norm (0 disables)",
+    "mixed_precision": "no, fp16 (CUDA) or bf16",
+    "ema": "evaluate and export an exponential moving average of the weights",
+    "ema_decay": "EMA decay (warmed up over --ema-tau updates)",
+    "ema_tau": "EMA warmup: decay x (1 - exp(-updates / tau))",
+    "freeze_backbone": "do not train the ViT encoder",
+    "multi_scale": "random square size per batch in 0.7..1.4 x image size",
+    "augment": "flip, box-safe random crop and colour jitter",
+    "resume": "continue the run in --output from its saved state (its saved settings are used; --epochs, "
+    "--max-steps, --eval-every and --num-workers may be changed)",
+    "num_workers": "DataLoader worker processes per training process",
+    "threads": "torch CPU threads per process (default: the cores shared among the local processes)",
+    "seed": "random seed (weights, shuffling, augmentation, validation hold-out)",
+    "eval_every": "evaluate every N epochs (and always after the last)",
+    "max_steps": "stop after this many optimizer steps in total (quick runs)",
+    "val_fraction": "share of train held out for validation when the data has no validation split",
+    "dry_run": "load and check the data, print the validation report, exit",
+    "command": argparse.SUPPRESS,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One option per `TrainConfig` field, typed from the dataclass."""
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune",
+        description="Fine-tune LW-DETR on a detection dataset (COCO / Roboflow export).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    for spec in dataclasses.fields(TrainConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        kind = hints[spec.name]
+        # SUPPRESS keeps options that were not given out of the namespace, so --resume can tell them apart.
+        common = {"help": HELP[spec.name], "default": argparse.SUPPRESS}
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif typing.get_origin(kind) is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(kind), **common)
+        else:
+            scalar = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+            parser.add_argument(flag, type=scalar, metavar=spec.name.upper(), **common)
+    return parser
+
+
+def config_from_args(argv: list[str]) -> TrainConfig:
+    given = vars(build_parser().parse_args(argv))
+    given["command"] = shlex.join(["python", "-m", "finetune", *argv])
+    if given.get("resume"):
+        from finetune.train import resume_config
+
+        given.pop("command")  # the model card keeps the command that started the run
+        given.pop("resume")
+        return resume_config(given.get("output", TrainConfig.output), **given)
+    return TrainConfig(**given)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from finetune.errors import DataError
+    from finetune.train import ConfigError, train
+    from lwdetr.hub import ModelNotFoundError
+
+    try:
+        config = config_from_args(argv)
+        if config.data is None and not config.resume:
+            raise ConfigError("--data is required (or --resume with --output of an earlier run)")
+        from finetune.callbacks import TqdmProgress
+
+        result = train(config, callback=TqdmProgress())
+    except (DataError, ConfigError, ModelNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if config.dry_run:
+        print(result.report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
