@@ -6,4 +6,12 @@ Modules (import them directly; this package imports nothing heavy on purpose):
 - `finetune.transforms`: the torch dataset, albumentations augmentations and multi-scale batching.
 - `finetune.synthetic`: a generator of simple-shape datasets for tests and demos.
 - `finetune.archive`: safe zip extraction.
+- `finetune.hf_datasets`: Hugging Face `datasets` object-detection datasets to the COCO layout.
+- `finetune.train`: `TrainConfig`, `train()` (the Accelerate loop) and `resume_config()`.
+- `finetune.optim`: AdamW parameter groups (layer-wise decay for the ViT) and the warmup-then-decay schedule.
+- `finetune.ema`: the exponential moving average of the weights.
+- `finetune.evaluate`: COCO evaluation with pycocotools.
+- `finetune.export`: HF-format folders, metrics, plots and the model card of a run.
+- `finetune.callbacks`: progress events for programs (the app) and the terminal's tqdm bar.
+- `python -m finetune`: the command line (`--help`).
 """

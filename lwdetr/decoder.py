@@ -69,7 +69,7 @@ class FeedForward(nn.Module):
     def __init__(self, config: LwDetrConfig):
         super().__init__()
         self.fc1 = nn.Linear(config.d_model, config.decoder_ffn_dim)
-        self.act = activation_layer(config.decoder_activation_function)
+        self.act = activation_layer(config.decoder_activation_function, inplace=True)  # on fc1's fresh output
         self.fc2 = nn.Linear(config.decoder_ffn_dim, config.d_model)
         self.dropout = config.dropout
 
@@ -123,11 +123,12 @@ class Decoder(nn.Module):
         reference_boxes: torch.Tensor,
         valid_ratios: torch.Tensor,
         memory: torch.Tensor,
-        memory_mask: torch.Tensor,
+        memory_mask: torch.Tensor | None,
         spatial_shapes: list[tuple[int, int]],
         groups: int,
     ) -> torch.Tensor:
-        """queries: [batch, Q, dim]; reference_boxes: [batch, Q, 4]; valid_ratios: [batch, levels, 2] (w, h).
+        """queries: [batch, Q, dim]; reference_boxes: [batch, Q, 4]; valid_ratios: [batch, levels, 2] (w, h);
+        memory_mask: [batch, tokens] True on real pixels, or None when nothing is padded.
 
         Returns the layer-normed output of every layer: [layers, batch, Q, dim].
         """

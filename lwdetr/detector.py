@@ -111,7 +111,9 @@ class Detector:
         else:
             self.model = model.to(device=self.device, dtype=self.dtype).eval()
         if compile:
-            self.model = torch.compile(self.model)
+            # a Detector never trains, so inductor may freeze the weights: constants it can pre-pack for its GEMM
+            # and convolution kernels and fold (BatchNorm into the convolutions)
+            self.model = torch.compile(self.model, options={"freezing": True})
         self.processor = processor
         labels = id2label if id2label is not None else getattr(model.config, "id2label", {})
         self.id2label = {int(key): str(value) for key, value in labels.items()}
@@ -127,7 +129,7 @@ class Detector:
         """Load model, processor and label names from an HF-format folder or a hub id (one download).
 
         `dtype="bfloat16"` (or float16) runs the encoder in that precision and the decoder in fp32;
-        `compile=True` wraps the model in `torch.compile` (the first call is slow).
+        `compile=True` wraps the model in `torch.compile` with frozen weights (the first call takes a minute).
         """
         from .hub import resolve_model_dir
 

@@ -10,13 +10,17 @@ __all__ = ["activation_layer", "MLP", "ConvBnAct", "refine_boxes"]
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
 
 
-def activation_layer(name: str | None) -> nn.Module:
-    """An activation module by config name (`None` gives the identity)."""
+def activation_layer(name: str | None, inplace: bool = False) -> nn.Module:
+    """An activation module by config name (`None` gives the identity).
+
+    `inplace=True` lets ReLU overwrite its input, which is safe after a linear layer (its backward needs only its
+    inputs) and saves a full-size buffer; GELU and SiLU need their input for the backward and ignore it.
+    """
     if name is None:
         return nn.Identity()
     if name not in _ACTIVATIONS:
         raise ValueError(f"unsupported activation {name!r}; choose one of {', '.join(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]()
+    return nn.ReLU(inplace=True) if name == "relu" and inplace else _ACTIVATIONS[name]()
 
 
 class MLP(nn.Module):

@@ -117,6 +117,11 @@ class LwDetrModel(nn.Module):
     def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> LwDetrModelOutput:
         self.backbone.backbone.check_input(pixel_values)
         batch, _, height, width = pixel_values.shape
+        # with nothing padded the decoder's masking of values is a no-op: skip it without a mask or with an all-ones
+        # one (the data-dependent test stays out of traced and compiled graphs, which keep the masking)
+        padded = pixel_mask is not None and (
+            torch.jit.is_tracing() or torch.compiler.is_compiling() or not bool(pixel_mask.all())
+        )
         if pixel_mask is None:
             pixel_mask = torch.ones((batch, height, width), dtype=torch.long, device=pixel_values.device)
         elif pixel_mask.shape != (batch, height, width):
@@ -124,7 +129,7 @@ class LwDetrModel(nn.Module):
         dtype = self.query_feat.weight.dtype
         levels = [(m.to(dtype), mask) for m, mask in self.backbone(pixel_values, pixel_mask)]
         spatial_shapes = [tuple(m.shape[-2:]) for m, _ in levels]
-        memory = torch.cat([m.flatten(2).transpose(1, 2) for m, _ in levels], 1)  # [B, sum(h*w), D]
+        memory = torch.cat([m.permute(0, 2, 3, 1).flatten(1, 2) for m, _ in levels], 1)  # [B, sum(h*w), D]
         memory_mask = torch.cat([mask.flatten(1) for _, mask in levels], 1)
         valid_ratios = torch.stack([_valid_ratio(mask, memory.dtype) for _, mask in levels], 1)
 
@@ -142,7 +147,8 @@ class LwDetrModel(nn.Module):
         used = k * groups
         reference_boxes = refine_boxes(enc_boxes.detach(), self.reference_point_embed.weight[:used][None])
         queries = self.query_feat.weight[:used][None].expand(batch, -1, -1)
-        hidden = self.decoder(queries, reference_boxes, valid_ratios, memory, memory_mask, spatial_shapes, groups)
+        value_mask = memory_mask if padded else None
+        hidden = self.decoder(queries, reference_boxes, valid_ratios, memory, value_mask, spatial_shapes, groups)
         return LwDetrModelOutput(
             init_reference_points=reference_boxes,
             last_hidden_state=hidden[-1],

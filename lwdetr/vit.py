@@ -20,6 +20,22 @@ from .layers import activation_layer
 __all__ = ["LwDetrViTBackbone", "ViTOutput"]
 
 
+def fused_cpu_kernels_usable(x: torch.Tensor) -> bool:
+    """Whether oneDNN's fused linear kernels (GEMM + bias + GELU or + residual in one pass) may run on `x`.
+
+    They serve CPU inference only: they have no autograd formula, and tracing (ONNX) or `torch.compile` should see
+    the plain ops, which they fuse in their own way.
+    """
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and not torch.is_grad_enabled()
+        and torch.backends.mkldnn.is_available()
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+    )
+
+
 class ViTAttention(nn.Module):
     """Multi-head self-attention with one fused qkv projection; the key has no bias (as in CAE/BEiT)."""
 
@@ -31,16 +47,21 @@ class ViTAttention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
         self.proj = nn.Linear(dim, dim)
 
+    def qkv_bias(self) -> torch.Tensor | None:
+        """The fused projection's bias [3 * dim]: q_bias, zeros for the key, v_bias."""
+        if self.q_bias is None:
+            return None
+        return torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv: [batch, tokens, 3 * dim] -> attention output before the projection, [batch, tokens, dim]."""
+        batch, tokens, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.view(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch, tokens, dim] -> [batch, tokens, dim]."""
-        batch, tokens, dim = x.shape
-        bias = None
-        if self.q_bias is not None:
-            bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias)
-        q, k, v = qkv.view(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+        return self.proj(self.attend(F.linear(x, self.qkv.weight, self.qkv_bias())))
 
 
 class ViTMlp(nn.Module):
@@ -69,14 +90,39 @@ class ViTBlock(nn.Module):
         self.mlp = ViTMlp(dim, int(dim * config.mlp_ratio), config.hidden_act)
         self.gamma_2 = nn.Parameter(torch.full((dim,), config.cae_init_values))
 
+    def attention_input(self, x: torch.Tensor) -> torch.Tensor:
+        """norm1(x), with all windows of an image joined into one sequence in a global layer."""
+        attn_in = self.norm1(x)
+        if not self.windowed:
+            attn_in = attn_in.reshape(x.shape[0] // self.num_windows, self.num_windows * x.shape[1], x.shape[2])
+        return attn_in
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch * windows, tokens_per_window, dim] in window-major order."""
-        shape = x.shape
-        attn_in = self.norm1(x)
-        if not self.windowed:  # all windows of an image form one sequence
-            attn_in = attn_in.reshape(shape[0] // self.num_windows, self.num_windows * shape[1], shape[2])
-        x = x + self.attn(attn_in).reshape(shape) * self.gamma_1
+        if fused_cpu_kernels_usable(x):
+            return self.fused_forward(x)
+        x = x + self.attn(self.attention_input(x)).reshape(x.shape) * self.gamma_1
         return x + self.mlp(self.norm2(x)) * self.gamma_2
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same block in four oneDNN GEMMs that also add the bias, apply GELU or add the residual.
+
+        The layer scale is folded into the output projections (`gamma * (W h + b) = (gamma W) h + gamma b`), so the
+        residual sum happens inside the GEMM: no separate pass over the activations for the bias, GELU, scale or sum.
+        """
+        linear = torch.ops.mkldnn._linear_pointwise
+        attn, mlp = self.attn, self.mlp
+        qkv = linear(self.attention_input(x), attn.qkv.weight, attn.qkv_bias(), "none", [], "")
+        attended = attn.attend(qkv).reshape(x.shape)
+        scale = self.gamma_1[:, None]
+        x = linear.binary(attended, x, attn.proj.weight * scale, attn.proj.bias * self.gamma_1, "add")
+        hidden = self.norm2(x)
+        if isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none":
+            hidden = linear(hidden, mlp.fc1.weight, mlp.fc1.bias, "gelu", [], "none")
+        else:
+            hidden = mlp.act(mlp.fc1(hidden))
+        scale = self.gamma_2[:, None]
+        return linear.binary(hidden, x, mlp.fc2.weight * scale, mlp.fc2.bias * self.gamma_2, "add")
 
 
 class ViTEmbeddings(nn.Module):
@@ -192,11 +238,17 @@ class LwDetrViTBackbone(nn.Module):
         return tokens.reshape(batch * s * s, (height // s) * (width // s), dim)
 
     def from_windows(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Inverse of `to_windows`, straight to a channels-first map [batch, dim, H, W]."""
+        """Inverse of `to_windows`, to a [batch, dim, H, W] map.
+
+        At inference the map stays in channels-last memory, the layout the token rows already have and the one in
+        which the projector's convolutions run fastest (the 1x1 ones become plain matrix products). Training keeps
+        channels-first, whose convolution kernels give the reference's gradients to the last bit.
+        """
         s = self.windows_per_side
         dim = tokens.shape[-1]
-        tokens = tokens.reshape(-1, s, s, height // s, width // s, dim).permute(0, 5, 1, 3, 2, 4)
-        return tokens.reshape(-1, dim, height, width)
+        tokens = tokens.reshape(-1, s, s, height // s, width // s, dim).permute(0, 1, 3, 2, 4, 5)
+        maps = tokens.reshape(-1, height, width, dim).permute(0, 3, 1, 2)
+        return maps.contiguous() if torch.is_grad_enabled() else maps
 
     def forward(self, pixel_values: torch.Tensor) -> ViTOutput:
         self.check_input(pixel_values)

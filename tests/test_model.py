@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from model_utils import ragged_batch, random_labels, relative_error, twin_models
+from model_utils import outputs_with_the_same_proposals, ragged_batch, random_labels, relative_error, twin_models
 
 from lwdetr.checkpoint import from_reference_state_dict, to_reference_state_dict
 from lwdetr.config import PRESETS, preset_config
@@ -36,10 +36,10 @@ def test_eval_parity(preset: str, shape: str):
     ours.eval()
     step = _step(ours)
     height, width = (6 * step, 6 * step) if shape == "square" else (5 * step, 7 * step)
-    pixels, mask = ragged_batch(height, width, step, batch=3 if shape == "wide" else 2)
-    with torch.no_grad():
-        expected = reference(pixel_values=pixels, pixel_mask=mask)
-        got = ours(pixels, mask)
+    batch = 3 if shape == "wide" else 2
+    expected, got = outputs_with_the_same_proposals(
+        reference, ours, lambda seed: ragged_batch(height, width, step, batch, seed)
+    )
     for key in EVAL_KEYS:
         assert got[key].shape == expected[key].shape, key
         assert relative_error(got[key], expected[key]) < TOLERANCE, key
@@ -117,17 +117,16 @@ def test_saved_folder_loads_in_transformers_and_back(tmp_path):
     theirs, info = transformers.AutoModelForObjectDetection.from_pretrained(tmp_path / "ours", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     theirs.eval()
-    pixels, mask = ragged_batch(128, 160, 32)
-    with torch.no_grad():
-        expected, got = theirs(pixel_values=pixels, pixel_mask=mask), ours(pixels, mask)
+    expected, got = outputs_with_the_same_proposals(theirs, ours, lambda seed: ragged_batch(128, 160, 32, seed=seed))
     assert relative_error(got.logits, expected.logits) < TOLERANCE
     assert relative_error(got.pred_boxes, expected.pred_boxes) < TOLERANCE
 
     reference.eval().save_pretrained(tmp_path / "theirs")
     loaded = LwDetrForObjectDetection.from_pretrained(tmp_path / "theirs")
     assert not loaded.training
-    with torch.no_grad():
-        expected, got = reference(pixel_values=pixels, pixel_mask=mask), loaded(pixels, mask)
+    expected, got = outputs_with_the_same_proposals(
+        reference, loaded, lambda seed: ragged_batch(128, 160, 32, seed=seed)
+    )
     assert relative_error(got.logits, expected.logits) < TOLERANCE
     assert relative_error(got.pred_boxes, expected.pred_boxes) < TOLERANCE
     assert loaded.config.id2label == reference.config.id2label

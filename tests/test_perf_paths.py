@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from lwdetr.__main__ import main
 from lwdetr.config import preset_config
@@ -62,25 +61,57 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.mark.xfail(
-    reason="random weights give near-tied proposals, so bf16 rounding reorders query selection; needs real weights",
-    strict=False,
-)
-def test_bfloat16_detector_agrees_with_float32(model_dir: Path) -> None:
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)) for _ in range(2)]
-    full = Detector.from_pretrained(model_dir, device="cpu").predict(images, threshold=0.3)
-    half = Detector.from_pretrained(model_dir, device="cpu", dtype="bfloat16").predict(images, threshold=0.3)
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = inter_w * inter_h
+    area = lambda box: (box[2] - box[0]) * (box[3] - box[1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def test_bfloat16_detector_finds_the_float32_detections() -> None:
+    """On the bundled trained model (random weights have near-tied proposals that any rounding reorders)."""
+    demo = Path(__file__).resolve().parents[1] / "examples"
+    images = sorted((demo / "images").glob("*.jpg"))
+    full = Detector.from_pretrained(demo / "demo_model", device="cpu").predict(images, threshold=0.5)
+    half = Detector.from_pretrained(demo / "demo_model", device="cpu", dtype="bfloat16").predict(images, threshold=0.3)
+    assert sum(map(len, full)) >= 5
     for ours, reference in zip(half, full):
-        for expected in reference[:10]:
+        for expected in reference:
+            # the demo model is a 1M-parameter nano: its scores move by up to ~0.15 in bf16, boxes hardly at all
             close = [
                 d
                 for d in ours
                 if d.label_id == expected.label_id
-                and abs(d.score - expected.score) <= 0.02
-                and np.allclose(d.box, expected.box, atol=0.05 * max(expected.box))
+                and abs(d.score - expected.score) <= 0.2
+                and _iou(d.box, expected.box) >= 0.9
             ]
             assert close, expected
+
+
+def test_compiled_detector_matches_eager() -> None:
+    """`Detector(compile=True)` (inductor, frozen weights) gives the eager detections; the fused oneDNN kernels
+    stand aside while compiling, so this also runs the plain ops of the fast path's ViT blocks."""
+    demo = Path(__file__).resolve().parents[1] / "examples"
+    image = demo / "images" / "shapes_1.jpg"
+    eager = Detector.from_pretrained(demo / "demo_model", device="cpu").predict(image, threshold=0.3)
+    compiled = Detector.from_pretrained(demo / "demo_model", device="cpu", compile=True).predict(image, threshold=0.3)
+    assert len(eager) >= 3
+    assert [d.label_id for d in compiled] == [d.label_id for d in eager]
+    for got, expected in zip(compiled, eager):
+        assert abs(got.score - expected.score) < 1e-4
+        assert np.allclose(got.box, expected.box, atol=0.01)
+
+
+def test_fused_vit_block_matches_the_plain_one() -> None:
+    """The oneDNN path of a ViT block (inference) against its autograd path (training), window and global."""
+    backbone = _nano().model.backbone.backbone
+    tokens = torch.randn(2 * backbone.config.num_windows, 16, backbone.config.hidden_size)
+    for block in backbone.encoder.layer[:2]:
+        with torch.no_grad():
+            fused = block(tokens)
+        plain = block(tokens).detach()  # grad enabled: the plain ops
+        assert torch.allclose(fused, plain, atol=1e-5, rtol=1e-5)
 
 
 def test_cli_export(model_dir: Path, tmp_path: Path) -> None:
