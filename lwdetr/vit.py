@@ -20,16 +20,18 @@ from .layers import activation_layer
 __all__ = ["LwDetrViTBackbone", "ViTOutput"]
 
 
-def fused_cpu_kernels_usable(x: torch.Tensor) -> bool:
+def fused_cpu_kernels_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether oneDNN's fused linear kernels (GEMM + bias + GELU or + residual in one pass) may run on `x`.
 
-    They serve CPU inference only: they have no autograd formula, and tracing (ONNX) or `torch.compile` should see
-    the plain ops, which they fuse in their own way.
+    They serve CPU inference only: they have no autograd formula, know nothing of autocast (they need input and
+    weight in one dtype), and tracing (ONNX) or `torch.compile` should see the plain ops, which they fuse their own way.
     """
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
+        and x.dtype == weight.dtype
         and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
         and torch.backends.mkldnn.is_available()
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
@@ -99,7 +101,7 @@ class ViTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch * windows, tokens_per_window, dim] in window-major order."""
-        if fused_cpu_kernels_usable(x):
+        if fused_cpu_kernels_usable(x, self.attn.qkv.weight):
             return self.fused_forward(x)
         x = x + self.attn(self.attention_input(x)).reshape(x.shape) * self.gamma_1
         return x + self.mlp(self.norm2(x)) * self.gamma_2
