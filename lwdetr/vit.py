@@ -244,7 +244,8 @@ class LwDetrViTBackbone(nn.Module):
 
         At inference the map stays in channels-last memory, the layout the token rows already have and the one in
         which the projector's convolutions run fastest (the 1x1 ones become plain matrix products). Training keeps
-        channels-first, whose convolution kernels give the reference's gradients to the last bit.
+        channels-first: those kernels round as the reference's do, so gradients match it (channels-last moved some
+        by 1e-3 of their scale).
         """
         s = self.windows_per_side
         dim = tokens.shape[-1]
