@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -100,16 +101,28 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
-def peak_rss_increase_mib(fn: Callable[[], object]) -> float:
-    """Peak resident memory reached during `fn` above the resident memory before it (Linux: resets VmHWM)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")  # 5 resets the peak-RSS watermark
-    except OSError:
-        return float("nan")
-    before = _rss_kib("VmRSS")
-    fn()
-    return (_rss_kib("VmHWM") - before) / 1024
+def training_peak_rss_mib(which: str, preset: str, batch: int, size: int) -> float:
+    """Peak resident memory (VmHWM) of a fresh process that builds one model and runs two training steps.
+
+    A fresh process per model, because inside one long-lived process the allocator's cached memory makes the
+    increase of RSS during a step say more about the steps before it than about the step itself.
+    """
+    command = [sys.executable, __file__, "--probe-train-memory", which, preset, str(batch), str(size)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def _probe_train_memory(which: str, preset: str, batch: int, size: int) -> None:
+    reference, ours = build_pair(preset)
+    model = ours if which == "ours" else reference
+    del reference, ours
+    model.train()
+    step = train_step(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-6), torch.randn(batch, 3, size, size), random_labels(batch)
+    )
+    step()
+    step()
+    print(_rss_kib("VmHWM") / 1024)
 
 
 def random_labels(batch: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -218,8 +231,8 @@ def bench_training(report: Report, preset: str, batch: int, repeats: int, size: 
     }
     medians = interleaved_medians(steps, repeats)
     report.add(f"train step {preset} b{batch} {size} (group DETR)", medians["reference"], medians["ours"], "s")
-    memory = {name: peak_rss_increase_mib(step) for name, step in steps.items()}
-    report.add(f"peak RSS increase {preset} train step", memory["reference"], memory["ours"], "MiB")
+    memory = {name: training_peak_rss_mib(name, preset, batch, size) for name in ("reference", "ours")}
+    report.add(f"peak RSS of a process training {preset} b{batch} {size}", memory["reference"], memory["ours"], "MiB")
 
 
 def _model_folder(preset: str, directory: Path, size: int) -> Path:
@@ -323,9 +336,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     parser.add_argument("--skip", nargs="*", default=[], help="sections to skip: latency compile train flops e2e onnx")
+    parser.add_argument(
+        "--probe-train-memory", nargs=4, metavar=("WHICH", "PRESET", "BATCH", "SIZE"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
+    if args.probe_train_memory:
+        which, preset, batch, size = args.probe_train_memory
+        _probe_train_memory(which, preset, int(batch), int(size))
+        return
     torch.set_num_threads(args.threads)
-    repeats = 2 if args.quick else 7
+    # single forwards take ~0.2 s: many repeats, because this kind of shared machine is noisy (+-10 % per call)
+    repeats = 2 if args.quick else 21
     size = 320 if args.quick else 640
 
     report = Report()
@@ -334,10 +355,10 @@ def main() -> None:
     sections: list[tuple[str, Callable[[], None]]] = [
         ("latency", lambda: bench_latency(report, "tiny", 1, repeats, size)),
         ("latency", lambda: bench_latency(report, "small", 1, repeats, size)),
-        ("latency", lambda: bench_latency(report, "tiny", 8 if not args.quick else 2, max(2, repeats // 2), size)),
+        ("latency", lambda: bench_latency(report, "tiny", 8 if not args.quick else 2, max(2, repeats // 3), size)),
         ("compile", lambda: bench_compiled(report, "tiny", repeats, size)),
         ("compile", lambda: bench_compiled(report, "small", repeats, size)),
-        ("train", lambda: bench_training(report, "tiny", 4 if not args.quick else 2, max(2, repeats // 2), size)),
+        ("train", lambda: bench_training(report, "tiny", 4 if not args.quick else 2, max(2, repeats // 3), size)),
         ("flops", lambda: bench_flops(report, "tiny", repeats, peak, size)),
         ("e2e", lambda: bench_end_to_end(report, "tiny", max(2, repeats // 2), 2 if args.quick else 4, size)),
         ("onnx", lambda: bench_onnx(report, "tiny", repeats, size)),
