@@ -9,10 +9,14 @@ import pytest
 import torch
 
 from lwdetr.__main__ import main
+from lwdetr.box_ops import box_iou
 from lwdetr.config import preset_config
 from lwdetr.detector import Detector
 from lwdetr.modeling import LwDetrForObjectDetection
 from lwdetr.processing import LwDetrImageProcessor
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # the bundled trained demo model and its images
+DEMO_MODEL = EXAMPLES / "demo_model"
 
 
 def _nano(seed: int = 0) -> LwDetrForObjectDetection:
@@ -62,19 +66,14 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = inter_w * inter_h
-    area = lambda box: (box[2] - box[0]) * (box[3] - box[1])  # noqa: E731
-    return inter / (area(a) + area(b) - inter)
+    return box_iou(torch.tensor([a]), torch.tensor([b]))[0].item()
 
 
 def test_bfloat16_detector_finds_the_float32_detections() -> None:
     """On the bundled trained model (random weights have near-tied proposals that any rounding reorders)."""
-    demo = Path(__file__).resolve().parents[1] / "examples"
-    images = sorted((demo / "images").glob("*.jpg"))
-    full = Detector.from_pretrained(demo / "demo_model", device="cpu").predict(images, threshold=0.5)
-    half = Detector.from_pretrained(demo / "demo_model", device="cpu", dtype="bfloat16").predict(images, threshold=0.3)
+    images = sorted((EXAMPLES / "images").glob("*.jpg"))
+    full = Detector.from_pretrained(DEMO_MODEL, device="cpu").predict(images, threshold=0.5)
+    half = Detector.from_pretrained(DEMO_MODEL, device="cpu", dtype="bfloat16").predict(images, threshold=0.3)
     assert sum(map(len, full)) >= 5
     for ours, reference in zip(half, full):
         for expected in reference:
@@ -92,10 +91,9 @@ def test_bfloat16_detector_finds_the_float32_detections() -> None:
 def test_compiled_detector_matches_eager() -> None:
     """`Detector(compile=True)` (inductor, frozen weights) gives the eager detections; the fused oneDNN kernels
     stand aside while compiling, so this also runs the plain ops of the fast path's ViT blocks."""
-    demo = Path(__file__).resolve().parents[1] / "examples"
-    image = demo / "images" / "shapes_1.jpg"
-    eager = Detector.from_pretrained(demo / "demo_model", device="cpu").predict(image, threshold=0.3)
-    compiled = Detector.from_pretrained(demo / "demo_model", device="cpu", compile=True).predict(image, threshold=0.3)
+    image = EXAMPLES / "images" / "shapes_1.jpg"
+    eager = Detector.from_pretrained(DEMO_MODEL, device="cpu").predict(image, threshold=0.3)
+    compiled = Detector.from_pretrained(DEMO_MODEL, device="cpu", compile=True).predict(image, threshold=0.3)
     assert len(eager) >= 3
     assert [d.label_id for d in compiled] == [d.label_id for d in eager]
     for got, expected in zip(compiled, eager):
