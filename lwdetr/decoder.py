@@ -74,8 +74,11 @@ class FeedForward(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.dropout(self.act(self.fc1(x)), self.dropout, self.training)
-        return x + F.dropout(self.fc2(y), self.dropout, self.training)
+        """x: [batch, queries, dim] -> [batch, queries, dim]."""
+        # on 2-D rows fc1 returns a fresh tensor; on 3-D input it would return a view of one, and an in-place ReLU
+        # on a view makes autograd copy the whole [rows, ffn_dim] gradient in the backward (CopySlices)
+        y = F.dropout(self.act(self.fc1(x.reshape(-1, x.shape[-1]))), self.dropout, self.training)
+        return x + F.dropout(self.fc2(y), self.dropout, self.training).view(x.shape)
 
 
 class DecoderLayer(nn.Module):

@@ -15,9 +15,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LwDetrViTConfig
+from .cpu_kernels import attention_kernel
 from .layers import activation_layer
 
 __all__ = ["LwDetrViTBackbone", "ViTOutput"]
+
+
+def cpu_kernel_usable(x: torch.Tensor) -> bool:
+    """Whether a kernel without autograd or tracing support (ours in `cpu_kernels`, oneDNN's) may run on `x`:
+    CPU inference outside tracing (ONNX) and `torch.compile`, which should see the plain ops."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and not torch.is_grad_enabled()
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+    )
 
 
 def fused_cpu_kernels_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -27,14 +40,10 @@ def fused_cpu_kernels_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     weight in one dtype), and tracing (ONNX) or `torch.compile` should see the plain ops, which they fuse their own way.
     """
     return (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
+        cpu_kernel_usable(x)
         and x.dtype == weight.dtype
-        and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cpu")
         and torch.backends.mkldnn.is_available()
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
     )
 
 
@@ -58,7 +67,10 @@ class ViTAttention(nn.Module):
     def attend(self, qkv: torch.Tensor) -> torch.Tensor:
         """qkv: [batch, tokens, 3 * dim] -> attention output before the projection, [batch, tokens, dim]."""
         batch, tokens, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-        q, k, v = qkv.view(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        head_dim = dim // self.num_heads
+        if cpu_kernel_usable(qkv) and (kernel := attention_kernel(head_dim)) is not None:
+            return kernel(qkv, self.num_heads)
+        q, k, v = qkv.view(batch, tokens, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
