@@ -113,8 +113,8 @@ def attention_kernel(head_dim: int) -> AttentionFn | None:
 def kernel_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Multi-head softmax attention (scale 1/sqrt(head_dim), no mask) with the compiled kernel.
 
-    qkv: [batch, tokens, 3 * dim], the fused projection's output (q, k, v each `num_heads` heads wide), float32 or
-    bfloat16 on the CPU -> [batch, tokens, dim] in the input's dtype. Computes in float32. No autograd.
+    qkv: [batch, tokens, 3 * dim], the fused projection's output (q, k, v each `num_heads` heads wide), on the CPU
+    -> [batch, tokens, dim] in the input's dtype. Computes in float32. No autograd.
     """
     library = _attention_library()
     if library is None:

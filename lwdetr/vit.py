@@ -68,7 +68,8 @@ class ViTAttention(nn.Module):
         """qkv: [batch, tokens, 3 * dim] -> attention output before the projection, [batch, tokens, dim]."""
         batch, tokens, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         head_dim = dim // self.num_heads
-        if cpu_kernel_usable(qkv) and (kernel := attention_kernel(head_dim)) is not None:
+        # fp32 only: in bf16, PyTorch's kernel (bf16 GEMMs) beats ours (fp32 math after a conversion) on long sequences
+        if qkv.dtype == torch.float32 and cpu_kernel_usable(qkv) and (kernel := attention_kernel(head_dim)) is not None:
             return kernel(qkv, self.num_heads)
         q, k, v = qkv.view(batch, tokens, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim)

@@ -1,0 +1,120 @@
+"""The compiled CPU attention kernel against PyTorch's attention, its fallbacks, and its use in the ViT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lwdetr import cpu_kernels, vit
+from lwdetr.config import preset_config
+from lwdetr.modeling import LwDetrForObjectDetection
+
+needs_kernel = pytest.mark.skipif(
+    cpu_kernels.attention_kernel(16) is None, reason="the kernel needs x86-64 Linux, AVX-512 and a C compiler"
+)
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """Forget the loaded library before and after the test; build into a private cache folder."""
+    monkeypatch.setenv("LWDETR_CACHE", str(tmp_path))
+    cpu_kernels._attention_library.cache_clear()
+    yield tmp_path
+    cpu_kernels._attention_library.cache_clear()
+
+
+def torch_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    batch, tokens, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    q, k, v = qkv.view(batch, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim)
+
+
+@needs_kernel
+@pytest.mark.parametrize("head_dim", [16, 32, 48, 64])
+@pytest.mark.parametrize("tokens", [1, 7, 16, 37, 100, 257])
+def test_kernel_matches_torch_attention(head_dim: int, tokens: int):
+    # odd token counts exercise the partial key chunk (n % 16) and the leftover query rows (n % 8)
+    torch.manual_seed(tokens + head_dim)
+    heads, batch = 3, 2
+    qkv = torch.randn(batch, tokens, 3 * heads * head_dim) * 3  # sharp softmaxes: exp underflows in places
+    with torch.no_grad():
+        exact = torch_attention(qkv.double(), heads)
+        torch_error = (torch_attention(qkv, heads) - exact).abs().max().item()
+        got = cpu_kernels.kernel_attention(qkv, heads)
+    assert got.shape == exact.shape and got.dtype == torch.float32
+    # as close to the float64 result as PyTorch's own float32 attention is
+    error = (got - exact).abs().max().item()
+    assert error <= 1.5 * torch_error + 1e-6
+    assert error < 1e-5 * exact.abs().max().item()
+
+
+@needs_kernel
+def test_kernel_long_sequence_and_strided_input():
+    torch.manual_seed(0)
+    wide = torch.randn(1, 1600, 2 * 3 * 192)
+    qkv = wide[..., ::2]  # not contiguous: the wrapper copies it into the kernel's layout
+    got = cpu_kernels.kernel_attention(qkv, 12)
+    assert (got - torch_attention(qkv.contiguous(), 12)).abs().max().item() < 1e-5
+
+
+@needs_kernel
+def test_kernel_keeps_the_input_dtype():
+    qkv = torch.randn(2, 50, 3 * 64).bfloat16()
+    got = cpu_kernels.kernel_attention(qkv, 4)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - torch_attention(qkv.float(), 4)).abs().max().item() < 2e-2
+
+
+@needs_kernel
+def test_unsupported_head_sizes_fall_back():
+    assert cpu_kernels.attention_kernel(24) is None
+    assert cpu_kernels.attention_kernel(128) is None
+
+
+def test_switched_off_by_the_environment(fresh_library, monkeypatch):
+    monkeypatch.setenv("LWDETR_CPU_KERNELS", "0")
+    assert cpu_kernels.attention_kernel(16) is None
+
+
+@needs_kernel
+def test_builds_once_into_the_cache_folder(fresh_library):
+    assert cpu_kernels.attention_kernel(16) is not None
+    built = list((fresh_library / "kernels").glob("attention_avx512-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    cpu_kernels._attention_library.cache_clear()
+    assert cpu_kernels.attention_kernel(16) is not None
+    assert built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert [p.name for p in (fresh_library / "kernels").iterdir()] == [built[0].name]  # no temporary left behind
+
+
+def test_a_failing_compiler_falls_back_to_torch(fresh_library, monkeypatch):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    assert cpu_kernels.attention_kernel(16) is None
+    model = LwDetrForObjectDetection(preset_config("nano", num_labels=3)).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, 128, 128)).logits).all()
+
+
+@needs_kernel
+def test_vit_uses_the_kernel_at_inference_only(monkeypatch):
+    """Tiny's ViT (head_dim 16) runs its attention in the kernel without autograd and in PyTorch with it; both agree."""
+    calls = []
+
+    def counting(head_dim: int):
+        kernel = cpu_kernels.attention_kernel(head_dim)
+        return None if kernel is None else lambda qkv, heads: calls.append(heads) or kernel(qkv, heads)
+
+    monkeypatch.setattr(vit, "attention_kernel", counting)
+    torch.manual_seed(0)
+    backbone = vit.LwDetrViTBackbone(preset_config("tiny", num_labels=3).backbone_config).eval()
+    pixels = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        fast = backbone(pixels).feature_maps
+    assert len(calls) == len(backbone.encoder.layer)
+    calls.clear()
+    slow = backbone(pixels).feature_maps  # autograd on: PyTorch's attention
+    assert not calls
+    for a, b in zip(fast, slow):
+        assert (a - b).abs().max().item() < 1e-4 * b.abs().max().item()
