@@ -1,9 +1,9 @@
 """Hand-written CPU kernels, compiled on first use with the machine's C compiler and loaded with ctypes.
 
-One kernel so far: softmax attention for head sizes 16..64 on AVX-512 CPUs (`kernels/attention_avx512.c`), which
-runs the ViT's attention at inference about 1.2-1.8x faster than PyTorch's CPU flash attention for LW-DETR's
-head_dim 16. Everything here is optional: without x86-64 Linux, AVX-512, a C compiler or PyTorch's OpenMP runtime,
-or with `LWDETR_CPU_KERNELS=0`, `attention_kernel()` returns None and the model uses
+One kernel so far: softmax attention, forward and backward, for head sizes 16, 32, 48 and 64 on AVX-512 CPUs
+(`kernels/attention_avx512.c`); for LW-DETR's head_dim 16 it is faster than PyTorch's CPU flash attention
+(see `benchmarks/bench.py`). Everything here is optional: without x86-64 Linux, AVX-512, a C compiler or
+PyTorch's OpenMP runtime, or with `LWDETR_CPU_KERNELS=0`, `attention_kernel()` returns None and the model uses
 `F.scaled_dot_product_attention`. The compiled library is cached under `$LWDETR_CACHE` (default
 `~/.cache/lwdetr/kernels`), keyed by the source and compiler flags, and written atomically.
 """
@@ -96,10 +96,11 @@ def _attention_library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         logger.info("CPU attention kernel unavailable, using PyTorch's attention: %s", error)
         return None
-    function = library.lwdetr_attention_f32
-    function.restype = ctypes.c_int
-    function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
-    function.argtypes += [ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.c_int]
+    sizes = [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
+    library.lwdetr_attention_forward.argtypes = [ctypes.c_void_p] * 3 + sizes
+    library.lwdetr_attention_backward.argtypes = [ctypes.c_void_p] * 5 + sizes
+    for function in (library.lwdetr_attention_forward, library.lwdetr_attention_backward):
+        function.restype = ctypes.c_int
     return library
 
 
@@ -110,28 +111,70 @@ def attention_kernel(head_dim: int) -> AttentionFn | None:
     return kernel_attention
 
 
-def kernel_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Multi-head softmax attention (scale 1/sqrt(head_dim), no mask) with the compiled kernel.
-
-    qkv: [batch, tokens, 3 * dim], the fused projection's output (q, k, v each `num_heads` heads wide), on the CPU
-    -> [batch, tokens, dim] in the input's dtype. Computes in float32. No autograd.
-    """
+def _library() -> ctypes.CDLL:
     library = _attention_library()
     if library is None:
         raise RuntimeError("the CPU attention kernel is not available on this machine")
-    dtype = qkv.dtype
-    qkv = qkv.to(torch.float32).contiguous()
+    return library
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        reason = "out of memory" if status == 1 else "unsupported shape"
+        raise RuntimeError(f"CPU attention kernel ({what}) failed: {reason}")
+
+
+def _sizes(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, int, float, int]:
     batch, tokens, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
     head_dim = dim // num_heads
-    out = torch.empty(batch, tokens, dim, dtype=torch.float32)
-    in_strides = (qkv.stride(0), qkv.stride(1), head_dim)
-    out_strides = (out.stride(0), out.stride(1), head_dim)
-    strides = (ctypes.c_int64 * 12)(*in_strides, *in_strides, *in_strides, *out_strides)
-    base, item = qkv.data_ptr(), qkv.element_size()
-    status = library.lwdetr_attention_f32(
-        base, base + dim * item, base + 2 * dim * item, out.data_ptr(),
-        batch, num_heads, tokens, head_dim, strides, head_dim**-0.5, torch.get_num_threads(),
-    )  # fmt: skip
-    if status != 0:
-        raise RuntimeError(f"CPU attention kernel failed with status {status}")
+    return batch, num_heads, tokens, head_dim, head_dim**-0.5, torch.get_num_threads()
+
+
+def _forward(qkv: torch.Tensor, num_heads: int, with_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """qkv: contiguous float32 [batch, tokens, 3 * dim] -> (out [batch, tokens, dim], lse [batch, heads, tokens])."""
+    out = qkv.new_empty(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
+    lse = qkv.new_empty(qkv.shape[0], num_heads, qkv.shape[1]) if with_lse else None
+    status = _library().lwdetr_attention_forward(
+        qkv.data_ptr(), out.data_ptr(), None if lse is None else lse.data_ptr(), *_sizes(qkv, num_heads)
+    )
+    _check(status, "forward")
+    return out, lse
+
+
+class _KernelAttention(torch.autograd.Function):
+    """Autograd for the kernel: the forward keeps each row's log-sum-exp, the backward recomputes the scores."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+        out, lse = _forward(qkv, num_heads, with_lse=True)
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.num_heads = num_heads
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+        qkv, out, lse = ctx.saved_tensors
+        grad_out = grad_out.to(torch.float32).contiguous()
+        grad_qkv = torch.empty_like(qkv)
+        status = _library().lwdetr_attention_backward(
+            qkv.data_ptr(), out.data_ptr(), grad_out.data_ptr(), lse.data_ptr(), grad_qkv.data_ptr(),
+            *_sizes(qkv, ctx.num_heads),
+        )  # fmt: skip
+        _check(status, "backward")
+        return grad_qkv, None
+
+
+def kernel_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Multi-head softmax attention (scale 1/sqrt(head_dim), no mask) with the compiled kernel, with autograd.
+
+    qkv: [batch, tokens, 3 * dim], the fused projection's output (q, k, v each `num_heads` heads wide), on the CPU
+    -> [batch, tokens, dim] in the input's dtype. Computes in float32.
+    """
+    dtype = qkv.dtype
+    qkv = qkv.to(torch.float32).contiguous()
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        out = _KernelAttention.apply(qkv, num_heads)
+    else:
+        out, _ = _forward(qkv, num_heads, with_lse=False)
     return out.to(dtype)

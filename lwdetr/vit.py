@@ -21,27 +21,23 @@ from .layers import activation_layer
 __all__ = ["LwDetrViTBackbone", "ViTOutput"]
 
 
-def cpu_kernel_usable(x: torch.Tensor) -> bool:
-    """Whether a kernel without autograd or tracing support (ours in `cpu_kernels`, oneDNN's) may run on `x`:
-    CPU inference outside tracing (ONNX) and `torch.compile`, which should see the plain ops."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and not torch.is_grad_enabled()
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
-    )
+def outside_tracing_on_cpu(x: torch.Tensor) -> bool:
+    """Whether `x` is on the CPU outside tracing (ONNX) and `torch.compile`, which should see the plain ops that
+    our kernels (`cpu_kernels`) and oneDNN's fused ones replace."""
+    return x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
 
 
 def fused_cpu_kernels_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether oneDNN's fused linear kernels (GEMM + bias + GELU or + residual in one pass) may run on `x`.
 
-    They serve CPU inference only: they have no autograd formula, know nothing of autocast (they need input and
-    weight in one dtype), and tracing (ONNX) or `torch.compile` should see the plain ops, which they fuse their own way.
+    They serve CPU inference only: they have no autograd formula and know nothing of autocast (they need input and
+    weight in one dtype).
     """
     return (
-        cpu_kernel_usable(x)
+        outside_tracing_on_cpu(x)
+        and x.dtype in (torch.float32, torch.bfloat16)
         and x.dtype == weight.dtype
+        and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cpu")
         and torch.backends.mkldnn.is_available()
     )
@@ -69,7 +65,7 @@ class ViTAttention(nn.Module):
         batch, tokens, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         head_dim = dim // self.num_heads
         # fp32 only: in bf16, PyTorch's kernel (bf16 GEMMs) beats ours (fp32 math after a conversion) on long sequences
-        if qkv.dtype == torch.float32 and cpu_kernel_usable(qkv) and (kernel := attention_kernel(head_dim)) is not None:
+        if qkv.dtype == torch.float32 and outside_tracing_on_cpu(qkv) and (kernel := attention_kernel(head_dim)):
             return kernel(qkv, self.num_heads)
         q, k, v = qkv.view(batch, tokens, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim)

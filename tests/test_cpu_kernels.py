@@ -98,23 +98,51 @@ def test_a_failing_compiler_falls_back_to_torch(fresh_library, monkeypatch):
 
 
 @needs_kernel
-def test_vit_uses_the_kernel_at_inference_only(monkeypatch):
-    """Tiny's ViT (head_dim 16) runs its attention in the kernel without autograd and in PyTorch with it; both agree."""
+def test_kernel_gradients_match_torch_attention():
+    torch.manual_seed(0)
+    heads, head_dim = 3, 16
+    qkv = torch.randn(2, 37, 3 * heads * head_dim) * 2
+    grad_out = torch.randn(2, 37, heads * head_dim)
+    grads = {}
+    for name, attention, dtype in [
+        ("exact", torch_attention, torch.float64),
+        ("torch", torch_attention, torch.float32),
+        ("kernel", cpu_kernels.kernel_attention, torch.float32),
+    ]:
+        x = qkv.to(dtype).clone().requires_grad_()
+        attention(x, heads).backward(grad_out.to(dtype))
+        grads[name] = x.grad.double()
+    torch_error = (grads["torch"] - grads["exact"]).abs().max().item()
+    assert (grads["kernel"] - grads["exact"]).abs().max().item() <= 1.5 * torch_error + 1e-6
+
+
+@needs_kernel
+def test_vit_attention_runs_in_the_kernel(monkeypatch):
+    """Tiny's ViT (head_dim 16) runs every attention layer in the kernel, with and without autograd, and agrees with
+    PyTorch's attention in outputs and gradients."""
     calls = []
 
     def counting(head_dim: int):
         kernel = cpu_kernels.attention_kernel(head_dim)
         return None if kernel is None else lambda qkv, heads: calls.append(heads) or kernel(qkv, heads)
 
-    monkeypatch.setattr(vit, "attention_kernel", counting)
     torch.manual_seed(0)
     backbone = vit.LwDetrViTBackbone(preset_config("tiny", num_labels=3).backbone_config).eval()
     pixels = torch.randn(1, 3, 256, 256)
-    with torch.no_grad():
-        fast = backbone(pixels).feature_maps
-    assert len(calls) == len(backbone.encoder.layer)
-    calls.clear()
-    slow = backbone(pixels).feature_maps  # autograd on: PyTorch's attention
-    assert not calls
-    for a, b in zip(fast, slow):
-        assert (a - b).abs().max().item() < 1e-4 * b.abs().max().item()
+
+    def run(kernel_factory):
+        monkeypatch.setattr(vit, "attention_kernel", kernel_factory)
+        backbone.zero_grad()
+        maps = backbone(pixels).feature_maps
+        sum(m.square().mean() for m in maps).backward()
+        grads = [p.grad.clone() for p in backbone.parameters()]
+        with torch.no_grad():
+            return [m.detach() for m in maps], grads, [m.detach() for m in backbone(pixels).feature_maps]
+
+    kernel_maps, kernel_grads, kernel_eval = run(counting)
+    assert len(calls) == 2 * len(backbone.encoder.layer)  # with autograd, then without
+    torch_maps, torch_grads, _ = run(lambda head_dim: None)
+    for got, expected in zip(kernel_maps + kernel_eval, torch_maps + torch_maps):
+        assert (got - expected).abs().max().item() < 1e-4 * expected.abs().max().item()
+    for got, expected in zip(kernel_grads, torch_grads):
+        assert (got - expected).abs().max().item() <= 1e-3 * expected.abs().max().item() + 1e-9

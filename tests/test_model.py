@@ -7,6 +7,7 @@ import torch
 import transformers
 from model_utils import outputs_with_the_same_proposals, ragged_batch, random_labels, relative_error, twin_models
 
+from lwdetr import vit
 from lwdetr.checkpoint import from_reference_state_dict, to_reference_state_dict
 from lwdetr.config import PRESETS, preset_config
 from lwdetr.modeling import LwDetrForObjectDetection
@@ -46,7 +47,11 @@ def test_eval_parity(preset: str, shape: str):
 
 
 @pytest.mark.parametrize("preset", ["nano", "tiny", "large"])
-def test_training_parity_losses_and_gradients(preset: str):
+def test_training_parity_losses_and_gradients(preset: str, monkeypatch):
+    # PyTorch's attention here, so that both models round alike: with random weights, rounding differences of 1e-6
+    # reorder near-tied proposals in Group DETR's top-k (13 groups x 300 of ~500 tokens) and every gradient downstream
+    # of the swapped queries. The compiled kernel's gradients are checked against PyTorch's in test_cpu_kernels.py.
+    monkeypatch.setattr(vit, "attention_kernel", lambda head_dim: None)
     reference, ours = twin_models(preset, num_labels=5)
     reference.train()
     ours.train()

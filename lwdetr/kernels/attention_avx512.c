@@ -1,16 +1,16 @@
 /*
- * Softmax attention for short heads (head_dim a multiple of 16, at most 64) on AVX-512 CPUs, float32.
+ * Softmax attention for short heads (head_dim 16, 32, 48 or 64) on AVX-512 CPUs, float32, forward and backward.
  *
- * out[b, i, h, :] = sum_j softmax_j(scale * q[b, i, h, :] . k[b, j, h, :]) v[b, j, h, :]
+ *   out[b, i, h, :] = sum_j P[i, j] v[b, j, h, :],  P[i, :] = softmax(scale * q[b, i, h, :] . k[b, :, h, :])
  *
- * Why a kernel of our own: with head_dim 16 a general flash-attention kernel spends most of its time around tiny
- * GEMMs (K = 16) and in its online-softmax bookkeeping. Here a head's keys (transposed) and values are packed once,
- * a block of R query rows computes its full row of scores at once (the sequences are short enough to keep
- * R x N scores in cache), so the softmax needs no rescaling: scores, one max, one exp-and-sum pass, then P V.
- * Each 16-wide key chunk of K^T is loaded once per R rows, each value row once per R rows.
+ * Why a kernel of our own: with head_dim 16 a general flash-attention kernel spends much of its time around tiny
+ * GEMMs (K = 16) and in online-softmax bookkeeping. Here a head's keys (transposed) and values are packed once, and
+ * a block of R query rows computes its whole rows of scores at once (LW-DETR's sequences, at most a few thousand
+ * tokens, keep R x N scores in cache), so the softmax needs no rescaling: scores, max, exp-and-sum, then P V.
  *
- * Layout: q, k, v, out are addressed by element strides (batch, token, head); the head's features are contiguous.
- * Work is split over (batch, head) pairs between `threads` OpenMP threads.
+ * Layout (all contiguous): qkv [batch, n, 3, heads, d] (the fused projection's output), out and dout
+ * [batch, n, heads, d], lse [batch, heads, n] (log-sum-exp of each row of scaled scores, kept for the backward),
+ * dqkv like qkv. Work is split over (batch, head) pairs between OpenMP threads.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -19,16 +19,13 @@
 #include <string.h>
 
 typedef struct {
-    const float *q, *k, *v;
-    float *out;
-    int64_t batch, heads, n, d;
-    int64_t q_strides[3], k_strides[3], v_strides[3], o_strides[3]; /* batch, token, head */
+    int64_t batch, heads, n, d, npad;
     float scale;
-} problem_t;
+} shape_t;
 
-/* e^x for x <= 0, about 1 ulp: Cody-Waite range reduction and a degree-6 minimax polynomial (the classic Cephes
- * single-precision coefficients); vscalefps applies 2^n and flushes below the float range to 0. */
-static inline __m512 exp_nonpositive(__m512 x) {
+/* e^x for x <= 88, about 1 ulp: Cody-Waite range reduction and a degree-6 minimax polynomial (the classic Cephes
+ * single-precision coefficients); vscalefps applies 2^n and flushes results below the float range to 0. */
+static inline __m512 exp_ps(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -45,11 +42,15 @@ static inline __m512 exp_nonpositive(__m512 x) {
     return _mm512_scalef_ps(poly, n);
 }
 
-/* Raw scores q k^T of RS (<= 4) query rows against C 16-key chunks starting at key j. RS x C accumulators share
- * each key load RS ways and each broadcast query feature C ways. */
-static inline __attribute__((always_inline)) void score_tile(const int RS, const int C, const int D, const float *q,
-                                                              int64_t q_step, const float *kt, int64_t npad,
-                                                              int64_t j, float *scores) {
+static inline __mmask16 valid_lanes(int64_t j, int64_t n) {
+    return (j + 16 <= n) ? (__mmask16)0xFFFF : (j >= n) ? (__mmask16)0 : (__mmask16)((1u << (n - j)) - 1u);
+}
+
+/* dst[r, j..j+16C) = a[r, :] . bt[:, j..j+16C) for RS (<= 4) rows of a (row step a_step) and C 16-column chunks of
+ * bt ([D][npad]). RS x C accumulators share each load of bt RS ways and each broadcast element of a C ways. */
+static inline __attribute__((always_inline)) void dot_tile(const int RS, const int C, const int D, const float *a,
+                                                            int64_t a_step, const float *bt, int64_t npad, int64_t j,
+                                                            float *dst) {
     __m512 acc[4][4];
 #pragma GCC unroll 4
     for (int r = 0; r < RS; r++)
@@ -57,150 +58,291 @@ static inline __attribute__((always_inline)) void score_tile(const int RS, const
         for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
 #pragma GCC unroll 16
     for (int d = 0; d < D; d++) {
-        __m512 kd[4];
+        __m512 col[4];
 #pragma GCC unroll 4
-        for (int c = 0; c < C; c++) kd[c] = _mm512_loadu_ps(kt + d * npad + j + 16 * c);
+        for (int c = 0; c < C; c++) col[c] = _mm512_loadu_ps(bt + d * npad + j + 16 * c);
 #pragma GCC unroll 4
         for (int r = 0; r < RS; r++) {
-            const __m512 qd = _mm512_set1_ps(q[r * q_step + d]);
+            const __m512 ad = _mm512_set1_ps(a[r * a_step + d]);
 #pragma GCC unroll 4
-            for (int c = 0; c < C; c++) acc[r][c] = _mm512_fmadd_ps(qd, kd[c], acc[r][c]);
+            for (int c = 0; c < C; c++) acc[r][c] = _mm512_fmadd_ps(ad, col[c], acc[r][c]);
         }
     }
 #pragma GCC unroll 4
     for (int r = 0; r < RS; r++)
 #pragma GCC unroll 4
-        for (int c = 0; c < C; c++) _mm512_storeu_ps(scores + r * npad + j + 16 * c, acc[r][c]);
+        for (int c = 0; c < C; c++) _mm512_storeu_ps(dst + r * npad + j + 16 * c, acc[r][c]);
 }
 
-/* R query rows of one head against all n keys. kt: [DV*16][npad] (keys transposed, zero padded); vp: [n][DV*16];
- * scores: scratch of R * npad floats. */
-static inline __attribute__((always_inline)) void rows_block(
-    const int R, const int DV, const float *q, int64_t q_step, const float *kt, const float *vp, int64_t n,
-    int64_t npad, float scale, float *scores, float *out, int64_t o_step) {
-    const int D = DV * 16;
+/* dst[R][npad] = a[R rows] . bt over all npad columns. */
+static inline __attribute__((always_inline)) void dot_rows(const int R, const int D, const float *a, int64_t a_step,
+                                                            const float *bt, int64_t npad, float *dst) {
     const int RS = R < 4 ? R : 4;
-    const __mmask16 tail = (n % 16) ? (__mmask16)((1u << (n % 16)) - 1u) : (__mmask16)0xFFFF;
-    /* raw scores q k^T */
     for (int r0 = 0; r0 < R; r0 += RS) {
         int64_t j = 0;
-        for (; j + 64 <= npad; j += 64) score_tile(RS, 4, D, q + r0 * q_step, q_step, kt, npad, j, scores + r0 * npad);
-        for (; j < npad; j += 16) score_tile(RS, 1, D, q + r0 * q_step, q_step, kt, npad, j, scores + r0 * npad);
+        for (; j + 64 <= npad; j += 64) dot_tile(RS, 4, D, a + r0 * a_step, a_step, bt, npad, j, dst + r0 * npad);
+        for (; j < npad; j += 16) dot_tile(RS, 1, D, a + r0 * a_step, a_step, bt, npad, j, dst + r0 * npad);
     }
+}
 
-    /* per row: the maximum, then the unnormalised probabilities exp(scale * (s - max)) and their sum */
-    const __m512 scale_v = _mm512_set1_ps(scale);
-    float row_sum[8];
-    for (int r = 0; r < R; r++) {
-        float *s = scores + r * npad;
-        __m512 row_max = _mm512_set1_ps(-INFINITY);
-        for (int64_t j = 0; j < npad; j += 16) {
-            const __mmask16 valid = (j + 16 > n) ? tail : (__mmask16)0xFFFF;
-            row_max = _mm512_mask_max_ps(row_max, valid, row_max, _mm512_loadu_ps(s + j));
-        }
-        const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(row_max) * scale);
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t j = 0; j < npad; j += 16) {
-            const __mmask16 valid = (j + 16 > n) ? tail : (__mmask16)0xFFFF;
-            const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(s + j), scale_v, shift);
-            const __m512 e = _mm512_maskz_mov_ps(valid, exp_nonpositive(x));
-            _mm512_storeu_ps(s + j, e);
-            sum = _mm512_add_ps(sum, e);
-        }
-        row_sum[r] = _mm512_reduce_add_ps(sum);
-    }
-
-    /* out = (P V) / sum */
+/* out[r, :] = scale_r * sum_{j < n} w[r, j] rows[j, :] for R rows of w ([R][npad]) and rows [n][DV*16]; the
+ * per-row factor is 1 / divisor[r] (divisor may be NULL) times `scale`. */
+static inline __attribute__((always_inline)) void weighted_rows(const int R, const int DV, const float *w,
+                                                                 int64_t npad, const float *rows, int64_t n,
+                                                                 const float *divisor, float scale, float *out,
+                                                                 int64_t o_step) {
+    const int D = DV * 16;
     __m512 acc[8][4];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < DV; c++) acc[r][c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j++) {
-        __m512 vj[4];
-        for (int c = 0; c < DV; c++) vj[c] = _mm512_loadu_ps(vp + j * D + c * 16);
+        __m512 row[4];
+        for (int c = 0; c < DV; c++) row[c] = _mm512_loadu_ps(rows + j * D + c * 16);
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
-            const __m512 pr = _mm512_set1_ps(scores[r * npad + j]);
-            for (int c = 0; c < DV; c++) acc[r][c] = _mm512_fmadd_ps(pr, vj[c], acc[r][c]);
+            const __m512 wr = _mm512_set1_ps(w[r * npad + j]);
+            for (int c = 0; c < DV; c++) acc[r][c] = _mm512_fmadd_ps(wr, row[c], acc[r][c]);
         }
     }
     for (int r = 0; r < R; r++) {
-        const __m512 total = _mm512_set1_ps(row_sum[r]);
-        for (int c = 0; c < DV; c++) _mm512_storeu_ps(out + r * o_step + c * 16, _mm512_div_ps(acc[r][c], total));
+        const __m512 factor = _mm512_set1_ps(scale);
+        for (int c = 0; c < DV; c++) {
+            __m512 value = _mm512_mul_ps(acc[r][c], factor);
+            if (divisor) value = _mm512_div_ps(value, _mm512_set1_ps(divisor[r]));
+            _mm512_storeu_ps(out + r * o_step + c * 16, value);
+        }
     }
 }
 
-/* One (batch, head) pair: pack K^T and V, then walk the query rows in blocks of R. */
-static inline __attribute__((always_inline)) void one_head(const int R, const int DV, const problem_t *p,
-                                                            int64_t b, int64_t h, float *kt, float *vp,
-                                                            float *scores) {
-    const int64_t n = p->n, D = DV * 16, npad = (n + 15) / 16 * 16;
-    const float *q = p->q + b * p->q_strides[0] + h * p->q_strides[2];
-    const float *k = p->k + b * p->k_strides[0] + h * p->k_strides[2];
-    const float *v = p->v + b * p->v_strides[0] + h * p->v_strides[2];
-    float *out = p->out + b * p->o_strides[0] + h * p->o_strides[2];
-    memset(kt, 0, sizeof(float) * D * npad);
+/* acc[j, :] += scale * sum_r w[r, j] rows[r, :] for every key j < n: R rows (row step r_step) kept in registers. */
+static inline __attribute__((always_inline)) void accumulate_keys(const int R, const int DV, const float *w,
+                                                                   int64_t npad, const float *rows, int64_t r_step,
+                                                                   int64_t n, float *acc) {
+    const int D = DV * 16;
+    __m512 held[8][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < DV; c++) held[r][c] = _mm512_loadu_ps(rows + r * r_step + c * 16);
     for (int64_t j = 0; j < n; j++) {
-        const float *kj = k + j * p->k_strides[1];
-        for (int64_t d = 0; d < D; d++) kt[d * npad + j] = kj[d];
-        memcpy(vp + j * D, v + j * p->v_strides[1], sizeof(float) * D);
+        __m512 sum[4];
+        for (int c = 0; c < DV; c++) sum[c] = _mm512_loadu_ps(acc + j * D + c * 16);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const __m512 wr = _mm512_set1_ps(w[r * npad + j]);
+            for (int c = 0; c < DV; c++) sum[c] = _mm512_fmadd_ps(wr, held[r][c], sum[c]);
+        }
+        for (int c = 0; c < DV; c++) _mm512_storeu_ps(acc + j * D + c * 16, sum[c]);
     }
-    int64_t i = 0;
-    for (; i + R <= n; i += R)
-        rows_block(R, DV, q + i * p->q_strides[1], p->q_strides[1], kt, vp, n, npad, p->scale, scores,
-                   out + i * p->o_strides[1], p->o_strides[1]);
-    for (; i < n; i++)
-        rows_block(1, DV, q + i * p->q_strides[1], p->q_strides[1], kt, vp, n, npad, p->scale, scores,
-                   out + i * p->o_strides[1], p->o_strides[1]);
 }
 
-/* One specialised (hence fully unrolled) copy of the per-head code for each supported head size. */
-#define DEFINE_HEAD(NAME, R, DV)                                                                                      \
-    static __attribute__((noinline)) void NAME(const problem_t *p, int64_t b, int64_t h, float *kt, float *vp,       \
-                                               float *scores) {                                                       \
-        one_head(R, DV, p, b, h, kt, vp, scores);                                                                     \
-    }
-DEFINE_HEAD(head_d16, 8, 1)
-DEFINE_HEAD(head_d32, 8, 2)
-DEFINE_HEAD(head_d48, 4, 3)
-DEFINE_HEAD(head_d64, 4, 4)
+/* Per-thread scratch for one (batch, head) pair. */
+typedef struct {
+    float *kt, *vt, *kp, *vp, *dk, *dv, *s, *ds;
+} scratch_t;
 
-/* Returns 0 on success, 1 when scratch memory could not be allocated, 2 for an unsupported head size. */
-int lwdetr_attention_f32(const float *q, const float *k, const float *v, float *out, int64_t batch, int64_t heads,
-                         int64_t n, int64_t d, const int64_t *strides, float scale, int threads) {
-    if (d <= 0 || d > 64 || d % 16 || n <= 0) return 2;
-    problem_t p = {q, k, v, out, batch, heads, n, d, {0}, {0}, {0}, {0}, scale};
-    for (int i = 0; i < 3; i++) {
-        p.q_strides[i] = strides[i];
-        p.k_strides[i] = strides[3 + i];
-        p.v_strides[i] = strides[6 + i];
-        p.o_strides[i] = strides[9 + i];
+static void free_scratch(scratch_t *w) {
+    free(w->kt);
+    free(w->vt);
+    free(w->kp);
+    free(w->vp);
+    free(w->dk);
+    free(w->dv);
+    free(w->s);
+    free(w->ds);
+}
+
+static int alloc_scratch(scratch_t *w, const shape_t *sh, int backward) {
+    const size_t block = sizeof(float) * (size_t)(sh->d * sh->npad);
+    memset(w, 0, sizeof(*w));
+    w->kt = aligned_alloc(64, block);
+    w->vp = aligned_alloc(64, block);
+    w->s = aligned_alloc(64, sizeof(float) * (size_t)(8 * sh->npad));
+    int ok = w->kt && w->vp && w->s;
+    if (backward) {
+        w->vt = aligned_alloc(64, block);
+        w->kp = aligned_alloc(64, block);
+        w->dk = aligned_alloc(64, block);
+        w->dv = aligned_alloc(64, block);
+        w->ds = aligned_alloc(64, sizeof(float) * (size_t)(8 * sh->npad));
+        ok = ok && w->vt && w->kp && w->dk && w->dv && w->ds;
     }
-    const int64_t pairs = batch * heads, npad = (n + 15) / 16 * 16;
+    return ok;
+}
+
+/* Transposed ([D][npad], zero padded) and row ([n][D]) copies of one head's keys or values. */
+static void pack_head(const float *src, int64_t step, int64_t n, int64_t D, int64_t npad, float *transposed,
+                      float *rows) {
+    if (transposed) memset(transposed, 0, sizeof(float) * D * npad);
+    for (int64_t j = 0; j < n; j++) {
+        const float *x = src + j * step;
+        if (transposed)
+            for (int64_t d = 0; d < D; d++) transposed[d * npad + j] = x[d];
+        if (rows) memcpy(rows + j * D, x, sizeof(float) * D);
+    }
+}
+
+/* Forward of R query rows: out rows and (if lse) their log-sum-exp. */
+static inline __attribute__((always_inline)) void forward_rows(const int R, const int DV, const shape_t *sh,
+                                                                const float *q, int64_t step, const scratch_t *w,
+                                                                float *out, int64_t o_step, float *lse) {
+    const int64_t n = sh->n, npad = sh->npad;
+    dot_rows(R, DV * 16, q, step, w->kt, npad, w->s);
+    const __m512 scale = _mm512_set1_ps(sh->scale);
+    float sums[8];
+    for (int r = 0; r < R; r++) {
+        float *s = w->s + r * npad;
+        __m512 row_max = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < n; j += 16)
+            row_max = _mm512_mask_max_ps(row_max, valid_lanes(j, n), row_max, _mm512_loadu_ps(s + j));
+        const float shift = _mm512_reduce_max_ps(row_max) * sh->scale;
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < npad; j += 16) {
+            const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(s + j), scale, _mm512_set1_ps(shift));
+            const __m512 e = _mm512_maskz_mov_ps(valid_lanes(j, n), exp_ps(x));
+            _mm512_storeu_ps(s + j, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        sums[r] = _mm512_reduce_add_ps(sum);
+        if (lse) lse[r] = shift + logf(sums[r]);
+    }
+    weighted_rows(R, DV, w->s, npad, w->vp, n, sums, 1.0f, out, o_step);
+}
+
+/* Backward of R query rows: their dq rows, and their share of every key's dk and value's dv (accumulated). */
+static inline __attribute__((always_inline)) void backward_rows(const int R, const int DV, const shape_t *sh,
+                                                                 const float *q, int64_t step, const float *o,
+                                                                 const float *dout, int64_t o_step, const float *lse,
+                                                                 const scratch_t *w, float *dq) {
+    const int64_t n = sh->n, npad = sh->npad, D = DV * 16;
+    dot_rows(R, D, q, step, w->kt, npad, w->s);      /* raw scores */
+    dot_rows(R, D, dout, o_step, w->vt, npad, w->ds); /* dP = dout v^T */
+    const __m512 scale = _mm512_set1_ps(sh->scale);
+    for (int r = 0; r < R; r++) {
+        float delta = 0.0f; /* sum_j P dP = dout . out */
+        for (int64_t d = 0; d < D; d++) delta += dout[r * o_step + d] * o[r * o_step + d];
+        const __m512 shift = _mm512_set1_ps(lse[r]), delta_v = _mm512_set1_ps(delta);
+        float *s = w->s + r * npad, *ds = w->ds + r * npad;
+        for (int64_t j = 0; j < npad; j += 16) {
+            const __mmask16 valid = valid_lanes(j, n);
+            const __m512 p = _mm512_maskz_mov_ps(valid, exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), scale, shift)));
+            _mm512_storeu_ps(s + j, p);
+            /* gradient of the raw score: P (dP - delta) scale */
+            _mm512_storeu_ps(ds + j, _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(ds + j), delta_v)),
+                                                   scale));
+        }
+    }
+    weighted_rows(R, DV, w->ds, npad, w->kp, n, NULL, 1.0f, dq, step); /* dq = dS k */
+    accumulate_keys(R, DV, w->ds, npad, q, step, n, w->dk);            /* dk += dS^T q */
+    accumulate_keys(R, DV, w->s, npad, dout, o_step, n, w->dv);        /* dv += P^T dout */
+}
+
+/* One specialised (fully unrolled) copy of the per-head code for each head size: R rows per block, DV vectors. */
+#define DEFINE_HEAD(D_, R, DV)                                                                                        \
+    static __attribute__((noinline)) void forward_head_d##D_(const shape_t *sh, const float *q, const float *k,     \
+                                                               const float *v, int64_t step, float *out,            \
+                                                               int64_t o_step, float *lse, const scratch_t *w) {    \
+        pack_head(k, step, sh->n, D_, sh->npad, w->kt, NULL);                                                        \
+        pack_head(v, step, sh->n, D_, sh->npad, NULL, w->vp);                                                        \
+        int64_t i = 0;                                                                                               \
+        for (; i + R <= sh->n; i += R)                                                                               \
+            forward_rows(R, DV, sh, q + i * step, step, w, out + i * o_step, o_step, lse ? lse + i : NULL);         \
+        for (; i < sh->n; i++)                                                                                       \
+            forward_rows(1, DV, sh, q + i * step, step, w, out + i * o_step, o_step, lse ? lse + i : NULL);         \
+    }                                                                                                                \
+    static __attribute__((noinline)) void backward_head_d##D_(                                                       \
+        const shape_t *sh, const float *q, const float *k, const float *v, int64_t step, const float *o,            \
+        const float *dout, int64_t o_step, const float *lse, const scratch_t *w, float *dq, float *dk, float *dv) { \
+        const int64_t n = sh->n;                                                                                     \
+        pack_head(k, step, n, D_, sh->npad, w->kt, w->kp);                                                           \
+        pack_head(v, step, n, D_, sh->npad, w->vt, NULL);                                                            \
+        memset(w->dk, 0, sizeof(float) * n * D_);                                                                    \
+        memset(w->dv, 0, sizeof(float) * n * D_);                                                                    \
+        int64_t i = 0;                                                                                               \
+        for (; i + R <= n; i += R)                                                                                   \
+            backward_rows(R, DV, sh, q + i * step, step, o + i * o_step, dout + i * o_step, o_step, lse + i, w,     \
+                          dq + i * step);                                                                            \
+        for (; i < n; i++)                                                                                           \
+            backward_rows(1, DV, sh, q + i * step, step, o + i * o_step, dout + i * o_step, o_step, lse + i, w,     \
+                          dq + i * step);                                                                            \
+        for (int64_t j = 0; j < n; j++) {                                                                            \
+            memcpy(dk + j * step, w->dk + j * D_, sizeof(float) * D_);                                               \
+            memcpy(dv + j * step, w->dv + j * D_, sizeof(float) * D_);                                               \
+        }                                                                                                            \
+    }
+DEFINE_HEAD(16, 8, 1)
+DEFINE_HEAD(32, 8, 2)
+DEFINE_HEAD(48, 4, 3)
+DEFINE_HEAD(64, 4, 4)
+
+static int check_shape(shape_t *sh, int64_t batch, int64_t heads, int64_t n, int64_t d, float scale) {
+    if (d != 16 && d != 32 && d != 48 && d != 64) return 0;
+    if (batch <= 0 || heads <= 0 || n <= 0) return 0;
+    *sh = (shape_t){batch, heads, n, d, (n + 15) / 16 * 16, scale};
+    return 1;
+}
+
+static int clamp_threads(int threads, int64_t pairs) {
     if (threads < 1) threads = 1;
-    if (threads > pairs) threads = (int)pairs;
+    return threads > pairs ? (int)pairs : threads;
+}
+
+/* Returns 0 on success, 1 when scratch memory could not be allocated, 2 for an unsupported shape.
+ * The parallel regions run on PyTorch's own OpenMP runtime (this library links against the libgomp already loaded),
+ * so its threads are the ones still spinning after the previous PyTorch op, not competitors for the same cores. */
+int lwdetr_attention_forward(const float *qkv, float *out, float *lse, int64_t batch, int64_t heads, int64_t n,
+                             int64_t d, float scale, int threads) {
+    shape_t sh;
+    if (!check_shape(&sh, batch, heads, n, d, scale)) return 2;
+    const int64_t pairs = batch * heads, step = 3 * heads * d, o_step = heads * d;
     int failed = 0;
-    /* Torch's own OpenMP runtime runs this region (the library links against it), so its worker threads are the
-     * ones already spinning after the previous PyTorch op rather than competitors for the same cores. */
-#pragma omp parallel num_threads(threads) reduction(| : failed)
+#pragma omp parallel num_threads(clamp_threads(threads, pairs)) reduction(| : failed)
     {
-        float *kt = aligned_alloc(64, sizeof(float) * (size_t)(d * npad));
-        float *vp = aligned_alloc(64, sizeof(float) * (size_t)(d * npad));
-        float *scores = aligned_alloc(64, sizeof(float) * (size_t)(8 * npad));
-        if (!kt || !vp || !scores) failed = 1;
+        scratch_t w;
+        if (!alloc_scratch(&w, &sh, 0)) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t pair = 0; pair < pairs; pair++) {
             if (failed) continue;
             const int64_t b = pair / heads, h = pair % heads;
+            const float *q = qkv + b * n * step + h * d;
+            float *o = out + b * n * o_step + h * d;
+            float *l = lse ? lse + pair * n : NULL;
             switch (d) {
-                case 16: head_d16(&p, b, h, kt, vp, scores); break;
-                case 32: head_d32(&p, b, h, kt, vp, scores); break;
-                case 48: head_d48(&p, b, h, kt, vp, scores); break;
-                default: head_d64(&p, b, h, kt, vp, scores); break;
+                case 16: forward_head_d16(&sh, q, q + heads * d, q + 2 * heads * d, step, o, o_step, l, &w); break;
+                case 32: forward_head_d32(&sh, q, q + heads * d, q + 2 * heads * d, step, o, o_step, l, &w); break;
+                case 48: forward_head_d48(&sh, q, q + heads * d, q + 2 * heads * d, step, o, o_step, l, &w); break;
+                default: forward_head_d64(&sh, q, q + heads * d, q + 2 * heads * d, step, o, o_step, l, &w); break;
             }
         }
-        free(kt);
-        free(vp);
-        free(scores);
+        free_scratch(&w);
+    }
+    return failed;
+}
+
+int lwdetr_attention_backward(const float *qkv, const float *out, const float *dout, const float *lse, float *dqkv,
+                              int64_t batch, int64_t heads, int64_t n, int64_t d, float scale, int threads) {
+    shape_t sh;
+    if (!check_shape(&sh, batch, heads, n, d, scale)) return 2;
+    const int64_t pairs = batch * heads, step = 3 * heads * d, o_step = heads * d;
+    int failed = 0;
+#pragma omp parallel num_threads(clamp_threads(threads, pairs)) reduction(| : failed)
+    {
+        scratch_t w;
+        if (!alloc_scratch(&w, &sh, 1)) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t pair = 0; pair < pairs; pair++) {
+            if (failed) continue;
+            const int64_t b = pair / heads, h = pair % heads;
+            const float *q = qkv + b * n * step + h * d, *k = q + heads * d, *v = q + 2 * heads * d;
+            const float *o = out + b * n * o_step + h * d, *go = dout + b * n * o_step + h * d;
+            float *dq = dqkv + b * n * step + h * d, *dk = dq + heads * d, *dv = dq + 2 * heads * d;
+            const float *l = lse + pair * n;
+            switch (d) {
+                case 16: backward_head_d16(&sh, q, k, v, step, o, go, o_step, l, &w, dq, dk, dv); break;
+                case 32: backward_head_d32(&sh, q, k, v, step, o, go, o_step, l, &w, dq, dk, dv); break;
+                case 48: backward_head_d48(&sh, q, k, v, step, o, go, o_step, l, &w, dq, dk, dv); break;
+                default: backward_head_d64(&sh, q, k, v, step, o, go, o_step, l, &w, dq, dk, dv); break;
+            }
+        }
+        free_scratch(&w);
     }
     return failed;
 }
