@@ -1,16 +1,19 @@
 """Hand-written CPU kernels, compiled on first use with the machine's C compiler and loaded with ctypes.
 
-One kernel so far: softmax attention, forward and backward, for head sizes 16, 32, 48 and 64 on AVX-512 CPUs
-(`kernels/attention_avx512.c`); for LW-DETR's head_dim 16 it is faster than PyTorch's CPU flash attention
-(see `benchmarks/bench.py`). Everything here is optional: without x86-64 Linux, AVX-512, a C compiler or
-PyTorch's OpenMP runtime, or with `LWDETR_CPU_KERNELS=0`, `attention_kernel()` returns None and the model uses
-`F.scaled_dot_product_attention`. The compiled library is cached under `$LWDETR_CACHE` (default
-`~/.cache/lwdetr/kernels`), keyed by the source and compiler flags, and written atomically.
+Softmax attention for LW-DETR's short heads, faster than PyTorch's CPU flash attention (`benchmarks/bench.py`):
+- `kernels/attention_avx512.c`: float32, forward and backward, head sizes 16, 32, 48 and 64, AVX-512;
+- `kernels/attention_amx_bf16.c`: bfloat16 forward, head size 16, on the AMX tile unit (Sapphire Rapids and later).
+
+Everything here is optional: without x86-64 Linux, the CPU features, a C compiler or PyTorch's OpenMP runtime, or
+with `LWDETR_CPU_KERNELS=0`, `attention_kernel()` returns None and the model uses `F.scaled_dot_product_attention`.
+The compiled libraries are cached under `$LWDETR_CACHE` (default `~/.cache/lwdetr/kernels`), keyed by the source
+and compiler flags, and written atomically.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -25,13 +28,31 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["attention_kernel", "kernel_attention"]
+__all__ = ["amx_attention", "attention_kernel", "kernel_attention"]
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("kernels") / "attention_avx512.c"
-_FLAGS = ["-O3", "-mavx512f", "-mavx512dq", "-mfma", "-fopenmp", "-fPIC", "-shared"]
-_HEAD_SIZES = (16, 32, 48, 64)
+_KERNELS = Path(__file__).with_name("kernels")
+_BASE_FLAGS = ["-O3", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp", "-fPIC", "-shared"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Build:
+    """One kernel library: its source, the extra compiler flags and the CPU features (/proc/cpuinfo) it needs."""
+
+    source: str
+    flags: tuple[str, ...] = ()
+    cpu_features: tuple[str, ...] = ("avx512f", "avx512dq", "avx512bw", "avx512vl")
+
+
+_FLOAT32 = _Build("attention_avx512.c")
+_AMX_BF16 = _Build(
+    "attention_amx_bf16.c",
+    ("-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
+    ("avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16"),
+)
+_FLOAT32_HEAD_SIZES = (16, 32, 48, 64)
+_AMX_HEAD_SIZES = (16,)
 
 AttentionFn = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -43,10 +64,22 @@ def _cache_dir() -> Path:
     return Path(base) / "lwdetr" / "kernels"
 
 
+@functools.cache
+def _cpu_features() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def _openmp_runtime_loaded() -> bool:
     """Whether PyTorch runs on an OpenMP runtime (libgomp, or Intel's libiomp5, which serves GOMP calls too).
 
-    The kernel's parallel region must run on the runtime PyTorch's own ops use: a second runtime would bring a
+    The kernels' parallel regions must run on the runtime PyTorch's own ops use: a second runtime would bring a
     second set of threads, which fight the first one's spinning workers for the same cores.
     """
     try:
@@ -56,31 +89,32 @@ def _openmp_runtime_loaded() -> bool:
         return False
 
 
-def _supported_machine() -> bool:
+def _supported_machine(build: _Build) -> bool:
     return (
         os.environ.get("LWDETR_CPU_KERNELS", "1") != "0"
         and platform.system() == "Linux"
         and platform.machine() in ("x86_64", "AMD64")
-        and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+        and set(build.cpu_features) <= _cpu_features()
         and _openmp_runtime_loaded()
     )
 
 
-def _compile(source: Path) -> Path:
-    """The shared library built from `source`, from the cache when an identical build is there."""
+def _compile(build: _Build) -> Path:
+    """The shared library of `build`, from the cache when an identical build is there."""
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise RuntimeError("no C compiler (gcc or cc) on PATH")
-    key = hashlib.sha256(source.read_bytes() + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
+    source = _KERNELS / build.source
+    command = [compiler, *_BASE_FLAGS, *build.flags]
+    sources = b"".join(path.read_bytes() for path in (source, _KERNELS / "attention_common.h"))
+    key = hashlib.sha256(sources + " ".join(command).encode()).hexdigest()[:16]
     target = _cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run(
-            [compiler, *_FLAGS, "-o", str(built), str(source)], capture_output=True, text=True, timeout=120
-        )
+        result = subprocess.run([*command, "-o", str(built), str(source)], capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
         os.replace(built, target)  # atomic: a concurrent process sees the old state or the whole library
@@ -88,39 +122,50 @@ def _compile(source: Path) -> Path:
 
 
 @functools.cache
-def _attention_library() -> ctypes.CDLL | None:
-    if not _supported_machine():
+def _load(build: _Build) -> ctypes.CDLL | None:
+    if not _supported_machine(build):
         return None
     try:
-        library = ctypes.CDLL(str(_compile(_SOURCE)))
+        library = ctypes.CDLL(str(_compile(build)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        logger.info("CPU attention kernel unavailable, using PyTorch's attention: %s", error)
+        logger.info("CPU kernel %s unavailable, using PyTorch's attention: %s", build.source, error)
         return None
     sizes = [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
-    library.lwdetr_attention_forward.argtypes = [ctypes.c_void_p] * 3 + sizes
-    library.lwdetr_attention_backward.argtypes = [ctypes.c_void_p] * 5 + sizes
-    for function in (library.lwdetr_attention_forward, library.lwdetr_attention_backward):
-        function.restype = ctypes.c_int
+    if build is _AMX_BF16:
+        if not library.lwdetr_amx_available():  # the kernel refuses AMX tiles to this process
+            return None
+        functions = {"lwdetr_attention_forward_amx": 2}
+    else:
+        functions = {"lwdetr_attention_forward": 3, "lwdetr_attention_backward": 5}
+    for name, pointers in functions.items():
+        getattr(library, name).argtypes = [ctypes.c_void_p] * pointers + sizes
+        getattr(library, name).restype = ctypes.c_int
     return library
 
 
-def attention_kernel(head_dim: int) -> AttentionFn | None:
-    """`kernel_attention` when the compiled kernel can serve heads of `head_dim` features here, else None."""
-    if head_dim not in _HEAD_SIZES or _attention_library() is None:
-        return None
-    return kernel_attention
+def attention_kernel(head_dim: int, dtype: torch.dtype = torch.float32) -> AttentionFn | None:
+    """The compiled attention for heads of `head_dim` features in `dtype` on this machine, or None.
+
+    float32: `kernel_attention` (with autograd), head sizes 16, 32, 48, 64, AVX-512. bfloat16: `amx_attention`
+    (inference only), head size 16, AMX.
+    """
+    if dtype == torch.float32 and head_dim in _FLOAT32_HEAD_SIZES and _load(_FLOAT32) is not None:
+        return kernel_attention
+    if dtype == torch.bfloat16 and head_dim in _AMX_HEAD_SIZES and _load(_AMX_BF16) is not None:
+        return amx_attention
+    return None
 
 
-def _library() -> ctypes.CDLL:
-    library = _attention_library()
+def _library(build: _Build = _FLOAT32) -> ctypes.CDLL:
+    library = _load(build)
     if library is None:
-        raise RuntimeError("the CPU attention kernel is not available on this machine")
+        raise RuntimeError(f"the CPU kernel {build.source} is not available on this machine")
     return library
 
 
 def _check(status: int, what: str) -> None:
     if status != 0:
-        reason = "out of memory" if status == 1 else "unsupported shape"
+        reason = {1: "out of memory", 2: "unsupported shape", 3: "AMX refused"}.get(status, f"status {status}")
         raise RuntimeError(f"CPU attention kernel ({what}) failed: {reason}")
 
 
@@ -178,3 +223,15 @@ def kernel_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     else:
         out, _ = _forward(qkv, num_heads, with_lse=False)
     return out.to(dtype)
+
+
+def amx_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Multi-head softmax attention for bfloat16 [batch, tokens, 3 * dim] (head_dim 16) on AMX -> bfloat16
+    [batch, tokens, dim]. Scores and softmax in float32; no autograd."""
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        raise RuntimeError("amx_attention has no backward; use it under torch.no_grad()")
+    qkv = qkv.to(torch.bfloat16).contiguous()
+    out = qkv.new_empty(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
+    status = _library(_AMX_BF16).lwdetr_attention_forward_amx(qkv.data_ptr(), out.data_ptr(), *_sizes(qkv, num_heads))
+    _check(status, "AMX forward")
+    return out

@@ -16,27 +16,30 @@ def sample_levels(
     spatial_shapes: list[tuple[int, int]],
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    heads: int,
 ) -> torch.Tensor:
     """Bilinearly sample every level at the given locations and sum them with the attention weights.
 
-    value: [batch, sum(h*w), heads, head_dim]; sampling_locations: [batch, queries, heads, levels, points, 2] in
-    [0, 1] (x, y); attention_weights: [batch, queries, heads, levels, points] -> [batch, queries, heads * head_dim].
+    value: [batch, heads * head_dim, sum(h*w)] (channels first: each level is then a [batch * heads, head_dim, h, w]
+    map for `grid_sample`, a free view when it is contiguous); sampling_locations: [batch, queries, heads, levels,
+    points, 2] in [0, 1] (x, y); attention_weights: [batch, queries, heads, levels, points]
+    -> [batch, queries, heads * head_dim].
     """
-    batch, _, heads, head_dim = value.shape
+    batch, dim, _ = value.shape
+    head_dim = dim // heads
     _, queries, _, levels, points, _ = sampling_locations.shape
     grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1)  # [batch*heads, queries, levels, points, 2]
-    per_level = value.split([h * w for h, w in spatial_shapes], dim=1)
+    per_level = value.split([h * w for h, w in spatial_shapes], dim=2)
     sampled = []
     for level, (height, width) in enumerate(spatial_shapes):
-        # [batch, h*w, heads, head_dim] -> [batch*heads, head_dim, h, w]
-        level_value = per_level[level].permute(0, 2, 3, 1).reshape(batch * heads, head_dim, height, width)
+        level_value = per_level[level].reshape(batch * heads, head_dim, height, width)
         sampled.append(
             F.grid_sample(level_value, grids[:, :, level], mode="bilinear", padding_mode="zeros", align_corners=False)
         )
     # [batch*heads, head_dim, queries, levels*points] weighted by [batch*heads, 1, queries, levels*points]
     stacked = torch.stack(sampled, dim=-2).flatten(-2)
     weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
-    out = (stacked * weights).sum(-1).view(batch, heads * head_dim, queries)
+    out = (stacked * weights).sum(-1).view(batch, dim, queries)
     return out.transpose(1, 2)
 
 
@@ -82,14 +85,24 @@ class MultiScaleDeformableAttention(nn.Module):
         Returns [batch, queries, dim].
         """
         batch, queries, _ = query.shape
-        value = self.value_proj(memory)
+        value = self.project_values(memory)  # [batch, dim, tokens]
         if memory_mask is not None:
-            value = value.masked_fill(~memory_mask[..., None], 0.0)
-        value = value.view(batch, memory.shape[1], self.heads, self.dim // self.heads)
+            value = value.masked_fill(~memory_mask[:, None], 0.0)
         shape = (batch, queries, self.heads, self.levels, self.points)
         offsets = self.sampling_offsets(query).view(*shape, 2)
         weights = self.attention_weights(query).view(batch, queries, self.heads, -1).softmax(-1).view(shape)
         # offsets are in units of half the reference box, spread over the points
         centre, size = reference_boxes[:, :, None, :, None, :2], reference_boxes[:, :, None, :, None, 2:]
         locations = centre + offsets * (size * (0.5 / self.points))
-        return self.output_proj(sample_levels(value, spatial_shapes, locations, weights))
+        return self.output_proj(sample_levels(value, spatial_shapes, locations, weights, self.heads))
+
+    def project_values(self, memory: torch.Tensor) -> torch.Tensor:
+        """value_proj(memory) channels first: [batch, tokens, dim] -> [batch, dim, tokens].
+
+        At inference the product is taken as W memory^T, which writes the channels-first layout directly; with
+        autograd it is the usual linear layer (whose rounding the reference shares), transposed as a view.
+        """
+        if torch.is_grad_enabled() or torch.jit.is_tracing():
+            return self.value_proj(memory).transpose(1, 2)
+        value = torch.matmul(self.value_proj.weight, memory.transpose(1, 2))
+        return value.add_(self.value_proj.bias[:, None])

@@ -64,11 +64,18 @@ class ViTAttention(nn.Module):
         """qkv: [batch, tokens, 3 * dim] -> attention output before the projection, [batch, tokens, dim]."""
         batch, tokens, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         head_dim = dim // self.num_heads
-        # fp32 only: in bf16, PyTorch's kernel (bf16 GEMMs) beats ours (fp32 math after a conversion) on long sequences
-        if qkv.dtype == torch.float32 and outside_tracing_on_cpu(qkv) and (kernel := attention_kernel(head_dim)):
+        if outside_tracing_on_cpu(qkv) and (kernel := self.compiled_kernel(qkv)):
             return kernel(qkv, self.num_heads)
         q, k, v = qkv.view(batch, tokens, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim)
+
+    def compiled_kernel(self, qkv: torch.Tensor):
+        """Our compiled attention (`cpu_kernels`) for this input, if one serves it: float32 with or without autograd,
+        bfloat16 (AMX) without."""
+        head_dim = qkv.shape[-1] // 3 // self.num_heads
+        if qkv.dtype == torch.bfloat16 and torch.is_grad_enabled() and qkv.requires_grad:
+            return None
+        return attention_kernel(head_dim, qkv.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch, tokens, dim] -> [batch, tokens, dim]."""
@@ -177,9 +184,23 @@ class ViTEmbeddings(nn.Module):
             grid = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)
         return grid.permute(0, 2, 3, 1)
 
+    def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The patch embedding: [batch, 3, H, W] -> [batch, H/patch, W/patch, dim].
+
+        At inference it runs as one GEMM over the image cut into patches (a reshape and a copy, as the patches do
+        not overlap): oneDNN's convolution handles 3 input channels poorly, in bf16 at half the GEMM's speed.
+        """
+        if torch.is_grad_enabled() or not outside_tracing_on_cpu(pixel_values):
+            return self.projection(pixel_values).permute(0, 2, 3, 1)
+        batch, channels, height, width = pixel_values.shape
+        p = self.patch_size
+        patches = pixel_values.reshape(batch, channels, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
+        weight = self.projection.weight.reshape(self.projection.out_channels, -1)
+        return F.linear(patches.reshape(batch, height // p, width // p, -1), weight, self.projection.bias)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values: [batch, 3, H, W] -> tokens [batch, H/patch, W/patch, dim]."""
-        tokens = self.projection(pixel_values).permute(0, 2, 3, 1)
+        tokens = self.patchify(pixel_values)
         if self.position_embeddings is not None:
             tokens = tokens + self.position_grid(tokens.shape[1], tokens.shape[2])
         return tokens

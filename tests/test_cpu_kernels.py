@@ -13,15 +13,18 @@ from lwdetr.modeling import LwDetrForObjectDetection
 needs_kernel = pytest.mark.skipif(
     cpu_kernels.attention_kernel(16) is None, reason="the kernel needs x86-64 Linux, AVX-512 and a C compiler"
 )
+needs_amx = pytest.mark.skipif(
+    cpu_kernels.attention_kernel(16, torch.bfloat16) is None, reason="the bf16 kernel needs AMX and a C compiler"
+)
 
 
 @pytest.fixture
 def fresh_library(monkeypatch, tmp_path):
     """Forget the loaded library before and after the test; build into a private cache folder."""
     monkeypatch.setenv("LWDETR_CACHE", str(tmp_path))
-    cpu_kernels._attention_library.cache_clear()
+    cpu_kernels._load.cache_clear()
     yield tmp_path
-    cpu_kernels._attention_library.cache_clear()
+    cpu_kernels._load.cache_clear()
 
 
 def torch_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
@@ -83,7 +86,7 @@ def test_builds_once_into_the_cache_folder(fresh_library):
     built = list((fresh_library / "kernels").glob("attention_avx512-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
-    cpu_kernels._attention_library.cache_clear()
+    cpu_kernels._load.cache_clear()
     assert cpu_kernels.attention_kernel(16) is not None
     assert built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert [p.name for p in (fresh_library / "kernels").iterdir()] == [built[0].name]  # no temporary left behind
@@ -122,8 +125,8 @@ def test_vit_attention_runs_in_the_kernel(monkeypatch):
     PyTorch's attention in outputs and gradients."""
     calls = []
 
-    def counting(head_dim: int):
-        kernel = cpu_kernels.attention_kernel(head_dim)
+    def counting(head_dim: int, dtype: torch.dtype):
+        kernel = cpu_kernels.attention_kernel(head_dim, dtype)
         return None if kernel is None else lambda qkv, heads: calls.append(heads) or kernel(qkv, heads)
 
     torch.manual_seed(0)
@@ -141,8 +144,53 @@ def test_vit_attention_runs_in_the_kernel(monkeypatch):
 
     kernel_maps, kernel_grads, kernel_eval = run(counting)
     assert len(calls) == 2 * len(backbone.encoder.layer)  # with autograd, then without
-    torch_maps, torch_grads, _ = run(lambda head_dim: None)
+    torch_maps, torch_grads, _ = run(lambda head_dim, dtype: None)
     for got, expected in zip(kernel_maps + kernel_eval, torch_maps + torch_maps):
         assert (got - expected).abs().max().item() < 1e-4 * expected.abs().max().item()
     for got, expected in zip(kernel_grads, torch_grads):
         assert (got - expected).abs().max().item() <= 1e-3 * expected.abs().max().item() + 1e-9
+
+
+@needs_amx
+@pytest.mark.parametrize("tokens", [1, 7, 16, 33, 100, 257, 1600])
+def test_amx_kernel_matches_torch_bf16_attention(tokens: int):
+    # rows past a multiple of 16 take the zero-padded partial tile; keys are padded to multiples of 32
+    torch.manual_seed(tokens)
+    heads = 12 if tokens == 1600 else 3
+    qkv = (torch.randn(2, tokens, 3 * heads * 16) * 2).bfloat16()
+    with torch.no_grad():
+        exact = torch_attention(qkv.double(), heads)
+        torch_error = (torch_attention(qkv, heads).double() - exact).abs().max().item()
+        got = cpu_kernels.amx_attention(qkv, heads)
+    assert got.dtype == torch.bfloat16 and got.shape == exact.shape
+    # as close to the exact result as PyTorch's own bf16 attention is
+    assert (got.double() - exact).abs().max().item() <= 1.5 * torch_error + 1e-6
+
+
+@needs_amx
+def test_amx_kernel_refuses_autograd():
+    qkv = torch.randn(1, 16, 3 * 16, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no backward"):
+        cpu_kernels.amx_attention(qkv, 1)
+
+
+@needs_amx
+def test_bf16_vit_runs_its_attention_on_amx(monkeypatch):
+    calls = []
+
+    def counting(head_dim: int, dtype: torch.dtype):
+        kernel = cpu_kernels.attention_kernel(head_dim, dtype)
+        return None if kernel is None else lambda qkv, heads: calls.append(qkv.dtype) or kernel(qkv, heads)
+
+    torch.manual_seed(0)
+    backbone = vit.LwDetrViTBackbone(preset_config("tiny", num_labels=3).backbone_config).eval().bfloat16()
+    pixels = torch.randn(1, 3, 256, 256).bfloat16()
+    monkeypatch.setattr(vit, "attention_kernel", counting)
+    with torch.no_grad():
+        fast = backbone(pixels).feature_maps
+    assert calls == [torch.bfloat16] * len(backbone.encoder.layer)
+    monkeypatch.setattr(vit, "attention_kernel", lambda head_dim, dtype: None)
+    with torch.no_grad():
+        slow = backbone(pixels).feature_maps
+    for a, b in zip(fast, slow):  # two bf16 computations: rounding of a few bf16 ulps of the maps' scale
+        assert (a.float() - b.float()).abs().max().item() < 0.05 * b.float().abs().max().item()
