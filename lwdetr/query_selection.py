@@ -50,6 +50,10 @@ class EncoderHeads(nn.Module):
         self.enc_out_class_embed = nn.ModuleList(nn.Linear(dim, num_labels) for _ in range(groups))
         self.enc_out_bbox_embed = nn.ModuleList(MLP(dim, dim, 4, num_layers=3) for _ in range(groups))
 
+    def project(self, group: int, tokens: torch.Tensor) -> torch.Tensor:
+        """[..., dim] tokens -> group `group`'s proposal features (linear + LayerNorm), [..., dim]."""
+        return self.enc_output_norm[group](self.enc_output[group](tokens))
+
     def select(
         self, group: int, tokens: torch.Tensor, anchors: torch.Tensor, invalid: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -58,10 +62,16 @@ class EncoderHeads(nn.Module):
         tokens: [batch, T, dim], anchors: [batch, T, 4], invalid: [batch, T, 1].
         Returns (boxes [batch, k, 4] with gradient, class logits [batch, k, C], the selected tokens [batch, k, dim]).
         """
-        features = self.enc_output_norm[group](self.enc_output[group](tokens))
-        scores = self.enc_out_class_embed[group](features).masked_fill(invalid, float("-inf")).max(-1).values
-        top = scores.topk(k, dim=1).indices  # [batch, k]
-        picked = torch.gather(features, 1, top[..., None].expand(-1, -1, features.shape[-1]))
+        # the scores only choose the winners: no gradient flows through them, so they need no graph
+        with torch.no_grad():
+            features = self.project(group, tokens)
+            scores = self.enc_out_class_embed[group](features).masked_fill(invalid, float("-inf")).max(-1).values
+            top = scores.topk(k, dim=1).indices  # [batch, k]
+        if torch.is_grad_enabled():
+            # project the k winners again, with autograd: the backward then runs over k tokens rather than all T
+            picked = self.project(group, torch.gather(tokens, 1, top[..., None].expand(-1, -1, tokens.shape[-1])))
+        else:
+            picked = torch.gather(features, 1, top[..., None].expand(-1, -1, features.shape[-1]))
         # only the k winners need box deltas and their class logits (recomputed, so never -inf)
         picked_anchors = torch.gather(anchors, 1, top[..., None].expand(-1, -1, 4))
         boxes = refine_boxes(picked_anchors, self.enc_out_bbox_embed[group](picked))

@@ -9,6 +9,7 @@ has no positional bias, so the unusual token order does not change its result.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -127,20 +128,55 @@ class ViTBlock(nn.Module):
 
         The layer scale is folded into the output projections (`gamma * (W h + b) = (gamma W) h + gamma b`), so the
         residual sum happens inside the GEMM: no separate pass over the activations for the bias, GELU, scale or sum.
+        The weights come prepacked in oneDNN's blocked layout (`packed_weights`), which spares each GEMM a reorder.
         """
         linear = torch.ops.mkldnn._linear_pointwise
-        attn, mlp = self.attn, self.mlp
-        qkv = linear(self.attention_input(x), attn.qkv.weight, attn.qkv_bias(), "none", [], "")
-        attended = attn.attend(qkv).reshape(x.shape)
-        scale = self.gamma_1[:, None]
-        x = linear.binary(attended, x, attn.proj.weight * scale, attn.proj.bias * self.gamma_1, "add")
+        w = self.packed_weights(rows=x.shape[0] * x.shape[1])
+        qkv = linear(self.attention_input(x), w["qkv"], w["qkv_bias"], "none", [], "")
+        attended = self.attn.attend(qkv).reshape(x.shape)
+        x = linear.binary(attended, x, w["proj"], w["proj_bias"], "add")
         hidden = self.norm2(x)
+        mlp = self.mlp
         if isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none":
-            hidden = linear(hidden, mlp.fc1.weight, mlp.fc1.bias, "gelu", [], "none")
+            hidden = linear(hidden, w["fc1"], w["fc1_bias"], "gelu", [], "none")
         else:
-            hidden = mlp.act(mlp.fc1(hidden))
-        scale = self.gamma_2[:, None]
-        return linear.binary(hidden, x, mlp.fc2.weight * scale, mlp.fc2.bias * self.gamma_2, "add")
+            hidden = mlp.act(linear(hidden, w["fc1"], w["fc1_bias"], "none", [], ""))
+        return linear.binary(hidden, x, w["fc2"], w["fc2_bias"], "add")
+
+    def packed_weights(self, rows: int) -> dict[str, torch.Tensor | None]:
+        """The block's GEMM weights for `fused_forward`: layer scales folded in, packed for oneDNN (no autograd).
+
+        Cached per block outside the module (so that copies and state dicts never see oneDNN tensors), keyed by
+        every source parameter's storage, version counter and dtype: loading or editing weights repacks them.
+        """
+        attn, mlp = self.attn, self.mlp
+        sources = (attn.qkv.weight, attn.q_bias, attn.v_bias, attn.proj.weight, attn.proj.bias, self.gamma_1)
+        sources += (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, self.gamma_2)
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in sources if p is not None)
+        cached = _PACKED_WEIGHTS.get(self)
+        if cached is None or cached[0] != key:
+
+            def pack(weight: torch.Tensor) -> torch.Tensor:
+                return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+            packed = {
+                "qkv": pack(attn.qkv.weight),
+                "qkv_bias": attn.qkv_bias(),
+                "proj": pack(attn.proj.weight * self.gamma_1[:, None]),
+                "proj_bias": attn.proj.bias * self.gamma_1,
+                "fc1": pack(mlp.fc1.weight),
+                "fc1_bias": mlp.fc1.bias,
+                "fc2": pack(mlp.fc2.weight * self.gamma_2[:, None]),
+                "fc2_bias": mlp.fc2.bias * self.gamma_2,
+            }
+            cached = _PACKED_WEIGHTS[self] = (key, packed)
+        return cached[1]
+
+
+# ViTBlock -> (key, packed weights); weak, so that a block's packed weights go with it
+_PACKED_WEIGHTS: weakref.WeakKeyDictionary[ViTBlock, tuple[tuple, dict[str, torch.Tensor | None]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class ViTEmbeddings(nn.Module):
