@@ -118,6 +118,9 @@ def _compile(build: _Build) -> Path:
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
         os.replace(built, target)  # atomic: a concurrent process sees the old state or the whole library
+    for stale in target.parent.glob(f"{source.stem}-*.so"):  # builds of older sources or flags
+        if stale != target:
+            stale.unlink(missing_ok=True)
     return target
 
 

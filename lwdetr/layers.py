@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
-__all__ = ["activation_layer", "MLP", "ConvBnAct", "refine_boxes"]
+__all__ = ["activation_layer", "MLP", "ConvBnAct", "refine_boxes", "outside_tracing_on_cpu"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
 
@@ -40,6 +42,16 @@ class MLP(nn.Module):
         return x
 
 
+def outside_tracing_on_cpu(x: torch.Tensor) -> bool:
+    """Whether `x` is on the CPU outside tracing (ONNX) and `torch.compile`, which should see the plain ops that
+    our kernels (`cpu_kernels`) and oneDNN's fused ones replace."""
+    return x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+
+
+# oneDNN's names for the activations it can apply inside a convolution
+_ONEDNN_ACTIVATIONS: dict[type[nn.Module], str] = {nn.SiLU: "swish", nn.ReLU: "relu", nn.Identity: "none"}
+
+
 class ConvBnAct(nn.Module):
     """Conv2d (no bias, 'same' padding) -> BatchNorm2d -> activation."""
 
@@ -50,7 +62,53 @@ class ConvBnAct(nn.Module):
         self.activation = activation_layer(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_usable(x):
+            return self.fused_forward(x)
         return self.activation(self.norm(self.conv(x)))
+
+    def fused_usable(self, x: torch.Tensor) -> bool:
+        return (
+            not self.training
+            and not torch.is_grad_enabled()
+            and outside_tracing_on_cpu(x)
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and x.dtype == self.conv.weight.dtype
+            and not torch.is_autocast_enabled("cpu")
+            and torch.backends.mkldnn.is_available()
+            and type(self.activation) in _ONEDNN_ACTIVATIONS
+        )
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference in one oneDNN convolution: BatchNorm folded into the weights and bias (`gamma (W x - mean) /
+        sqrt(var + eps) + beta`), the activation applied as the convolution writes its output, weights prepacked."""
+        conv = self.conv
+        weight, bias = self.fused_weights(tuple(x.shape))
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+            _ONEDNN_ACTIVATIONS[type(self.activation)], [], "",
+        )  # fmt: skip
+
+    def fused_weights(self, input_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed folded weight, folded bias), cached per input shape and keyed by the parameters' storage and
+        version counters (loading or training the weights refolds them); kept outside the module like the ViT's."""
+        conv, norm = self.conv, self.norm
+        sources = (conv.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+        key = (input_shape, *((t.data_ptr(), t._version, t.dtype) for t in sources))
+        cached = _FOLDED_CONVS.get(self)
+        if cached is None or cached[0] != key:
+            factor = (norm.running_var.float() + norm.eps).rsqrt() * norm.weight.float()
+            weight = (conv.weight.float() * factor[:, None, None, None]).to(conv.weight.dtype)
+            bias = (norm.bias.float() - norm.running_mean.float() * factor).to(conv.weight.dtype)
+            weight = torch.ops.mkldnn._reorder_convolution_weight(
+                weight, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(input_shape)
+            )
+            cached = _FOLDED_CONVS[self] = (key, (weight, bias))
+        return cached[1]
+
+
+_FOLDED_CONVS: weakref.WeakKeyDictionary[ConvBnAct, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def refine_boxes(anchors: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:

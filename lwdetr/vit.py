@@ -17,15 +17,9 @@ from torch import nn
 
 from .config import LwDetrViTConfig
 from .cpu_kernels import attention_kernel
-from .layers import activation_layer
+from .layers import activation_layer, outside_tracing_on_cpu
 
 __all__ = ["LwDetrViTBackbone", "ViTOutput"]
-
-
-def outside_tracing_on_cpu(x: torch.Tensor) -> bool:
-    """Whether `x` is on the CPU outside tracing (ONNX) and `torch.compile`, which should see the plain ops that
-    our kernels (`cpu_kernels`) and oneDNN's fused ones replace."""
-    return x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
 
 
 def fused_cpu_kernels_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -1,4 +1,5 @@
-"""The fast paths are exact or close: cached position grid, mixed-precision Detector, CLI export."""
+"""The fast paths are exact or close: cached position grid, fused and packed layers, mixed-precision Detector,
+CLI export."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from lwdetr.__main__ import main
 from lwdetr.box_ops import box_iou
 from lwdetr.config import preset_config
 from lwdetr.detector import Detector
+from lwdetr.layers import ConvBnAct
 from lwdetr.modeling import LwDetrForObjectDetection
 from lwdetr.processing import LwDetrImageProcessor
 
@@ -110,6 +112,41 @@ def test_fused_vit_block_matches_the_plain_one() -> None:
             fused = block(tokens)
         plain = block(tokens).detach()  # grad enabled: the plain ops
         assert torch.allclose(fused, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_vit_block_repacks_edited_weights() -> None:
+    """The packed-weight cache follows in-place edits (load_state_dict, optimizer steps) of every source tensor."""
+    block = _nano().model.backbone.backbone.encoder.layer[1]
+    tokens = torch.randn(4, 16, block.norm1.normalized_shape[0])
+    for tensor in (block.attn.qkv.weight, block.attn.v_bias, block.gamma_1, block.mlp.fc1.bias, block.gamma_2):
+        with torch.no_grad():
+            block(tokens)  # packs (or reuses) the current weights
+            tensor.mul_(1.5)
+            fused = block(tokens)
+        assert torch.allclose(fused, block(tokens).detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["silu", "relu", None])
+@pytest.mark.parametrize("kernel, stride", [(3, 1), (1, 1), (3, 2)])
+def test_folded_conv_bn_matches_the_plain_one(activation, kernel: int, stride: int) -> None:
+    """ConvBnAct at inference (BatchNorm folded, activation fused, weights packed) against conv, norm, activation;
+    the folding follows edits of the weights and BatchNorm statistics."""
+    torch.manual_seed(0)
+    layer = ConvBnAct(16, 24, kernel, stride, activation, 1e-3).eval()
+    with torch.no_grad():
+        layer.norm.running_mean.normal_(0, 0.3)
+        layer.norm.running_var.uniform_(0.5, 2.0)
+        layer.norm.weight.normal_(1, 0.2)
+        layer.norm.bias.normal_(0, 0.2)
+    x = torch.randn(2, 16, 12, 10).contiguous(memory_format=torch.channels_last)
+    for edit in (None, layer.norm.running_var, layer.conv.weight):
+        with torch.no_grad():
+            if edit is not None:
+                edit.mul_(1.3)
+            fused = layer(x)
+        plain = layer(x).detach()  # grad enabled: conv, norm and activation one by one
+        assert fused.shape == plain.shape
+        assert torch.allclose(fused, plain, atol=1e-5, rtol=1e-4)
 
 
 def test_cli_export(model_dir: Path, tmp_path: Path) -> None:

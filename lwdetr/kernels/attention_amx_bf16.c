@@ -59,18 +59,18 @@ static void block(const uint16_t *q, int64_t step, int64_t valid, int64_t n, int
         _tile_dpbf16ps(0, 1, 2);
         _tile_stored(0, s + j, npad * sizeof(float));
     }
-    const __m512 scale_v = _mm512_set1_ps(scale);
+    const __m512 scale2 = _mm512_set1_ps(scale * LOG2E); /* e^(scale s) = 2^(scale log2(e) s) */
     float sums[ROWS];
     for (int r = 0; r < ROWS; r++) {
         const float *sr = s + r * npad;
         __m512 row_max = _mm512_set1_ps(-INFINITY);
         for (int64_t j = 0; j < n; j += 16)
             row_max = _mm512_mask_max_ps(row_max, valid_lanes(j, n), row_max, _mm512_loadu_ps(sr + j));
-        const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(row_max) * scale);
+        const __m512 shift2 = _mm512_set1_ps(_mm512_reduce_max_ps(row_max) * scale * LOG2E);
         __m512 sum = _mm512_setzero_ps();
         for (int64_t j = 0; j < npad; j += 16) {
             const __m512 e = _mm512_maskz_mov_ps(valid_lanes(j, n),
-                                                 exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), scale_v, shift)));
+                                                 exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), scale2, shift2)));
             sum = _mm512_add_ps(sum, e);
             _mm256_storeu_si256((__m256i *)(pb + r * npad + j), (__m256i)_mm512_cvtneps_pbh(e));
         }

@@ -164,7 +164,7 @@ static inline __attribute__((always_inline)) void forward_rows(const int R, cons
                                                                 float *out, int64_t o_step, float *lse) {
     const int64_t n = sh->n, npad = sh->npad;
     dot_rows(R, DV * 16, q, step, w->kt, npad, w->s);
-    const __m512 scale = _mm512_set1_ps(sh->scale);
+    const __m512 scale2 = _mm512_set1_ps(sh->scale * LOG2E); /* e^(scale s) = 2^(scale log2(e) s) */
     float sums[8];
     for (int r = 0; r < R; r++) {
         float *s = w->s + r * npad;
@@ -172,10 +172,11 @@ static inline __attribute__((always_inline)) void forward_rows(const int R, cons
         for (int64_t j = 0; j < n; j += 16)
             row_max = _mm512_mask_max_ps(row_max, valid_lanes(j, n), row_max, _mm512_loadu_ps(s + j));
         const float shift = _mm512_reduce_max_ps(row_max) * sh->scale;
+        const __m512 shift2 = _mm512_set1_ps(shift * LOG2E);
         __m512 sum = _mm512_setzero_ps();
         for (int64_t j = 0; j < npad; j += 16) {
-            const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(s + j), scale, _mm512_set1_ps(shift));
-            const __m512 e = _mm512_maskz_mov_ps(valid_lanes(j, n), exp_ps(x));
+            const __m512 y = _mm512_fmsub_ps(_mm512_loadu_ps(s + j), scale2, shift2);
+            const __m512 e = _mm512_maskz_mov_ps(valid_lanes(j, n), exp2_ps(y));
             _mm512_storeu_ps(s + j, e);
             sum = _mm512_add_ps(sum, e);
         }
@@ -193,15 +194,16 @@ static inline __attribute__((always_inline)) void backward_rows(const int R, con
     const int64_t n = sh->n, npad = sh->npad, D = DV * 16;
     dot_rows(R, D, q, step, w->kt, npad, w->s);      /* raw scores */
     dot_rows(R, D, dout, o_step, w->vt, npad, w->ds); /* dP = dout v^T */
-    const __m512 scale = _mm512_set1_ps(sh->scale);
+    const __m512 scale = _mm512_set1_ps(sh->scale), scale2 = _mm512_set1_ps(sh->scale * LOG2E);
     for (int r = 0; r < R; r++) {
         float delta = 0.0f; /* sum_j P dP = dout . out */
         for (int64_t d = 0; d < D; d++) delta += dout[r * o_step + d] * o[r * o_step + d];
-        const __m512 shift = _mm512_set1_ps(lse[r]), delta_v = _mm512_set1_ps(delta);
+        const __m512 shift2 = _mm512_set1_ps(lse[r] * LOG2E), delta_v = _mm512_set1_ps(delta);
         float *s = w->s + r * npad, *ds = w->ds + r * npad;
         for (int64_t j = 0; j < npad; j += 16) {
             const __mmask16 valid = valid_lanes(j, n);
-            const __m512 p = _mm512_maskz_mov_ps(valid, exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), scale, shift)));
+            const __m512 y = _mm512_fmsub_ps(_mm512_loadu_ps(s + j), scale2, shift2);
+            const __m512 p = _mm512_maskz_mov_ps(valid, exp2_ps(y));
             _mm512_storeu_ps(s + j, p);
             /* gradient of the raw score: P (dP - delta) scale */
             _mm512_storeu_ps(ds + j, _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(ds + j), delta_v)),

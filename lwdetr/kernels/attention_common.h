@@ -4,23 +4,24 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-/* e^x for x <= 88, about 1 ulp: Cody-Waite range reduction and a degree-6 minimax polynomial (the classic Cephes
- * single-precision coefficients); vscalefps applies 2^n and flushes results below the float range to 0. */
-static inline __m512 exp_ps(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 poly = _mm512_set1_ps(1.9875691500e-4f);
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.3981999507e-3f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(8.3334519073e-3f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(4.1665795894e-2f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.6666665459e-1f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(5.0000001201e-1f));
-    poly = _mm512_fmadd_ps(poly, _mm512_mul_ps(r, r), r);
-    poly = _mm512_add_ps(poly, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(poly, n);
+#define LOG2E 1.44269504088896341f
+
+/* 2^y for y <= 127, about 1 ulp: y = n + f with |f| <= 1/2, 2^f from its degree-7 Taylor polynomial (truncation
+ * error below 1e-8 relative), and vscalefps applies 2^n (results below the float range flush to 0). Callers fold
+ * log2(e) into the scale they already apply, so e^x costs no extra multiply. */
+static inline __m512 exp2_ps(__m512 y) {
+    y = _mm512_max_ps(y, _mm512_set1_ps(-150.0f));
+    const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(y, n);
+    __m512 p = _mm512_set1_ps(1.5252733804059838e-05f); /* ln(2)^k / k!, k = 7 .. 0 */
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428441e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821576e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
 }
 
 static inline __mmask16 valid_lanes(int64_t j, int64_t n) {
