@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import LwDetrConfig
 from .deformable import MultiScaleDeformableAttention
-from .layers import MLP, activation_layer
+from .layers import MLP, activation_layer, derived_weights, onednn_usable, pack_linear_weight
 
 __all__ = ["Decoder", "sine_embedding"]
 
@@ -75,10 +75,24 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch, queries, dim] -> [batch, queries, dim]."""
+        rows = x.reshape(-1, x.shape[-1])
+        if not self.training and isinstance(self.act, nn.ReLU) and onednn_usable(x, self.fc1.weight):
+            return self.fused_forward(rows).view(x.shape)
         # on 2-D rows fc1 returns a fresh tensor; on 3-D input it would return a view of one, and an in-place ReLU
         # on a view makes autograd copy the whole [rows, ffn_dim] gradient in the backward (CopySlices)
-        y = F.dropout(self.act(self.fc1(x.reshape(-1, x.shape[-1]))), self.dropout, self.training)
+        y = F.dropout(self.act(self.fc1(rows)), self.dropout, self.training)
         return x + F.dropout(self.fc2(y), self.dropout, self.training).view(x.shape)
+
+    def fused_forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """Inference in two oneDNN GEMMs with packed weights: the first applies ReLU, the second adds the residual."""
+        linear = torch.ops.mkldnn._linear_pointwise
+        fc1, fc2 = self.fc1, self.fc2
+
+        def pack() -> tuple[torch.Tensor, torch.Tensor]:
+            return pack_linear_weight(fc1.weight, rows.shape[0]), pack_linear_weight(fc2.weight, rows.shape[0])
+
+        w1, w2 = derived_weights(self, (fc1.weight, fc2.weight), pack)
+        return linear.binary(linear(rows, w1, fc1.bias, "relu", [], ""), rows, w2, fc2.bias, "add")
 
 
 class DecoderLayer(nn.Module):

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-__all__ = ["activation_layer", "MLP", "ConvBnAct", "refine_boxes", "outside_tracing_on_cpu"]
+__all__ = [
+    "activation_layer",
+    "MLP",
+    "ConvBnAct",
+    "refine_boxes",
+    "outside_tracing_on_cpu",
+    "onednn_usable",
+    "derived_weights",
+    "pack_linear_weight",
+]
+
+T = TypeVar("T")
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
 
@@ -48,6 +61,41 @@ def outside_tracing_on_cpu(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
 
 
+def onednn_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN's fused kernels (a GEMM or convolution that also adds the bias, applies the activation or adds
+    a residual) may run on `x`: CPU inference only, as they have no autograd formula and know nothing of autocast
+    (they need input and weight in one dtype)."""
+    return (
+        outside_tracing_on_cpu(x)
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.dtype == weight.dtype
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+# owner module -> (key, value): weights derived for inference (folded, packed), kept outside the modules so that
+# copies and state dicts never see them, and dropped with their module
+_DERIVED_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Any]] = weakref.WeakKeyDictionary()
+
+
+def derived_weights(owner: nn.Module, sources: tuple[torch.Tensor | None, ...], build: Callable[[], T], *extra) -> T:
+    """`build()`, cached for `owner` until a source tensor changes: the key holds each source's storage, version
+    counter (bumped by in-place edits: load_state_dict, optimizer steps) and dtype, plus `extra`."""
+    key = (*extra, *((t.data_ptr(), t._version, t.dtype) for t in sources if t is not None))
+    cached = _DERIVED_WEIGHTS.get(owner)
+    if cached is None or cached[0] != key:
+        cached = _DERIVED_WEIGHTS[owner] = (key, build())
+    return cached[1]
+
+
+def pack_linear_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """An [out, in] weight in oneDNN's blocked layout for `torch.ops.mkldnn._linear_pointwise`, which then skips
+    reordering it on every call; `rows` hints the GEMM's M."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+
 # oneDNN's names for the activations it can apply inside a convolution
 _ONEDNN_ACTIVATIONS: dict[type[nn.Module], str] = {nn.SiLU: "swish", nn.ReLU: "relu", nn.Identity: "none"}
 
@@ -62,53 +110,26 @@ class ConvBnAct(nn.Module):
         self.activation = activation_layer(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_usable(x):
+        if not self.training and onednn_usable(x, self.conv.weight) and type(self.activation) in _ONEDNN_ACTIVATIONS:
             return self.fused_forward(x)
         return self.activation(self.norm(self.conv(x)))
 
-    def fused_usable(self, x: torch.Tensor) -> bool:
-        return (
-            not self.training
-            and not torch.is_grad_enabled()
-            and outside_tracing_on_cpu(x)
-            and x.dtype in (torch.float32, torch.bfloat16)
-            and x.dtype == self.conv.weight.dtype
-            and not torch.is_autocast_enabled("cpu")
-            and torch.backends.mkldnn.is_available()
-            and type(self.activation) in _ONEDNN_ACTIVATIONS
-        )
-
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Inference in one oneDNN convolution: BatchNorm folded into the weights and bias (`gamma (W x - mean) /
-        sqrt(var + eps) + beta`), the activation applied as the convolution writes its output, weights prepacked."""
-        conv = self.conv
-        weight, bias = self.fused_weights(tuple(x.shape))
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-            _ONEDNN_ACTIVATIONS[type(self.activation)], [], "",
-        )  # fmt: skip
-
-    def fused_weights(self, input_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(packed folded weight, folded bias), cached per input shape and keyed by the parameters' storage and
-        version counters (loading or training the weights refolds them); kept outside the module like the ViT's."""
+        sqrt(var + eps) + beta`), the activation applied as the convolution writes its output, weights packed."""
         conv, norm = self.conv, self.norm
-        sources = (conv.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var)
-        key = (input_shape, *((t.data_ptr(), t._version, t.dtype) for t in sources))
-        cached = _FOLDED_CONVS.get(self)
-        if cached is None or cached[0] != key:
+        geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+
+        def fold() -> tuple[torch.Tensor, torch.Tensor]:
             factor = (norm.running_var.float() + norm.eps).rsqrt() * norm.weight.float()
             weight = (conv.weight.float() * factor[:, None, None, None]).to(conv.weight.dtype)
             bias = (norm.bias.float() - norm.running_mean.float() * factor).to(conv.weight.dtype)
-            weight = torch.ops.mkldnn._reorder_convolution_weight(
-                weight, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(input_shape)
-            )
-            cached = _FOLDED_CONVS[self] = (key, (weight, bias))
-        return cached[1]
+            return torch.ops.mkldnn._reorder_convolution_weight(weight, *geometry, list(x.shape)), bias
 
-
-_FOLDED_CONVS: weakref.WeakKeyDictionary[ConvBnAct, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = (
-    weakref.WeakKeyDictionary()
-)
+        sources = (conv.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+        weight, bias = derived_weights(self, sources, fold, tuple(x.shape))
+        activation = _ONEDNN_ACTIVATIONS[type(self.activation)]
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *geometry, activation, [], "")
 
 
 def refine_boxes(anchors: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:

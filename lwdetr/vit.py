@@ -9,7 +9,6 @@ has no positional bias, so the unusual token order does not change its result.
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -17,25 +16,9 @@ from torch import nn
 
 from .config import LwDetrViTConfig
 from .cpu_kernels import attention_kernel
-from .layers import activation_layer, outside_tracing_on_cpu
+from .layers import activation_layer, derived_weights, onednn_usable, outside_tracing_on_cpu, pack_linear_weight
 
 __all__ = ["LwDetrViTBackbone", "ViTOutput"]
-
-
-def fused_cpu_kernels_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether oneDNN's fused linear kernels (GEMM + bias + GELU or + residual in one pass) may run on `x`.
-
-    They serve CPU inference only: they have no autograd formula and know nothing of autocast (they need input and
-    weight in one dtype).
-    """
-    return (
-        outside_tracing_on_cpu(x)
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and x.dtype == weight.dtype
-        and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cpu")
-        and torch.backends.mkldnn.is_available()
-    )
 
 
 class ViTAttention(nn.Module):
@@ -112,7 +95,7 @@ class ViTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch * windows, tokens_per_window, dim] in window-major order."""
-        if fused_cpu_kernels_usable(x, self.attn.qkv.weight):
+        if onednn_usable(x, self.attn.qkv.weight):
             return self.fused_forward(x)
         x = x + self.attn(self.attention_input(x)).reshape(x.shape) * self.gamma_1
         return x + self.mlp(self.norm2(x)) * self.gamma_2
@@ -138,39 +121,25 @@ class ViTBlock(nn.Module):
         return linear.binary(hidden, x, w["fc2"], w["fc2_bias"], "add")
 
     def packed_weights(self, rows: int) -> dict[str, torch.Tensor | None]:
-        """The block's GEMM weights for `fused_forward`: layer scales folded in, packed for oneDNN (no autograd).
-
-        Cached per block outside the module (so that copies and state dicts never see oneDNN tensors), keyed by
-        every source parameter's storage, version counter and dtype: loading or editing weights repacks them.
-        """
+        """The block's GEMM weights for `fused_forward`: layer scales folded in, packed for oneDNN (no autograd),
+        rebuilt when any source parameter changes (see `derived_weights`)."""
         attn, mlp = self.attn, self.mlp
         sources = (attn.qkv.weight, attn.q_bias, attn.v_bias, attn.proj.weight, attn.proj.bias, self.gamma_1)
         sources += (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, self.gamma_2)
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in sources if p is not None)
-        cached = _PACKED_WEIGHTS.get(self)
-        if cached is None or cached[0] != key:
 
-            def pack(weight: torch.Tensor) -> torch.Tensor:
-                return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-
-            packed = {
-                "qkv": pack(attn.qkv.weight),
+        def pack() -> dict[str, torch.Tensor | None]:
+            return {
+                "qkv": pack_linear_weight(attn.qkv.weight, rows),
                 "qkv_bias": attn.qkv_bias(),
-                "proj": pack(attn.proj.weight * self.gamma_1[:, None]),
+                "proj": pack_linear_weight(attn.proj.weight * self.gamma_1[:, None], rows),
                 "proj_bias": attn.proj.bias * self.gamma_1,
-                "fc1": pack(mlp.fc1.weight),
+                "fc1": pack_linear_weight(mlp.fc1.weight, rows),
                 "fc1_bias": mlp.fc1.bias,
-                "fc2": pack(mlp.fc2.weight * self.gamma_2[:, None]),
+                "fc2": pack_linear_weight(mlp.fc2.weight * self.gamma_2[:, None], rows),
                 "fc2_bias": mlp.fc2.bias * self.gamma_2,
             }
-            cached = _PACKED_WEIGHTS[self] = (key, packed)
-        return cached[1]
 
-
-# ViTBlock -> (key, packed weights); weak, so that a block's packed weights go with it
-_PACKED_WEIGHTS: weakref.WeakKeyDictionary[ViTBlock, tuple[tuple, dict[str, torch.Tensor | None]]] = (
-    weakref.WeakKeyDictionary()
-)
+        return derived_weights(self, sources, pack)
 
 
 class ViTEmbeddings(nn.Module):
