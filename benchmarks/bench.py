@@ -1,7 +1,8 @@
 """Ours vs transformers' `LwDetrForObjectDetection`, with identical weights, in one process.
 
 Every comparison runs the two implementations interleaved (A, B, A, B, ...) so that the noise of a shared machine
-hits both alike, and reports medians and the ratio reference / ours (> 1 means ours is faster).
+hits both alike, and reports medians and the gain: the median over rounds of reference / ours (> 1 means ours is
+faster), a paired ratio in which the machine's slow and fast phases cancel out.
 
     python benchmarks/bench.py                 # the full run (a few minutes on 2 cores)
     python benchmarks/bench.py --quick         # a smoke run
@@ -52,8 +53,8 @@ def build_pair(preset: str, seed: int = 0) -> tuple[torch.nn.Module, LwDetrForOb
     return reference.eval(), ours.eval()
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved round-robin."""
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, calls interleaved round-robin: one list per function, one entry per round."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -63,7 +64,17 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warm
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+    return times
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def paired_gain(times: dict[str, list[float]], ours: str, reference: str = "reference") -> float:
+    """Median over rounds of reference / ours: each ratio compares two calls made back to back, so the slow and fast
+    phases of a shared machine (which move a whole run's medians by +-15 % here) cancel out of it."""
+    return statistics.median(r / o for r, o in zip(times[reference], times[ours]))
 
 
 def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
@@ -151,8 +162,11 @@ class Report:
     def __init__(self) -> None:
         self.rows: list[dict] = []
 
-    def add(self, name: str, reference: float, ours: float, unit: str, higher_is_better: bool = False) -> None:
-        gain = ours / reference if higher_is_better else reference / ours
+    def add(
+        self, name: str, reference: float, ours: float, unit: str, higher_is_better: bool = False, gain: float = 0.0
+    ) -> None:
+        """One row; `gain` (ours better when > 1) defaults to the ratio of the two figures."""
+        gain = gain or (ours / reference if higher_is_better else reference / ours)
         self.rows.append({"metric": name, "reference": reference, "ours": ours, "unit": unit, "gain": gain})
         print(f"  {name}: reference {reference:.4g} {unit}, ours {ours:.4g} {unit}, gain x{gain:.2f}", flush=True)
 
@@ -170,18 +184,20 @@ def bench_latency(report: Report, preset: str, batch: int, repeats: int, size: i
     pixels = torch.randn(batch, 3, size, size)
     with torch.inference_mode():
         fns = {"reference": lambda: reference(pixel_values=pixels), "ours": lambda: ours(pixel_values=pixels)}
-        medians = interleaved_medians(fns, repeats)
+        times = interleaved_times(fns, repeats)
         diff = (reference(pixel_values=pixels).logits - ours(pixel_values=pixels).logits).abs().max().item()
     print(f"  {preset} batch {batch}: max |logits diff| {diff:.2e}")
+    median, gain = medians(times), paired_gain(times, "ours")
     if batch == 1:
-        report.add(f"latency {preset} b1 {size}", medians["reference"] * 1e3, medians["ours"] * 1e3, "ms")
+        report.add(f"latency {preset} b1 {size}", median["reference"] * 1e3, median["ours"] * 1e3, "ms", gain=gain)
     else:
         report.add(
             f"throughput {preset} b{batch} {size}",
-            batch / medians["reference"],
-            batch / medians["ours"],
+            batch / median["reference"],
+            batch / median["ours"],
             "img/s",
             higher_is_better=True,
+            gain=gain,
         )
 
 
@@ -196,26 +212,34 @@ def bench_compiled(report: Report, preset: str, repeats: int, size: int = 640) -
         print(f"  {preset} compiled in {time.perf_counter() - start:.0f} s", flush=True)
         diff = (reference(pixel_values=pixels).logits - got).abs().max().item()
         fns = {"reference": lambda: reference(pixel_values=pixels), "ours": lambda: compiled(pixel_values=pixels)}
-        medians = interleaved_medians(fns, repeats)
+        times = interleaved_times(fns, repeats)
     print(f"  {preset} compiled: max |logits diff| {diff:.2e}")
-    report.add(f"latency {preset} b1 {size}, ours compiled", medians["reference"] * 1e3, medians["ours"] * 1e3, "ms")
+    median = medians(times)
+    name = f"latency {preset} b1 {size}, ours compiled"
+    report.add(name, median["reference"] * 1e3, median["ours"] * 1e3, "ms", gain=paired_gain(times, "ours"))
 
 
-def bench_flops(report: Report, preset: str, repeats: int, peak: float, size: int = 640) -> None:
-    """Forward FLOPs (FlopCounterMode) and the fraction of the measured matmul peak that each forward reaches."""
+def bench_flops(report: Report, preset: str, repeats: int, size: int = 640) -> float:
+    """Forward FLOPs (FlopCounterMode) and the fraction of the machine's matmul peak that each forward reaches.
+
+    The peak is a 2048^3 matmul timed in the same interleaved rounds as the forwards, so both see the same machine.
+    Returns the peak (FLOP/s).
+    """
     reference, ours = build_pair(preset)
     pixels = torch.randn(1, 3, size, size)
     flops = {"reference": forward_flops(reference, pixels), "ours": forward_flops(ours, pixels)}
-    models = {"reference": reference, "ours": ours}
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    fns = {"reference": lambda: reference(pixel_values=pixels), "ours": lambda: ours(pixel_values=pixels)}
     with torch.inference_mode():
-        medians = interleaved_medians(
-            {name: (lambda m=m: m(pixel_values=pixels)) for name, m in models.items()}, repeats
-        )
+        times = interleaved_times({**fns, "matmul": lambda: a @ b}, repeats)
+    peak = 2 * 2048**3 / min(times["matmul"])
+    median = medians(times)
     report.add(f"forward GFLOPs {preset} b1", flops["reference"] / 1e9, flops["ours"] / 1e9, "GFLOP")
-    fraction = {name: flops[name] / medians[name] / peak for name in models}
+    fraction = {name: flops[name] / median[name] / peak for name in fns}
     report.add(
         f"fraction of fp32 matmul peak {preset} b1", fraction["reference"], fraction["ours"], "", higher_is_better=True
     )
+    return peak
 
 
 def bench_training(report: Report, preset: str, batch: int, repeats: int, size: int = 640) -> None:
@@ -228,8 +252,9 @@ def bench_training(report: Report, preset: str, batch: int, repeats: int, size: 
         "reference": train_step(reference, torch.optim.AdamW(reference.parameters(), lr=1e-6), pixels, labels),
         "ours": train_step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-6), pixels, labels),
     }
-    medians = interleaved_medians(steps, repeats)
-    report.add(f"train step {preset} b{batch} {size} (group DETR)", medians["reference"], medians["ours"], "s")
+    times = interleaved_times(steps, repeats)
+    median, gain = medians(times), paired_gain(times, "ours")
+    report.add(f"train step {preset} b{batch} {size} (group DETR)", median["reference"], median["ours"], "s", gain=gain)
     memory = {name: training_peak_rss_mib(name, preset, batch, size) for name in ("reference", "ours")}
     report.add(f"peak RSS of a process training {preset} b{batch} {size}", memory["reference"], memory["ours"], "MiB")
 
@@ -294,16 +319,18 @@ def bench_end_to_end(report: Report, preset: str, repeats: int, num_images: int,
         fns = {"reference": lambda: pipe(images, threshold=0.0)}
         for name, detector in detectors.items():
             fns[name] = lambda d=detector: d.predict(images, threshold=0.0, max_detections=100)
-        medians = interleaved_medians(fns, repeats)
+        times = interleaved_times(fns, repeats)
+        median = medians(times)
         theirs = pipe(images, threshold=0.0)
         for name in detectors:
             agreement = np.mean([detections_agree(o, t) for o, t in zip(fns[name](), theirs)])
             print(f"  detector {name}: {agreement:.1%} of the reference's top-100 detections matched")
             report.add(
                 f"end to end {preset} {num_images} images, Detector {name} vs pipeline fp32",
-                medians["reference"],
-                medians[name],
+                median["reference"],
+                median[name],
                 "s",
+                gain=paired_gain(times, name),
             )
 
 
@@ -322,11 +349,12 @@ def bench_onnx(report: Report, preset: str, repeats: int, size: int = 640) -> No
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         feed = {session.get_inputs()[0].name: pixels.numpy()}
         with torch.inference_mode():
-            medians = interleaved_medians(
+            times = interleaved_times(
                 {"reference": lambda: reference(pixel_values=pixels), "onnx": lambda: session.run(None, feed)}, repeats
             )
     name = f"latency {preset} b1 {size}, onnxruntime vs reference torch"
-    report.add(name, medians["reference"] * 1e3, medians["onnx"] * 1e3, "ms")
+    median = medians(times)
+    report.add(name, median["reference"] * 1e3, median["onnx"] * 1e3, "ms", gain=paired_gain(times, "onnx"))
 
 
 def main() -> None:
@@ -358,7 +386,7 @@ def main() -> None:
         ("compile", lambda: bench_compiled(report, "tiny", repeats, size)),
         ("compile", lambda: bench_compiled(report, "small", repeats, size)),
         ("train", lambda: bench_training(report, "tiny", 4 if not args.quick else 2, max(2, repeats // 3), size)),
-        ("flops", lambda: bench_flops(report, "tiny", repeats, peak, size)),
+        ("flops", lambda: bench_flops(report, "tiny", repeats, size)),
         ("e2e", lambda: bench_end_to_end(report, "tiny", max(2, repeats // 2), 2 if args.quick else 4, size)),
         ("onnx", lambda: bench_onnx(report, "tiny", repeats, size)),
     ]
