@@ -80,10 +80,15 @@ class BackboneWithProjector(nn.Module):
         self.backbone = LwDetrViTBackbone(config.backbone_config)
         self.projector = MultiScaleProjector(config)
 
-    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def forward(
+        self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """pixel_mask None: nothing is padded (every map's mask is all True)."""
         # the encoder may run in a lower precision than the rest (see `LwDetrForObjectDetection.to_mixed_precision`)
         pixel_values = pixel_values.to(self.backbone.embeddings.projection.weight.dtype)
         maps = self.projector(self.backbone(pixel_values).feature_maps)
+        if pixel_mask is None:
+            return [(m, m.new_ones((m.shape[0], *m.shape[-2:]), dtype=torch.bool)) for m in maps]
         mask = pixel_mask[:, None].float()
         return [(m, F.interpolate(mask, size=m.shape[-2:], mode="nearest")[:, 0].bool()) for m in maps]
 
@@ -122,9 +127,7 @@ class LwDetrModel(nn.Module):
         padded = pixel_mask is not None and (
             torch.jit.is_tracing() or torch.compiler.is_compiling() or not bool(pixel_mask.all())
         )
-        if pixel_mask is None:
-            pixel_mask = torch.ones((batch, height, width), dtype=torch.long, device=pixel_values.device)
-        elif pixel_mask.shape != (batch, height, width):
+        if pixel_mask is not None and pixel_mask.shape != (batch, height, width):
             raise ValueError(f"pixel_mask has shape {tuple(pixel_mask.shape)}; expected {(batch, height, width)}")
         dtype = self.query_feat.weight.dtype
         levels = [(m.to(dtype), mask) for m, mask in self.backbone(pixel_values, pixel_mask)]
