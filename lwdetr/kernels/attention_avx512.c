@@ -63,12 +63,11 @@ static inline __attribute__((always_inline)) void dot_rows(const int R, const in
     }
 }
 
-/* out[r, :] = scale_r * sum_{j < n} w[r, j] rows[j, :] for R rows of w ([R][npad]) and rows [n][DV*16]; the
- * per-row factor is 1 / divisor[r] (divisor may be NULL) times `scale`. */
+/* out[r, :] = sum_{j < n} w[r, j] rows[j, :] / divisor[r] (no division when divisor is NULL) for R rows of w
+ * ([R][npad]) and rows [n][DV*16]. */
 static inline __attribute__((always_inline)) void weighted_rows(const int R, const int DV, const float *w,
                                                                  int64_t npad, const float *rows, int64_t n,
-                                                                 const float *divisor, float scale, float *out,
-                                                                 int64_t o_step) {
+                                                                 const float *divisor, float *out, int64_t o_step) {
     const int D = DV * 16;
     __m512 acc[8][4];
     for (int r = 0; r < R; r++)
@@ -82,17 +81,14 @@ static inline __attribute__((always_inline)) void weighted_rows(const int R, con
             for (int c = 0; c < DV; c++) acc[r][c] = _mm512_fmadd_ps(wr, row[c], acc[r][c]);
         }
     }
-    for (int r = 0; r < R; r++) {
-        const __m512 factor = _mm512_set1_ps(scale);
+    for (int r = 0; r < R; r++)
         for (int c = 0; c < DV; c++) {
-            __m512 value = _mm512_mul_ps(acc[r][c], factor);
-            if (divisor) value = _mm512_div_ps(value, _mm512_set1_ps(divisor[r]));
+            const __m512 value = divisor ? _mm512_div_ps(acc[r][c], _mm512_set1_ps(divisor[r])) : acc[r][c];
             _mm512_storeu_ps(out + r * o_step + c * 16, value);
         }
-    }
 }
 
-/* acc[j, :] += scale * sum_r w[r, j] rows[r, :] for every key j < n: R rows (row step r_step) kept in registers. */
+/* acc[j, :] += sum_r w[r, j] rows[r, :] for every key j < n: the R rows (row step r_step) kept in registers. */
 static inline __attribute__((always_inline)) void accumulate_keys(const int R, const int DV, const float *w,
                                                                    int64_t npad, const float *rows, int64_t r_step,
                                                                    int64_t n, float *acc) {
@@ -183,7 +179,7 @@ static inline __attribute__((always_inline)) void forward_rows(const int R, cons
         sums[r] = _mm512_reduce_add_ps(sum);
         if (lse) lse[r] = shift + logf(sums[r]);
     }
-    weighted_rows(R, DV, w->s, npad, w->vp, n, sums, 1.0f, out, o_step);
+    weighted_rows(R, DV, w->s, npad, w->vp, n, sums, out, o_step);
 }
 
 /* Backward of R query rows: their dq rows, and their share of every key's dk and value's dv (accumulated). */
@@ -210,7 +206,7 @@ static inline __attribute__((always_inline)) void backward_rows(const int R, con
                                                    scale));
         }
     }
-    weighted_rows(R, DV, w->ds, npad, w->kp, n, NULL, 1.0f, dq, step); /* dq = dS k */
+    weighted_rows(R, DV, w->ds, npad, w->kp, n, NULL, dq, step); /* dq = dS k */
     accumulate_keys(R, DV, w->ds, npad, q, step, n, w->dk);            /* dk += dS^T q */
     accumulate_keys(R, DV, w->s, npad, dout, o_step, n, w->dv);        /* dv += P^T dout */
 }
@@ -265,64 +261,77 @@ static int clamp_threads(int threads, int64_t pairs) {
     return threads > pairs ? (int)pairs : threads;
 }
 
-/* Returns 0 on success, 1 when scratch memory could not be allocated, 2 for an unsupported shape.
- * The parallel regions run on PyTorch's own OpenMP runtime (this library links against the libgomp already loaded),
- * so its threads are the ones still spinning after the previous PyTorch op, not competitors for the same cores. */
-int lwdetr_attention_forward(const float *qkv, float *out, float *lse, int64_t batch, int64_t heads, int64_t n,
-                             int64_t d, float scale, int threads) {
-    shape_t sh;
-    if (!check_shape(&sh, batch, heads, n, d, scale)) return 2;
-    const int64_t pairs = batch * heads, step = 3 * heads * d, o_step = heads * d;
+/* The work of one (batch, head) pair, given the per-thread scratch. */
+typedef void (*pair_job_t)(const void *args, const shape_t *sh, int64_t pair, const scratch_t *w);
+
+/* Runs `job` on every (batch, head) pair, split between OpenMP threads, each with its own scratch. The parallel
+ * region runs on PyTorch's own OpenMP runtime (this library links against the libgomp already loaded), so its
+ * threads are the ones still spinning after the previous PyTorch op, not competitors for the same cores.
+ * Returns 0, or 1 when scratch memory could not be allocated. */
+static int for_each_pair(const shape_t *sh, int threads, int backward, pair_job_t job, const void *args) {
+    const int64_t pairs = sh->batch * sh->heads;
     int failed = 0;
 #pragma omp parallel num_threads(clamp_threads(threads, pairs)) reduction(| : failed)
     {
         scratch_t w;
-        if (!alloc_scratch(&w, &sh, 0)) failed = 1;
+        if (!alloc_scratch(&w, sh, backward)) failed = 1;
 #pragma omp for schedule(static)
-        for (int64_t pair = 0; pair < pairs; pair++) {
-            if (failed) continue;
-            const int64_t b = pair / heads, h = pair % heads;
-            const float *q = qkv + b * n * step + h * d;
-            float *o = out + b * n * o_step + h * d;
-            float *l = lse ? lse + pair * n : NULL;
-            switch (d) {
-                case 16: forward_head_d16(&sh, q, q + heads * d, q + 2 * heads * d, step, o, o_step, l, &w); break;
-                case 32: forward_head_d32(&sh, q, q + heads * d, q + 2 * heads * d, step, o, o_step, l, &w); break;
-                case 48: forward_head_d48(&sh, q, q + heads * d, q + 2 * heads * d, step, o, o_step, l, &w); break;
-                default: forward_head_d64(&sh, q, q + heads * d, q + 2 * heads * d, step, o, o_step, l, &w); break;
-            }
-        }
+        for (int64_t pair = 0; pair < pairs; pair++)
+            if (!failed) job(args, sh, pair, &w);
         free_scratch(&w);
     }
     return failed;
+}
+
+typedef struct {
+    const float *qkv, *out, *dout, *lse;
+    float *result, *result_lse; /* forward: out and lse (may be NULL); backward: dqkv */
+} tensors_t;
+
+static void forward_pair(const void *args, const shape_t *sh, int64_t pair, const scratch_t *w) {
+    const tensors_t *t = args;
+    const int64_t d = sh->d, heads = sh->heads, step = 3 * heads * d, o_step = heads * d;
+    const int64_t b = pair / heads, h = pair % heads;
+    const float *q = t->qkv + b * sh->n * step + h * d, *k = q + heads * d, *v = q + 2 * heads * d;
+    float *o = t->result + b * sh->n * o_step + h * d;
+    float *l = t->result_lse ? t->result_lse + pair * sh->n : NULL;
+    switch (d) {
+        case 16: forward_head_d16(sh, q, k, v, step, o, o_step, l, w); break;
+        case 32: forward_head_d32(sh, q, k, v, step, o, o_step, l, w); break;
+        case 48: forward_head_d48(sh, q, k, v, step, o, o_step, l, w); break;
+        default: forward_head_d64(sh, q, k, v, step, o, o_step, l, w); break;
+    }
+}
+
+static void backward_pair(const void *args, const shape_t *sh, int64_t pair, const scratch_t *w) {
+    const tensors_t *t = args;
+    const int64_t d = sh->d, heads = sh->heads, step = 3 * heads * d, o_step = heads * d;
+    const int64_t b = pair / heads, h = pair % heads;
+    const float *q = t->qkv + b * sh->n * step + h * d, *k = q + heads * d, *v = q + 2 * heads * d;
+    const float *o = t->out + b * sh->n * o_step + h * d, *go = t->dout + b * sh->n * o_step + h * d;
+    float *dq = t->result + b * sh->n * step + h * d, *dk = dq + heads * d, *dv = dq + 2 * heads * d;
+    const float *l = t->lse + pair * sh->n;
+    switch (d) {
+        case 16: backward_head_d16(sh, q, k, v, step, o, go, o_step, l, w, dq, dk, dv); break;
+        case 32: backward_head_d32(sh, q, k, v, step, o, go, o_step, l, w, dq, dk, dv); break;
+        case 48: backward_head_d48(sh, q, k, v, step, o, go, o_step, l, w, dq, dk, dv); break;
+        default: backward_head_d64(sh, q, k, v, step, o, go, o_step, l, w, dq, dk, dv); break;
+    }
+}
+
+/* Both return 0 on success, 1 when scratch memory could not be allocated, 2 for an unsupported shape. */
+int lwdetr_attention_forward(const float *qkv, float *out, float *lse, int64_t batch, int64_t heads, int64_t n,
+                             int64_t d, float scale, int threads) {
+    shape_t sh;
+    if (!check_shape(&sh, batch, heads, n, d, scale)) return 2;
+    const tensors_t t = {qkv, NULL, NULL, NULL, out, lse};
+    return for_each_pair(&sh, threads, 0, forward_pair, &t);
 }
 
 int lwdetr_attention_backward(const float *qkv, const float *out, const float *dout, const float *lse, float *dqkv,
                               int64_t batch, int64_t heads, int64_t n, int64_t d, float scale, int threads) {
     shape_t sh;
     if (!check_shape(&sh, batch, heads, n, d, scale)) return 2;
-    const int64_t pairs = batch * heads, step = 3 * heads * d, o_step = heads * d;
-    int failed = 0;
-#pragma omp parallel num_threads(clamp_threads(threads, pairs)) reduction(| : failed)
-    {
-        scratch_t w;
-        if (!alloc_scratch(&w, &sh, 1)) failed = 1;
-#pragma omp for schedule(static)
-        for (int64_t pair = 0; pair < pairs; pair++) {
-            if (failed) continue;
-            const int64_t b = pair / heads, h = pair % heads;
-            const float *q = qkv + b * n * step + h * d, *k = q + heads * d, *v = q + 2 * heads * d;
-            const float *o = out + b * n * o_step + h * d, *go = dout + b * n * o_step + h * d;
-            float *dq = dqkv + b * n * step + h * d, *dk = dq + heads * d, *dv = dq + 2 * heads * d;
-            const float *l = lse + pair * n;
-            switch (d) {
-                case 16: backward_head_d16(&sh, q, k, v, step, o, go, o_step, l, &w, dq, dk, dv); break;
-                case 32: backward_head_d32(&sh, q, k, v, step, o, go, o_step, l, &w, dq, dk, dv); break;
-                case 48: backward_head_d48(&sh, q, k, v, step, o, go, o_step, l, &w, dq, dk, dv); break;
-                default: backward_head_d64(&sh, q, k, v, step, o, go, o_step, l, &w, dq, dk, dv); break;
-            }
-        }
-        free_scratch(&w);
-    }
-    return failed;
+    const tensors_t t = {qkv, out, dout, lse, dqkv, NULL};
+    return for_each_pair(&sh, threads, 1, backward_pair, &t);
 }
