@@ -173,6 +173,9 @@ def _check(status: int, what: str) -> None:
 
 
 def _sizes(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, int, float, int]:
+    """The kernels' size arguments; checks that qkv is a CPU [batch, tokens, 3 * num_heads * head_dim] tensor."""
+    if qkv.device.type != "cpu" or qkv.dim() != 3 or qkv.shape[2] % (3 * num_heads):
+        raise ValueError(f"qkv must be a CPU [batch, tokens, 3 * {num_heads} * head_dim] tensor, got {qkv.shape}")
     batch, tokens, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
     head_dim = dim // num_heads
     return batch, num_heads, tokens, head_dim, head_dim**-0.5, torch.get_num_threads()

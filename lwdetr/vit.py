@@ -9,6 +9,7 @@ has no positional bias, so the unusual token order does not change its result.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,7 @@ class ViTAttention(nn.Module):
         q, k, v = qkv.view(batch, tokens, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim)
 
-    def compiled_kernel(self, qkv: torch.Tensor):
+    def compiled_kernel(self, qkv: torch.Tensor) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
         """Our compiled attention (`cpu_kernels`) for this input, if one serves it: float32 with or without autograd,
         bfloat16 (AMX) without."""
         head_dim = qkv.shape[-1] // 3 // self.num_heads

@@ -194,3 +194,9 @@ def test_bf16_vit_runs_its_attention_on_amx(monkeypatch):
         slow = backbone(pixels).feature_maps
     for a, b in zip(fast, slow):  # two bf16 computations: rounding of a few bf16 ulps of the maps' scale
         assert (a.float() - b.float()).abs().max().item() < 0.05 * b.float().abs().max().item()
+
+
+@needs_kernel
+def test_kernel_rejects_a_bad_qkv():
+    with pytest.raises(ValueError, match="qkv must be"):
+        cpu_kernels.kernel_attention(torch.randn(2, 10, 3 * 16 + 1), 1)
