@@ -163,10 +163,17 @@ class Report:
         self.rows: list[dict] = []
 
     def add(
-        self, name: str, reference: float, ours: float, unit: str, higher_is_better: bool = False, gain: float = 0.0
+        self,
+        name: str,
+        reference: float,
+        ours: float,
+        unit: str,
+        higher_is_better: bool = False,
+        gain: float | None = None,
     ) -> None:
         """One row; `gain` (ours better when > 1) defaults to the ratio of the two figures."""
-        gain = gain or (ours / reference if higher_is_better else reference / ours)
+        if gain is None:
+            gain = ours / reference if higher_is_better else reference / ours
         self.rows.append({"metric": name, "reference": reference, "ours": ours, "unit": unit, "gain": gain})
         print(f"  {name}: reference {reference:.4g} {unit}, ours {ours:.4g} {unit}, gain x{gain:.2f}", flush=True)
 
@@ -219,11 +226,10 @@ def bench_compiled(report: Report, preset: str, repeats: int, size: int = 640) -
     report.add(name, median["reference"] * 1e3, median["ours"] * 1e3, "ms", gain=paired_gain(times, "ours"))
 
 
-def bench_flops(report: Report, preset: str, repeats: int, size: int = 640) -> float:
+def bench_flops(report: Report, preset: str, repeats: int, size: int = 640) -> None:
     """Forward FLOPs (FlopCounterMode) and the fraction of the machine's matmul peak that each forward reaches.
 
     The peak is a 2048^3 matmul timed in the same interleaved rounds as the forwards, so both see the same machine.
-    Returns the peak (FLOP/s).
     """
     reference, ours = build_pair(preset)
     pixels = torch.randn(1, 3, size, size)
@@ -239,7 +245,6 @@ def bench_flops(report: Report, preset: str, repeats: int, size: int = 640) -> f
     report.add(
         f"fraction of fp32 matmul peak {preset} b1", fraction["reference"], fraction["ours"], "", higher_is_better=True
     )
-    return peak
 
 
 def bench_training(report: Report, preset: str, batch: int, repeats: int, size: int = 640) -> None:

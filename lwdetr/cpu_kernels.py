@@ -41,15 +41,19 @@ class _Build:
     """One kernel library: its source, the extra compiler flags and the CPU features (/proc/cpuinfo) it needs."""
 
     source: str
+    functions: tuple[tuple[str, int], ...]  # (name, number of pointer arguments before the sizes)
     flags: tuple[str, ...] = ()
     cpu_features: tuple[str, ...] = ("avx512f", "avx512dq", "avx512bw", "avx512vl")
+    probe: str | None = None  # a function returning nonzero when the library may run in this process
 
 
-_FLOAT32 = _Build("attention_avx512.c")
+_FLOAT32 = _Build("attention_avx512.c", (("lwdetr_attention_forward", 3), ("lwdetr_attention_backward", 5)))
 _AMX_BF16 = _Build(
     "attention_amx_bf16.c",
+    (("lwdetr_attention_forward_amx", 2),),
     ("-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
     ("avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16"),
+    probe="lwdetr_amx_available",  # Linux grants AMX tile state per process, on request
 )
 _FLOAT32_HEAD_SIZES = (16, 32, 48, 64)
 _AMX_HEAD_SIZES = (16,)
@@ -133,14 +137,11 @@ def _load(build: _Build) -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         logger.info("CPU kernel %s unavailable, using PyTorch's attention: %s", build.source, error)
         return None
+    if build.probe is not None and not getattr(library, build.probe)():
+        logger.info("CPU kernel %s refused by this process (%s)", build.source, build.probe)
+        return None
     sizes = [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
-    if build is _AMX_BF16:
-        if not library.lwdetr_amx_available():  # the kernel refuses AMX tiles to this process
-            return None
-        functions = {"lwdetr_attention_forward_amx": 2}
-    else:
-        functions = {"lwdetr_attention_forward": 3, "lwdetr_attention_backward": 5}
-    for name, pointers in functions.items():
+    for name, pointers in build.functions:
         getattr(library, name).argtypes = [ctypes.c_void_p] * pointers + sizes
         getattr(library, name).restype = ctypes.c_int
     return library

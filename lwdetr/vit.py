@@ -43,15 +43,14 @@ class ViTAttention(nn.Module):
         """qkv: [batch, tokens, 3 * dim] -> attention output before the projection, [batch, tokens, dim]."""
         batch, tokens, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         head_dim = dim // self.num_heads
-        if outside_tracing_on_cpu(qkv) and (kernel := self.compiled_kernel(qkv)):
+        if outside_tracing_on_cpu(qkv) and (kernel := self.compiled_kernel(qkv, head_dim)):
             return kernel(qkv, self.num_heads)
         q, k, v = qkv.view(batch, tokens, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim)
 
-    def compiled_kernel(self, qkv: torch.Tensor) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
+    def compiled_kernel(self, qkv: torch.Tensor, head_dim: int) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
         """Our compiled attention (`cpu_kernels`) for this input, if one serves it: float32 with or without autograd,
         bfloat16 (AMX) without."""
-        head_dim = qkv.shape[-1] // 3 // self.num_heads
         if qkv.dtype == torch.bfloat16 and torch.is_grad_enabled() and qkv.requires_grad:
             return None
         return attention_kernel(head_dim, qkv.dtype)

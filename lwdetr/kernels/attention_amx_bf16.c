@@ -102,9 +102,13 @@ static void pack(const uint16_t *k, const uint16_t *v, int64_t step, int64_t n, 
     }
 }
 
-/* Whether this process may use the AMX tile registers (Linux asks each process to request them). */
+/* Whether this process may use the AMX tile registers (Linux asks each process to request them, once: the grant
+ * lasts for the process, so the answer is kept). */
 int lwdetr_amx_available(void) {
-    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+    static int granted = -1;
+    if (granted < 0)
+        granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+    return granted;
 }
 
 /* Returns 0 on success, 1 when scratch memory could not be allocated, 2 for an unsupported shape, 3 without AMX. */
