@@ -158,21 +158,21 @@ static void pack_head(const float *src, int64_t step, int64_t n, int64_t D, int6
 static inline __attribute__((always_inline)) void forward_rows(const int R, const int DV, const shape_t *sh,
                                                                 const float *q, int64_t step, const scratch_t *w,
                                                                 float *out, int64_t o_step, float *lse) {
-    const int64_t n = sh->n, npad = sh->npad;
+    const int64_t n = sh->n, npad = sh->npad, full = n / 16 * 16; /* keys in whole 16-lane chunks */
     dot_rows(R, DV * 16, q, step, w->kt, npad, w->s);
     const __m512 scale2 = _mm512_set1_ps(sh->scale * LOG2E); /* e^(scale s) = 2^(scale log2(e) s) */
     float sums[8];
     for (int r = 0; r < R; r++) {
         float *s = w->s + r * npad;
         __m512 row_max = _mm512_set1_ps(-INFINITY);
-        for (int64_t j = 0; j < n; j += 16)
-            row_max = _mm512_mask_max_ps(row_max, valid_lanes(j, n), row_max, _mm512_loadu_ps(s + j));
+        for (int64_t j = 0; j < full; j += 16) row_max = _mm512_max_ps(row_max, _mm512_loadu_ps(s + j));
+        if (full < n) row_max = _mm512_mask_max_ps(row_max, valid_lanes(full, n), row_max, _mm512_loadu_ps(s + full));
         const float shift = _mm512_reduce_max_ps(row_max) * sh->scale;
         const __m512 shift2 = _mm512_set1_ps(shift * LOG2E);
         __m512 sum = _mm512_setzero_ps();
-        for (int64_t j = 0; j < npad; j += 16) {
-            const __m512 y = _mm512_fmsub_ps(_mm512_loadu_ps(s + j), scale2, shift2);
-            const __m512 e = _mm512_maskz_mov_ps(valid_lanes(j, n), exp2_ps(y));
+        for (int64_t j = 0; j < npad; j += 16) { /* lanes past n (only in the last chunk) become 0 */
+            __m512 e = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), scale2, shift2));
+            if (j >= full) e = _mm512_maskz_mov_ps(valid_lanes(j, n), e);
             _mm512_storeu_ps(s + j, e);
             sum = _mm512_add_ps(sum, e);
         }
