@@ -111,11 +111,12 @@ class DecoderLayer(nn.Module):
         self.mlp = FeedForward(config)
         self.layer_norm = nn.LayerNorm(dim)
 
-    def forward(self, hidden, position, reference_boxes, memory, memory_mask, spatial_shapes, groups):
-        """hidden, position: [batch, queries, dim] -> [batch, queries, dim]."""
+    def forward(self, hidden, position, reference_boxes, memory, memory_mask, spatial_shapes, groups, value=None):
+        """hidden, position: [batch, queries, dim] -> [batch, queries, dim]; value: this layer's projected memory, if
+        the decoder has computed it (see `Decoder.projected_values`)."""
         attended = self.self_attn(hidden, position, groups)
         hidden = self.self_attn_layer_norm(hidden + F.dropout(attended, self.dropout, self.training))
-        sampled = self.cross_attn(hidden + position, reference_boxes, memory, memory_mask, spatial_shapes)
+        sampled = self.cross_attn(hidden + position, reference_boxes, memory, memory_mask, spatial_shapes, value)
         hidden = self.cross_attn_layer_norm(hidden + F.dropout(sampled, self.dropout, self.training))
         return self.layer_norm(self.mlp(hidden))
 
@@ -153,7 +154,27 @@ class Decoder(nn.Module):
         per_level = reference_boxes[:, :, None] * valid_ratios.repeat(1, 1, 2)[:, None]
         position = self.ref_point_head(sine_embedding(per_level[:, :, 0], self.d_model // 2))
         hidden, outputs = queries, []
-        for layer in self.layers:
-            hidden = layer(hidden, position, per_level, memory, memory_mask, spatial_shapes, groups)
+        for layer, value in zip(self.layers, self.projected_values(memory)):
+            hidden = layer(hidden, position, per_level, memory, memory_mask, spatial_shapes, groups, value)
             outputs.append(self.layernorm(hidden))
         return torch.stack(outputs)
+
+    def projected_values(self, memory: torch.Tensor) -> list[torch.Tensor | None]:
+        """Every layer's deformable-attention values at once, at inference: [batch, dim, tokens] views.
+
+        All layers sample the same memory, each through its own `value_proj`; one GEMM with the weights side by side
+        (packed once, see `derived_weights`) replaces a small one per layer. Elsewhere (training, tracing, other
+        devices) each layer projects its own (None here).
+        """
+        projections = [layer.cross_attn.value_proj for layer in self.layers]
+        if not onednn_usable(memory, projections[0].weight):
+            return [None] * len(projections)
+        sources = tuple(t for proj in projections for t in (proj.weight, proj.bias))
+
+        def pack() -> tuple[torch.Tensor, torch.Tensor]:
+            weight = torch.cat([proj.weight for proj in projections])
+            return pack_linear_weight(weight, memory.shape[1]), torch.cat([proj.bias for proj in projections])
+
+        weight, bias = derived_weights(self, sources, pack)
+        values = torch.ops.mkldnn._linear_pointwise(memory, weight, bias, "none", [], "")  # [batch, tokens, L * dim]
+        return [chunk.transpose(1, 2) for chunk in values.chunk(len(projections), dim=-1)]

@@ -79,13 +79,16 @@ class MultiScaleDeformableAttention(nn.Module):
         memory: torch.Tensor,
         memory_mask: torch.Tensor | None,
         spatial_shapes: list[tuple[int, int]],
+        value: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """query: [batch, queries, dim] (position embedding already added); reference_boxes: [batch, queries, levels, 4]
-        cxcywh in [0, 1]; memory: [batch, sum(h*w), dim]; memory_mask: [batch, sum(h*w)] True on real pixels.
+        cxcywh in [0, 1]; memory: [batch, sum(h*w), dim]; memory_mask: [batch, sum(h*w)] True on real pixels;
+        value: `project_values(memory)` when the caller has it already ([batch, dim, tokens], any strides).
         Returns [batch, queries, dim].
         """
         batch, queries, _ = query.shape
-        value = self.project_values(memory)  # [batch, dim, tokens]
+        if value is None:
+            value = self.project_values(memory)  # [batch, dim, tokens]
         if memory_mask is not None:
             value = value.masked_fill(~memory_mask[:, None], 0.0)
         shape = (batch, queries, self.heads, self.levels, self.points)

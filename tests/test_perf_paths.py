@@ -126,6 +126,26 @@ def test_fused_vit_block_repacks_edited_weights() -> None:
         assert torch.allclose(fused, block(tokens).detach(), atol=1e-5, rtol=1e-5)
 
 
+def test_decoder_values_in_one_gemm_match_per_layer_ones() -> None:
+    """At inference the decoder projects every layer's values in one GEMM (`Decoder.projected_values`): the same as
+    each layer's own `project_values`, for one image and a batch, and repacked after in-place weight edits."""
+    decoder = _nano().model.decoder
+    for batch in (1, 2):
+        memory = torch.randn(batch, 37, decoder.d_model)
+        with torch.no_grad():
+            for layer, value in zip(decoder.layers, decoder.projected_values(memory)):
+                expected = layer.cross_attn.value_proj(memory).transpose(1, 2)
+                assert value.shape == expected.shape
+                assert torch.allclose(value, expected, atol=1e-5, rtol=1e-5)
+    last = decoder.layers[-1].cross_attn.value_proj
+    for tensor in (last.weight, last.bias):
+        with torch.no_grad():
+            tensor.mul_(1.5)
+            value = decoder.projected_values(memory)[-1]
+            assert torch.allclose(value, last(memory).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    assert decoder.projected_values(memory) == [None] * len(decoder.layers)  # grad enabled: each layer its own
+
+
 @pytest.mark.parametrize("activation", ["silu", "relu", None])
 @pytest.mark.parametrize("kernel, stride", [(3, 1), (1, 1), (3, 2)])
 def test_folded_conv_bn_matches_the_plain_one(activation, kernel: int, stride: int) -> None:
