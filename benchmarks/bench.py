@@ -170,11 +170,17 @@ class Report:
         unit: str,
         higher_is_better: bool = False,
         gain: float | None = None,
+        times: dict[str, list[float]] | None = None,
     ) -> None:
-        """One row; `gain` (ours better when > 1) defaults to the ratio of the two figures."""
+        """One row; `gain` (ours better when > 1) defaults to the ratio of the two figures. `times`, the seconds of
+        every interleaved round, go into the JSON so that the gain can be recomputed (and checked against the
+        medians, from which it can stray when the machine changes speed during a run)."""
         if gain is None:
             gain = ours / reference if higher_is_better else reference / ours
-        self.rows.append({"metric": name, "reference": reference, "ours": ours, "unit": unit, "gain": gain})
+        row = {"metric": name, "reference": reference, "ours": ours, "unit": unit, "gain": gain}
+        if times is not None:
+            row["seconds_per_round"] = times
+        self.rows.append(row)
         print(f"  {name}: reference {reference:.4g} {unit}, ours {ours:.4g} {unit}, gain x{gain:.2f}", flush=True)
 
     def markdown(self) -> str:
@@ -202,7 +208,9 @@ def bench_latency(report: Report, preset: str, batch: int, repeats: int, size: i
     times = latency_times(preset, batch, repeats, size)
     median, gain = medians(times), paired_gain(times, "ours")
     if batch == 1:
-        report.add(f"latency {preset} b1 {size}", median["reference"] * 1e3, median["ours"] * 1e3, "ms", gain=gain)
+        report.add(
+            f"latency {preset} b1 {size}", median["reference"] * 1e3, median["ours"] * 1e3, "ms", gain=gain, times=times
+        )
     else:
         report.add(
             f"throughput {preset} b{batch} {size}",
@@ -211,6 +219,7 @@ def bench_latency(report: Report, preset: str, batch: int, repeats: int, size: i
             "img/s",
             higher_is_better=True,
             gain=gain,
+            times=times,
         )
 
 
@@ -228,7 +237,9 @@ def bench_fresh_latency(report: Report, preset: str, repeats: int, size: int = 6
     times = json.loads(result.stdout.strip().splitlines()[-1])
     median = medians(times)
     name = f"latency {preset} b1 {size}, fresh process"
-    report.add(name, median["reference"] * 1e3, median["ours"] * 1e3, "ms", gain=paired_gain(times, "ours"))
+    report.add(
+        name, median["reference"] * 1e3, median["ours"] * 1e3, "ms", gain=paired_gain(times, "ours"), times=times
+    )
 
 
 def bench_compiled(report: Report, preset: str, repeats: int, size: int = 640) -> None:
@@ -246,7 +257,9 @@ def bench_compiled(report: Report, preset: str, repeats: int, size: int = 640) -
     print(f"  {preset} compiled: max |logits diff| {diff:.2e}")
     median = medians(times)
     name = f"latency {preset} b1 {size}, ours compiled"
-    report.add(name, median["reference"] * 1e3, median["ours"] * 1e3, "ms", gain=paired_gain(times, "ours"))
+    report.add(
+        name, median["reference"] * 1e3, median["ours"] * 1e3, "ms", gain=paired_gain(times, "ours"), times=times
+    )
 
 
 def bench_flops(report: Report, preset: str, repeats: int, size: int = 640) -> None:
@@ -282,7 +295,14 @@ def bench_training(report: Report, preset: str, batch: int, repeats: int, size: 
     }
     times = interleaved_times(steps, repeats)
     median, gain = medians(times), paired_gain(times, "ours")
-    report.add(f"train step {preset} b{batch} {size} (group DETR)", median["reference"], median["ours"], "s", gain=gain)
+    report.add(
+        f"train step {preset} b{batch} {size} (group DETR)",
+        median["reference"],
+        median["ours"],
+        "s",
+        gain=gain,
+        times=times,
+    )
     memory = {name: training_peak_rss_mib(name, preset, batch, size) for name in ("reference", "ours")}
     report.add(f"peak RSS of a process training {preset} b{batch} {size}", memory["reference"], memory["ours"], "MiB")
 
@@ -359,6 +379,7 @@ def bench_end_to_end(report: Report, preset: str, repeats: int, num_images: int,
                 median[name],
                 "s",
                 gain=paired_gain(times, name),
+                times={"reference": times["reference"], name: times[name]},
             )
 
 
@@ -382,7 +403,9 @@ def bench_onnx(report: Report, preset: str, repeats: int, size: int = 640) -> No
             )
     name = f"latency {preset} b1 {size}, onnxruntime vs reference torch"
     median = medians(times)
-    report.add(name, median["reference"] * 1e3, median["onnx"] * 1e3, "ms", gain=paired_gain(times, "onnx"))
+    report.add(
+        name, median["reference"] * 1e3, median["onnx"] * 1e3, "ms", gain=paired_gain(times, "onnx"), times=times
+    )
 
 
 def main() -> None:
