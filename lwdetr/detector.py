@@ -212,9 +212,7 @@ class Detector:
     def _detect(self, images: list[Image.Image], threshold: float, max_detections: int) -> list[list[Detection]]:
         """Forward pass and post-processing for RGB images; boxes come back in each image's own pixels."""
         inputs = self.processor.process_loaded(images).to(self.device, dtype=self.dtype)
-        mask = inputs["pixel_mask"]
-        mask = None if bool(mask.all()) else mask  # nothing padded: the model skips all masking
-        outputs = self.model(pixel_values=inputs["pixel_values"], pixel_mask=mask)
+        outputs = self.model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
         # Post-process in float32 so that half-precision models still rank and scale boxes exactly.
         raw = {"logits": outputs.logits.float(), "pred_boxes": outputs.pred_boxes.float()}
         results = self.processor.post_process_object_detection(

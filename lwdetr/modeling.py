@@ -122,13 +122,16 @@ class LwDetrModel(nn.Module):
     def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> LwDetrModelOutput:
         self.backbone.backbone.check_input(pixel_values)
         batch, _, height, width = pixel_values.shape
-        # with nothing padded the decoder's masking of values is a no-op: skip it without a mask or with an all-ones
-        # one (the data-dependent test stays out of traced and compiled graphs, which keep the masking)
+        # with nothing padded all masking is a no-op: an all-ones mask is treated as none, so no full-resolution mask
+        # is resampled per level and the decoder masks no values (the data-dependent test stays out of traced and
+        # compiled graphs, which keep the masking)
         padded = pixel_mask is not None and (
             torch.jit.is_tracing() or torch.compiler.is_compiling() or not bool(pixel_mask.all())
         )
         if pixel_mask is not None and pixel_mask.shape != (batch, height, width):
             raise ValueError(f"pixel_mask has shape {tuple(pixel_mask.shape)}; expected {(batch, height, width)}")
+        if not padded:
+            pixel_mask = None
         dtype = self.query_feat.weight.dtype
         levels = [(m.to(dtype), mask) for m, mask in self.backbone(pixel_values, pixel_mask)]
         spatial_shapes = [tuple(m.shape[-2:]) for m, _ in levels]
