@@ -63,27 +63,46 @@ static inline __attribute__((always_inline)) void dot_rows(const int R, const in
     }
 }
 
-/* out[r, :] = sum_{j < n} w[r, j] rows[j, :] / divisor[r] (no division when divisor is NULL) for R rows of w
- * ([R][npad]) and rows [n][DV*16]. */
+/* out[r, :] = sum_{j < n} w[r, j] rows[j, :] / divisor[r] (or times `factor` when divisor is NULL) for R rows of
+ * w ([R][npad]) and rows [n][DV*16]. */
 static inline __attribute__((always_inline)) void weighted_rows(const int R, const int DV, const float *w,
                                                                  int64_t npad, const float *rows, int64_t n,
-                                                                 const float *divisor, float *out, int64_t o_step) {
+                                                                 const float *divisor, float factor, float *out,
+                                                                 int64_t o_step) {
     const int D = DV * 16;
-    __m512 acc[8][4];
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < DV; c++) acc[r][c] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j++) {
+    /* two accumulators per output vector (even and odd keys) when one head vector is all there is: each FMA
+     * chain then waits on its previous result every other key, not every key */
+    const int S = DV == 1 ? 2 : 1;
+    __m512 acc[2][8][4];
+    for (int k = 0; k < S; k++)
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < DV; c++) acc[k][r][c] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + S <= n; j += S) {
+#pragma GCC unroll 2
+        for (int k = 0; k < S; k++) {
+            __m512 row[4];
+            for (int c = 0; c < DV; c++) row[c] = _mm512_loadu_ps(rows + (j + k) * D + c * 16);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                const __m512 wr = _mm512_set1_ps(w[r * npad + j + k]);
+                for (int c = 0; c < DV; c++) acc[k][r][c] = _mm512_fmadd_ps(wr, row[c], acc[k][r][c]);
+            }
+        }
+    }
+    for (; j < n; j++) {
         __m512 row[4];
         for (int c = 0; c < DV; c++) row[c] = _mm512_loadu_ps(rows + j * D + c * 16);
-#pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             const __m512 wr = _mm512_set1_ps(w[r * npad + j]);
-            for (int c = 0; c < DV; c++) acc[r][c] = _mm512_fmadd_ps(wr, row[c], acc[r][c]);
+            for (int c = 0; c < DV; c++) acc[0][r][c] = _mm512_fmadd_ps(wr, row[c], acc[0][r][c]);
         }
     }
     for (int r = 0; r < R; r++)
         for (int c = 0; c < DV; c++) {
-            const __m512 value = divisor ? _mm512_div_ps(acc[r][c], _mm512_set1_ps(divisor[r])) : acc[r][c];
+            const __m512 sum = S == 2 ? _mm512_add_ps(acc[0][r][c], acc[1][r][c]) : acc[0][r][c];
+            const __m512 value = divisor ? _mm512_div_ps(sum, _mm512_set1_ps(divisor[r]))
+                                         : _mm512_mul_ps(sum, _mm512_set1_ps(factor));
             _mm512_storeu_ps(out + r * o_step + c * 16, value);
         }
 }
@@ -164,8 +183,14 @@ static inline __attribute__((always_inline)) void forward_rows(const int R, cons
     float sums[8];
     for (int r = 0; r < R; r++) {
         float *s = w->s + r * npad;
-        __m512 row_max = _mm512_set1_ps(-INFINITY);
-        for (int64_t j = 0; j < full; j += 16) row_max = _mm512_max_ps(row_max, _mm512_loadu_ps(s + j));
+        /* four running maxima: one would wait on the previous max's latency at every chunk */
+        __m512 maxima[4];
+        for (int k = 0; k < 4; k++) maxima[k] = _mm512_set1_ps(-INFINITY);
+        int64_t j = 0;
+        for (; j + 64 <= full; j += 64)
+            for (int k = 0; k < 4; k++) maxima[k] = _mm512_max_ps(maxima[k], _mm512_loadu_ps(s + j + 16 * k));
+        for (; j < full; j += 16) maxima[0] = _mm512_max_ps(maxima[0], _mm512_loadu_ps(s + j));
+        __m512 row_max = _mm512_max_ps(_mm512_max_ps(maxima[0], maxima[1]), _mm512_max_ps(maxima[2], maxima[3]));
         if (full < n) row_max = _mm512_mask_max_ps(row_max, valid_lanes(full, n), row_max, _mm512_loadu_ps(s + full));
         const float shift = _mm512_reduce_max_ps(row_max) * sh->scale;
         const __m512 shift2 = _mm512_set1_ps(shift * LOG2E);
@@ -179,7 +204,7 @@ static inline __attribute__((always_inline)) void forward_rows(const int R, cons
         sums[r] = _mm512_reduce_add_ps(sum);
         if (lse) lse[r] = shift + logf(sums[r]);
     }
-    weighted_rows(R, DV, w->s, npad, w->vp, n, sums, out, o_step);
+    weighted_rows(R, DV, w->s, npad, w->vp, n, sums, 1.0f, out, o_step);
 }
 
 /* Backward of R query rows: their dq rows, and their share of every key's dk and value's dv (accumulated). */
@@ -187,28 +212,31 @@ static inline __attribute__((always_inline)) void backward_rows(const int R, con
                                                                  const float *q, int64_t step, const float *o,
                                                                  const float *dout, int64_t o_step, const float *lse,
                                                                  const scratch_t *w, float *dq) {
-    const int64_t n = sh->n, npad = sh->npad, D = DV * 16;
+    const int64_t n = sh->n, npad = sh->npad, D = DV * 16, full = n / 16 * 16;
     dot_rows(R, D, q, step, w->kt, npad, w->s);      /* raw scores */
     dot_rows(R, D, dout, o_step, w->vt, npad, w->ds); /* dP = dout v^T */
-    const __m512 scale = _mm512_set1_ps(sh->scale), scale2 = _mm512_set1_ps(sh->scale * LOG2E);
+    const __m512 scale2 = _mm512_set1_ps(sh->scale * LOG2E);
     for (int r = 0; r < R; r++) {
         float delta = 0.0f; /* sum_j P dP = dout . out */
         for (int64_t d = 0; d < D; d++) delta += dout[r * o_step + d] * o[r * o_step + d];
         const __m512 shift2 = _mm512_set1_ps(lse[r] * LOG2E), delta_v = _mm512_set1_ps(delta);
         float *s = w->s + r * npad, *ds = w->ds + r * npad;
         for (int64_t j = 0; j < npad; j += 16) {
-            const __mmask16 valid = valid_lanes(j, n);
-            const __m512 y = _mm512_fmsub_ps(_mm512_loadu_ps(s + j), scale2, shift2);
-            const __m512 p = _mm512_maskz_mov_ps(valid, exp2_ps(y));
+            __m512 p = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), scale2, shift2));
+            if (j >= full) p = _mm512_maskz_mov_ps(valid_lanes(j, n), p); /* lanes past n (last chunk only) */
             _mm512_storeu_ps(s + j, p);
-            /* gradient of the raw score: P (dP - delta) scale */
-            _mm512_storeu_ps(ds + j, _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(ds + j), delta_v)),
-                                                   scale));
+            /* gradient of the raw score over `scale`: P (dP - delta); dq and dk take the factor at the end */
+            _mm512_storeu_ps(ds + j, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(ds + j), delta_v)));
         }
     }
-    weighted_rows(R, DV, w->ds, npad, w->kp, n, NULL, dq, step); /* dq = dS k */
-    accumulate_keys(R, DV, w->ds, npad, q, step, n, w->dk);            /* dk += dS^T q */
-    accumulate_keys(R, DV, w->s, npad, dout, o_step, n, w->dv);        /* dv += P^T dout */
+    weighted_rows(R, DV, w->ds, npad, w->kp, n, NULL, sh->scale, dq, step); /* dq = scale dS k */
+    /* four rows per pass over the keys: with eight, the eight row pointers do not fit the registers beside
+     * the held rows and each key's chain of eight dependent FMAs stalls */
+    const int RA = R < 4 ? R : 4;
+    for (int r0 = 0; r0 < R; r0 += RA) {
+        accumulate_keys(RA, DV, w->ds + r0 * npad, npad, q + r0 * step, step, n, w->dk); /* dk += dS^T q */
+        accumulate_keys(RA, DV, w->s + r0 * npad, npad, dout + r0 * o_step, o_step, n, w->dv); /* dv += P^T dout */
+    }
 }
 
 /* One specialised (fully unrolled) copy of the per-head code for each head size: R rows per block, DV vectors. */
@@ -240,7 +268,7 @@ static inline __attribute__((always_inline)) void backward_rows(const int R, con
             backward_rows(1, DV, sh, q + i * step, step, o + i * o_step, dout + i * o_step, o_step, lse + i, w,     \
                           dq + i * step);                                                                            \
         for (int64_t j = 0; j < n; j++) {                                                                            \
-            memcpy(dk + j * step, w->dk + j * D_, sizeof(float) * D_);                                               \
+            for (int64_t d = 0; d < D_; d++) dk[j * step + d] = w->dk[j * D_ + d] * sh->scale;                      \
             memcpy(dv + j * step, w->dv + j * D_, sizeof(float) * D_);                                               \
         }                                                                                                            \
     }

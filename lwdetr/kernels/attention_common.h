@@ -6,12 +6,12 @@
 
 #define LOG2E 1.44269504088896341f
 
-/* 2^y for y <= 127, within about 1e-7 relative (as exact as float32 evaluation allows): y = n + f with |f| <= 1/2,
- * 2^f from a degree-6 near-minimax polynomial (approximation error 2e-9, one multiply-add fewer than the Taylor
- * polynomial of the same accuracy), and vscalefps applies 2^n (results below the float range flush to 0). Callers
- * fold log2(e) into the scale they already apply, so e^x costs no extra multiply. */
+/* 2^y for finite y <= 127, within about 1e-7 relative (as exact as float32 evaluation allows): y = n + f with
+ * |f| <= 1/2, 2^f from a degree-6 near-minimax polynomial (approximation error 2e-9, one multiply-add fewer than
+ * the Taylor polynomial of the same accuracy), and vscalefps applies 2^n (any y below -150 flushes to 0, so no
+ * clamp is needed; infinite or NaN scores give NaN, as they would in PyTorch's softmax). Callers fold log2(e) into
+ * the scale they already apply, so e^x costs no extra multiply. */
 static inline __m512 exp2_ps(__m512 y) {
-    y = _mm512_max_ps(y, _mm512_set1_ps(-150.0f));
     const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(y, n);
     __m512 p = _mm512_set1_ps(1.5345811788456404e-04f); /* fitted to 2^f on [-1/2, 1/2], degree 6 .. 0 */
