@@ -10,6 +10,7 @@ from torch import nn
 
 from .config import LwDetrConfig
 from .deformable import MultiScaleDeformableAttention
+from .feedforward import buffer_reusing_mlp, buffer_reusing_mlp_applies
 from .layers import MLP, activation_layer, derived_weights, onednn_usable, pack_linear_weight
 
 __all__ = ["Decoder", "sine_embedding"]
@@ -78,6 +79,8 @@ class FeedForward(nn.Module):
         rows = x.reshape(-1, x.shape[-1])
         if not self.training and isinstance(self.act, nn.ReLU) and onednn_usable(x, self.fc1.weight):
             return self.fused_forward(rows).view(x.shape)
+        if (not self.training or self.dropout == 0) and buffer_reusing_mlp_applies(rows, self.fc1, self.act):
+            return x + buffer_reusing_mlp(rows, self.fc1, self.act, self.fc2).view(x.shape)
         # on 2-D rows fc1 returns a fresh tensor; on 3-D input it would return a view of one, and an in-place ReLU
         # on a view makes autograd copy the whole [rows, ffn_dim] gradient in the backward (CopySlices)
         y = F.dropout(self.act(self.fc1(rows)), self.dropout, self.training)

@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import LwDetrViTConfig
 from .cpu_kernels import attention_kernel
+from .feedforward import buffer_reusing_mlp, buffer_reusing_mlp_applies
 from .layers import activation_layer, derived_weights, onednn_usable, outside_tracing_on_cpu, pack_linear_weight
 
 __all__ = ["LwDetrViTBackbone", "ViTOutput"]
@@ -68,6 +69,8 @@ class ViTMlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if buffer_reusing_mlp_applies(x, self.fc1, self.act):
+            return buffer_reusing_mlp(x.reshape(-1, x.shape[-1]), self.fc1, self.act, self.fc2).view(x.shape)
         return self.fc2(self.act(self.fc1(x)))
 
 
