@@ -271,11 +271,19 @@ class LwDetrForObjectDetection(nn.Module):
         out = self.model(pixel_values, pixel_mask)
         enc_logits = out.enc_outputs_logits
         anchors = out.init_reference_points
-        logits = self.class_embed(out.last_hidden_state)
-        pred_boxes = refine_boxes(anchors, self.bbox_embed(out.last_hidden_state))
-        loss = loss_dict = auxiliary = None
+        with_auxiliary = labels is not None and self.config.auxiliary_loss
+        # with the auxiliary loss every layer's output goes through the heads, all layers in one pass: heads run on
+        # the stacked states and are split afterwards, so the backward never scatters gradients of slices of the
+        # [layers, B, Q, dim] states into zero-filled full-size buffers
+        hidden = out.intermediate_hidden_states if with_auxiliary else out.last_hidden_state
+        logits = self.class_embed(hidden)
+        pred_boxes = refine_boxes(anchors, self.bbox_embed(hidden))
+        loss = loss_dict = auxiliary = aux_logits = aux_boxes = None
+        if with_auxiliary:
+            aux_logits, aux_boxes, logits, pred_boxes = logits[:-1], pred_boxes[:-1], logits[-1], pred_boxes[-1]
+            auxiliary = [{"logits": c, "pred_boxes": b} for c, b in zip(aux_logits, aux_boxes)]
         if labels is not None:
-            loss, loss_dict, auxiliary = self._loss(out, logits, pred_boxes, enc_logits, labels)
+            loss, loss_dict = self._loss(out, logits, pred_boxes, enc_logits, labels, aux_logits, aux_boxes)
         return LwDetrObjectDetectionOutput(
             loss=loss,
             loss_dict=loss_dict,
@@ -290,16 +298,10 @@ class LwDetrForObjectDetection(nn.Module):
             enc_outputs_coord_logits=out.enc_outputs_coord_logits,
         )
 
-    def _loss(self, out: LwDetrModelOutput, logits, pred_boxes, enc_logits, labels):
+    def _loss(self, out: LwDetrModelOutput, logits, pred_boxes, enc_logits, labels, aux_logits, aux_boxes):
         from .loss import detection_loss
 
-        aux_logits = aux_boxes = auxiliary = None
-        if self.config.auxiliary_loss:
-            earlier = out.intermediate_hidden_states[:-1]
-            aux_logits = self.class_embed(earlier)
-            aux_boxes = refine_boxes(out.init_reference_points, self.bbox_embed(earlier))
-            auxiliary = [{"logits": c, "pred_boxes": b} for c, b in zip(aux_logits, aux_boxes)]
-        loss, loss_dict = detection_loss(
+        return detection_loss(
             self.config,
             logits,
             pred_boxes,
@@ -310,4 +312,3 @@ class LwDetrForObjectDetection(nn.Module):
             enc_boxes=out.enc_outputs_coord_logits,
             group_detr=self.model.groups,
         )
-        return loss, loss_dict, auxiliary

@@ -66,6 +66,10 @@ def test_training_parity_losses_and_gradients(preset: str, monkeypatch):
     assert set(got.loss_dict) == set(expected.loss_dict)
     for key, value in expected.loss_dict.items():
         assert relative_error(got.loss_dict[key], value) < TOLERANCE, key
+    assert len(got.auxiliary_outputs) == len(expected.auxiliary_outputs) == ours.config.decoder_layers - 1
+    for own, theirs in zip(got.auxiliary_outputs, expected.auxiliary_outputs):
+        for key in ("logits", "pred_boxes"):
+            assert relative_error(own[key], theirs[key]) < TOLERANCE, key
     expected.loss.backward()
     got.loss.backward()
     reference_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
