@@ -54,13 +54,18 @@ def build_pair(preset: str, seed: int = 0) -> tuple[torch.nn.Module, LwDetrForOb
 
 
 def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each function, calls interleaved round-robin: one list per function, one entry per round."""
+    """Seconds per call of each function, calls interleaved round-robin: one list per function, one entry per round.
+
+    Every other round runs the functions in reverse order, so that neither side always runs right after the other
+    (a training step, for one, starts on whatever memory the previous step's allocations left behind).
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for round_index in range(repeats):
+        for name, fn in order if round_index % 2 == 0 else order[::-1]:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -445,7 +450,7 @@ def main() -> None:
         ("fresh", lambda: bench_fresh_latency(report, "tiny", repeats, size)),
         ("compile", lambda: bench_compiled(report, "tiny", repeats, size)),
         ("compile", lambda: bench_compiled(report, "small", repeats, size)),
-        ("train", lambda: bench_training(report, "tiny", 4 if not args.quick else 2, max(2, repeats // 3), size)),
+        ("train", lambda: bench_training(report, "tiny", 4 if not args.quick else 2, max(2, repeats // 2), size)),
         ("flops", lambda: bench_flops(report, "tiny", repeats, size)),
         ("e2e", lambda: bench_end_to_end(report, "tiny", max(2, repeats // 2), 2 if args.quick else 4, size)),
         ("onnx", lambda: bench_onnx(report, "tiny", repeats, size)),
