@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LwDetrConfig
+from .cpu_kernels import attention_kernel
 from .deformable import MultiScaleDeformableAttention
 from .feedforward import buffer_reusing_mlp, buffer_reusing_mlp_applies
-from .layers import MLP, activation_layer, derived_weights, onednn_usable, pack_linear_weight
+from .layers import MLP, activation_layer, derived_weights, onednn_usable, outside_tracing_on_cpu, pack_linear_weight
 
 __all__ = ["Decoder", "sine_embedding"]
 
@@ -47,21 +48,31 @@ class GroupSelfAttention(nn.Module):
         """hidden, position: [batch, queries, dim] -> [batch, queries, dim]."""
         batch, queries, dim = hidden.shape
         per_group = queries // groups
-        # groups become extra batch entries: [groups * batch, per_group, dim], group-major like the reference
-        q_in = hidden + position
-        if groups > 1:
-            q_in = q_in.view(batch, groups, per_group, dim).transpose(0, 1).reshape(groups * batch, per_group, dim)
-            hidden = hidden.view(batch, groups, per_group, dim).transpose(0, 1).reshape(groups * batch, per_group, dim)
+        # the queries of one group are contiguous, so [batch * groups, per_group, dim] is a free view in which every
+        # group is its own batch entry (attention is per entry: the order of the entries does not matter)
+        q_in = (hidden + position).reshape(batch * groups, per_group, dim)
+        v_in = hidden.reshape(batch * groups, per_group, dim)
+        out = self._attend(q_in, v_in)
+        return self.o_proj(out).reshape(batch, queries, dim)
+
+    def _attend(self, q_in: torch.Tensor, v_in: torch.Tensor) -> torch.Tensor:
+        """[entries, n, dim] query/key input and value input -> attention output before o_proj, [entries, n, dim]."""
+        entries, n, dim = v_in.shape
+        head_dim = dim // self.heads
+        dropout = self.dropout if self.training else 0.0
+        kernel = attention_kernel(head_dim, v_in.dtype) if dropout == 0.0 and outside_tracing_on_cpu(v_in) else None
+        if kernel is not None and not (v_in.dtype == torch.bfloat16 and torch.is_grad_enabled()):
+            # our kernel takes q, k, v side by side per token: q and k (same input) from one GEMM, then v
+            qk_weight = torch.cat((self.q_proj.weight, self.k_proj.weight))
+            qk_bias = None if self.q_proj.bias is None else torch.cat((self.q_proj.bias, self.k_proj.bias))
+            return kernel(torch.cat((F.linear(q_in, qk_weight, qk_bias), self.v_proj(v_in)), -1), self.heads)
 
         def heads(x: torch.Tensor) -> torch.Tensor:
-            return x.view(x.shape[0], x.shape[1], self.heads, -1).transpose(1, 2)
+            return x.view(entries, n, self.heads, head_dim).transpose(1, 2)
 
-        q, k, v = heads(self.q_proj(q_in)), heads(self.k_proj(q_in)), heads(self.v_proj(hidden))
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        out = self.o_proj(out.transpose(1, 2).reshape(q.shape[0], per_group, dim))
-        if groups > 1:
-            out = out.view(groups, batch, per_group, dim).transpose(0, 1).reshape(batch, queries, dim)
-        return out
+        q, k, v = heads(self.q_proj(q_in)), heads(self.k_proj(q_in)), heads(self.v_proj(v_in))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        return out.transpose(1, 2).reshape(entries, n, dim)
 
 
 class FeedForward(nn.Module):

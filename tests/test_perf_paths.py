@@ -173,3 +173,38 @@ def test_cli_export(model_dir: Path, tmp_path: Path) -> None:
     output = tmp_path / "model.onnx"
     assert main(["export", "--model", str(model_dir), "--output", str(output), "--image-size", "128", "128"]) == 0
     assert output.stat().st_size > 0
+
+
+def test_decoder_self_attention_kernel_matches_pytorch_attention(monkeypatch) -> None:
+    from lwdetr import decoder
+
+    torch.manual_seed(0)
+    attention = decoder.GroupSelfAttention(64, 2, bias=True, dropout=0.0).train()
+    hidden = torch.randn(2, 3 * 10, 64, requires_grad=True)  # 3 groups of 10 queries per image
+    position = torch.randn(2, 3 * 10, 64)
+    grad_out = torch.randn(2, 30, 64)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        hidden.grad = None
+        attention.zero_grad(set_to_none=True)
+        out = attention(hidden, position, groups=3)
+        out.backward(grad_out)
+        return (out.detach(), hidden.grad, *(p.grad for p in attention.parameters()))
+
+    def groups_stay_apart() -> None:  # changing one group's queries leaves the other groups' outputs alone
+        with torch.no_grad():
+            edited = hidden.detach().clone()
+            edited[:, :10] += 1.0
+            before, after = attention(hidden, position, groups=3), attention(edited, position, groups=3)
+        assert torch.equal(before[:, 10:], after[:, 10:])
+        assert not torch.allclose(before[:, :10], after[:, :10])
+
+    if decoder.attention_kernel(32, torch.float32) is None:
+        pytest.skip("no compiled attention kernel on this machine")
+    fast = run()
+    groups_stay_apart()
+    monkeypatch.setattr(decoder, "attention_kernel", lambda head_dim, dtype: None)
+    plain = run()
+    groups_stay_apart()
+    for got, expected in zip(fast, plain):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
