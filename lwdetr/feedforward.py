@@ -3,14 +3,16 @@
 
 Autograd's backward of `fc2(act(fc1(x)))` allocates two fresh [rows, hidden] tensors (the gradient of the
 activation's output, then of its input). At LW-DETR's training sizes these are 20-43 MB each (the decoder's FFN
-with Group DETR's 13 query groups: 5200 x 2048 floats), and glibc hands blocks that large out as fresh mmaps that
-fault in page by page: about 15 ms per block on a 2-core machine, more than the element-wise work on them.
+with Group DETR's 13 query groups: 5200 x 2048 floats), and glibc hands blocks that large out as fresh mmaps
+(always above 32 MB) that fault in page by page: up to 15 ms per block on a 2-core machine, more than the
+element-wise work on them.
 
-Here the backward takes fc2's weight gradient first, after which the activation's output (saved for it) is dead:
-the hidden gradient is computed in row chunks of cache size and written over it, and fc1's gradients and the input
-gradient are then read from that same buffer. The arithmetic is the one autograd does (same ops on the same
-values, bitwise-equal results). Calling backward twice on one graph (`retain_graph=True`) raises autograd's
-"modified by an inplace operation" error instead of returning wrong gradients; double backward is unsupported.
+Here the backward takes fc2's weight gradient first, after which the activation's output (saved for it) is dead: the
+hidden gradient is computed in row chunks of cache size and written over it, and fc1's gradients and the input
+gradient are then read from that same buffer. The arithmetic is the one autograd does (the same ops on the same
+values; in the tests the gradients come out bitwise equal). Calling backward twice on one graph
+(`retain_graph=True`) raises autograd's "modified by an inplace operation" error instead of returning wrong
+gradients; double backward is unsupported.
 """
 
 from __future__ import annotations
