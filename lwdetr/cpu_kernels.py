@@ -147,15 +147,15 @@ def _load(build: _Build) -> ctypes.CDLL | None:
     return library
 
 
-def attention_kernel(head_dim: int, dtype: torch.dtype = torch.float32) -> AttentionFn | None:
+def attention_kernel(head_dim: int, dtype: torch.dtype = torch.float32, needs_grad: bool = False) -> AttentionFn | None:
     """The compiled attention for heads of `head_dim` features in `dtype` on this machine, or None.
 
     float32: `kernel_attention` (with autograd), head sizes 16, 32, 48, 64, AVX-512. bfloat16: `amx_attention`
-    (inference only), head size 16, AMX.
+    (inference only, so None when the caller `needs_grad`), head size 16, AMX.
     """
     if dtype == torch.float32 and head_dim in _FLOAT32_HEAD_SIZES and _load(_FLOAT32) is not None:
         return kernel_attention
-    if dtype == torch.bfloat16 and head_dim in _AMX_HEAD_SIZES and _load(_AMX_BF16) is not None:
+    if dtype == torch.bfloat16 and not needs_grad and head_dim in _AMX_HEAD_SIZES and _load(_AMX_BF16) is not None:
         return amx_attention
     return None
 

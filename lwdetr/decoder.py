@@ -60,8 +60,9 @@ class GroupSelfAttention(nn.Module):
         entries, n, dim = v_in.shape
         head_dim = dim // self.heads
         dropout = self.dropout if self.training else 0.0
-        kernel = attention_kernel(head_dim, v_in.dtype) if dropout == 0.0 and outside_tracing_on_cpu(v_in) else None
-        if kernel is not None and not (v_in.dtype == torch.bfloat16 and torch.is_grad_enabled()):
+        usable = dropout == 0.0 and outside_tracing_on_cpu(v_in)
+        kernel = attention_kernel(head_dim, v_in.dtype, needs_grad=torch.is_grad_enabled()) if usable else None
+        if kernel is not None:
             # our kernel takes q, k, v side by side per token: q and k (same input) from one GEMM, then v
             qk_weight = torch.cat((self.q_proj.weight, self.k_proj.weight))
             qk_bias = None if self.q_proj.bias is None else torch.cat((self.q_proj.bias, self.k_proj.bias))

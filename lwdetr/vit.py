@@ -9,7 +9,6 @@ has no positional bias, so the unusual token order does not change its result.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,17 +43,11 @@ class ViTAttention(nn.Module):
         """qkv: [batch, tokens, 3 * dim] -> attention output before the projection, [batch, tokens, dim]."""
         batch, tokens, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         head_dim = dim // self.num_heads
-        if outside_tracing_on_cpu(qkv) and (kernel := self.compiled_kernel(qkv, head_dim)):
+        needs_grad = torch.is_grad_enabled() and qkv.requires_grad
+        if outside_tracing_on_cpu(qkv) and (kernel := attention_kernel(head_dim, qkv.dtype, needs_grad=needs_grad)):
             return kernel(qkv, self.num_heads)
         q, k, v = qkv.view(batch, tokens, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim)
-
-    def compiled_kernel(self, qkv: torch.Tensor, head_dim: int) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
-        """Our compiled attention (`cpu_kernels`) for this input, if one serves it: float32 with or without autograd,
-        bfloat16 (AMX) without."""
-        if qkv.dtype == torch.bfloat16 and torch.is_grad_enabled() and qkv.requires_grad:
-            return None
-        return attention_kernel(head_dim, qkv.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch, tokens, dim] -> [batch, tokens, dim]."""

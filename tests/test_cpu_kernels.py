@@ -125,8 +125,8 @@ def test_vit_attention_runs_in_the_kernel(monkeypatch):
     PyTorch's attention in outputs and gradients."""
     calls = []
 
-    def counting(head_dim: int, dtype: torch.dtype):
-        kernel = cpu_kernels.attention_kernel(head_dim, dtype)
+    def counting(head_dim: int, dtype: torch.dtype, needs_grad: bool = False):
+        kernel = cpu_kernels.attention_kernel(head_dim, dtype, needs_grad)
         return None if kernel is None else lambda qkv, heads: calls.append(heads) or kernel(qkv, heads)
 
     torch.manual_seed(0)
@@ -144,7 +144,7 @@ def test_vit_attention_runs_in_the_kernel(monkeypatch):
 
     kernel_maps, kernel_grads, kernel_eval = run(counting)
     assert len(calls) == 2 * len(backbone.encoder.layer)  # with autograd, then without
-    torch_maps, torch_grads, _ = run(lambda head_dim, dtype: None)
+    torch_maps, torch_grads, _ = run(lambda head_dim, dtype, needs_grad=False: None)
     for got, expected in zip(kernel_maps + kernel_eval, torch_maps + torch_maps):
         assert (got - expected).abs().max().item() < 1e-4 * expected.abs().max().item()
     for got, expected in zip(kernel_grads, torch_grads):
@@ -169,6 +169,7 @@ def test_amx_kernel_matches_torch_bf16_attention(tokens: int):
 
 @needs_amx
 def test_amx_kernel_refuses_autograd():
+    assert cpu_kernels.attention_kernel(16, torch.bfloat16, needs_grad=True) is None  # callers then use PyTorch's
     qkv = torch.randn(1, 16, 3 * 16, dtype=torch.bfloat16, requires_grad=True)
     with pytest.raises(RuntimeError, match="no backward"):
         cpu_kernels.amx_attention(qkv, 1)
@@ -178,8 +179,8 @@ def test_amx_kernel_refuses_autograd():
 def test_bf16_vit_runs_its_attention_on_amx(monkeypatch):
     calls = []
 
-    def counting(head_dim: int, dtype: torch.dtype):
-        kernel = cpu_kernels.attention_kernel(head_dim, dtype)
+    def counting(head_dim: int, dtype: torch.dtype, needs_grad: bool = False):
+        kernel = cpu_kernels.attention_kernel(head_dim, dtype, needs_grad)
         return None if kernel is None else lambda qkv, heads: calls.append(qkv.dtype) or kernel(qkv, heads)
 
     torch.manual_seed(0)
@@ -189,7 +190,7 @@ def test_bf16_vit_runs_its_attention_on_amx(monkeypatch):
     with torch.no_grad():
         fast = backbone(pixels).feature_maps
     assert calls == [torch.bfloat16] * len(backbone.encoder.layer)
-    monkeypatch.setattr(vit, "attention_kernel", lambda head_dim, dtype: None)
+    monkeypatch.setattr(vit, "attention_kernel", lambda head_dim, dtype, needs_grad=False: None)
     with torch.no_grad():
         slow = backbone(pixels).feature_maps
     for a, b in zip(fast, slow):  # two bf16 computations: rounding of a few bf16 ulps of the maps' scale

@@ -51,7 +51,7 @@ def test_training_parity_losses_and_gradients(preset: str, monkeypatch):
     # PyTorch's attention here, so that both models round alike: with random weights, rounding differences of 1e-6
     # reorder near-tied proposals in Group DETR's top-k (13 groups x 300 of ~500 tokens) and every gradient downstream
     # of the swapped queries. The compiled kernel's gradients are checked against PyTorch's in test_cpu_kernels.py.
-    monkeypatch.setattr(vit, "attention_kernel", lambda head_dim, dtype: None)
+    monkeypatch.setattr(vit, "attention_kernel", lambda head_dim, dtype, needs_grad=False: None)
     reference, ours = twin_models(preset, num_labels=5)
     reference.train()
     ours.train()
