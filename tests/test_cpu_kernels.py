@@ -101,11 +101,13 @@ def test_a_failing_compiler_falls_back_to_torch(fresh_library, monkeypatch):
 
 
 @needs_kernel
-def test_kernel_gradients_match_torch_attention():
+@pytest.mark.parametrize("head_dim", [16, 32, 48, 64])  # dk and dv accumulate transposed for 16, per key otherwise
+@pytest.mark.parametrize("tokens", [1, 7, 37, 100, 257])  # 1, 3 and 1 chunks of 16 keys after the 64-key tiles
+def test_kernel_gradients_match_torch_attention(head_dim: int, tokens: int):
     torch.manual_seed(0)
-    heads, head_dim = 3, 16
-    qkv = torch.randn(2, 37, 3 * heads * head_dim) * 2
-    grad_out = torch.randn(2, 37, heads * head_dim)
+    heads = 3
+    qkv = torch.randn(2, tokens, 3 * heads * head_dim) * 2
+    grad_out = torch.randn(2, tokens, heads * head_dim)
     grads = {}
     for name, attention, dtype in [
         ("exact", torch_attention, torch.float64),
@@ -115,8 +117,11 @@ def test_kernel_gradients_match_torch_attention():
         x = qkv.to(dtype).clone().requires_grad_()
         attention(x, heads).backward(grad_out.to(dtype))
         grads[name] = x.grad.double()
+    # float32 rounding of sums over up to 257 keys (in another order than PyTorch's): the kernel's error measured
+    # 0.2-2x PyTorch's over these shapes; a wrong index or a lost tail would be off by O(1)
     torch_error = (grads["torch"] - grads["exact"]).abs().max().item()
-    assert (grads["kernel"] - grads["exact"]).abs().max().item() <= 1.5 * torch_error + 1e-6
+    scale = grads["exact"].abs().max().item()
+    assert (grads["kernel"] - grads["exact"]).abs().max().item() <= 2 * torch_error + 1e-6 * scale
 
 
 @needs_kernel
