@@ -52,9 +52,10 @@ def ragged_batch(height: int, width: int, step: int, batch: int = 2, seed: int =
     return pixels, mask
 
 
-def outputs_with_the_same_proposals(reference, ours, make_inputs, tries: int = 5):
+def outputs_with_the_same_proposals(reference, ours, make_inputs, tries: int = 5, labels=None):
     """(reference outputs, our outputs) on the first input, of `make_inputs(seed)` for seed 0, 1, ..., on which both
-    models select the same top-k proposals (the same `enc_outputs_coord_logits`).
+    models select the same top-k proposals (the same `enc_outputs_coord_logits`). With `labels`, the models run with
+    autograd and compute their losses (for training mode).
 
     Top-k order decides which learned query slot each proposal meets. Our inference kernels (channels-last
     convolutions, fused GEMMs) round differently from the reference's at the 1e-6 level, and with random weights
@@ -64,8 +65,9 @@ def outputs_with_the_same_proposals(reference, ours, make_inputs, tries: int = 5
     """
     for seed in range(tries):
         pixels, mask = make_inputs(seed)
-        with torch.no_grad():
-            expected, got = reference(pixel_values=pixels, pixel_mask=mask), ours(pixels, mask)
+        with torch.set_grad_enabled(labels is not None):
+            expected = reference(pixel_values=pixels, pixel_mask=mask, labels=labels)
+            got = ours(pixels, mask, labels=labels)
         if relative_error(got.enc_outputs_coord_logits, expected.enc_outputs_coord_logits) < 1e-4:
             return expected, got
     raise AssertionError(f"the models selected different proposals on each of {tries} inputs")

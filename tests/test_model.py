@@ -49,17 +49,19 @@ def test_eval_parity(preset: str, shape: str):
 @pytest.mark.parametrize("preset", ["nano", "tiny", "large"])
 def test_training_parity_losses_and_gradients(preset: str, monkeypatch):
     # PyTorch's attention here, so that both models round alike: with random weights, rounding differences of 1e-6
-    # reorder near-tied proposals in Group DETR's top-k (13 groups x 300 of ~500 tokens) and every gradient downstream
-    # of the swapped queries. The compiled kernel's gradients are checked against PyTorch's in test_cpu_kernels.py.
+    # reorder near-tied proposals in Group DETR's top-k (13 groups) and every output downstream of the swapped
+    # queries. The projector's channels-last convolutions still round differently, hence 50 queries per group (fewer
+    # near ties than the presets' 300) and an input on which both models pick the same proposals (see the helper).
+    # The compiled kernel's gradients are checked against PyTorch's in test_cpu_kernels.py.
     monkeypatch.setattr(vit, "attention_kernel", lambda head_dim, dtype, needs_grad=False: None)
-    reference, ours = twin_models(preset, num_labels=5)
+    reference, ours = twin_models(preset, num_labels=5, num_queries=50)
     reference.train()
     ours.train()
     step = _step(ours)
-    pixels, mask = ragged_batch(5 * step, 6 * step, step)
     labels = random_labels(2, 5, counts=[3, 1])
-    expected = reference(pixel_values=pixels, pixel_mask=mask, labels=labels)
-    got = ours(pixels, mask, labels=labels)
+    expected, got = outputs_with_the_same_proposals(
+        reference, ours, lambda seed: ragged_batch(5 * step, 6 * step, step, 2, seed), tries=10, labels=labels
+    )
     groups = ours.config.group_detr
     assert got.logits.shape[1] == ours.config.num_queries * groups
     assert relative_error(got.loss, expected.loss) < TOLERANCE
@@ -70,8 +72,16 @@ def test_training_parity_losses_and_gradients(preset: str, monkeypatch):
     for own, theirs in zip(got.auxiliary_outputs, expected.auxiliary_outputs):
         for key in ("logits", "pred_boxes"):
             assert relative_error(own[key], theirs[key]) < TOLERANCE, key
-    expected.loss.backward()
-    got.loss.backward()
+
+    # Gradients in float64. In float32 a rounding difference can also flip a near-tied Hungarian match, which moves
+    # whole gradient tensors (seen: 2e-2 of their scale in large's projector, with equal losses); in float64 both
+    # models compute the same function to ~1e-12, and any error in our backward shows.
+    reference.double()
+    ours.double()
+    pixels, mask = ragged_batch(5 * step, 6 * step, step)
+    labels = [{k: v.double() if v.is_floating_point() else v for k, v in target.items()} for target in labels]
+    reference(pixel_values=pixels.double(), pixel_mask=mask, labels=labels).loss.backward()
+    ours(pixels.double(), mask, labels=labels).loss.backward()
     reference_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
     reference_grads = from_reference_state_dict(reference_grads)
     own_grads = {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}
@@ -82,7 +92,7 @@ def test_training_parity_losses_and_gradients(preset: str, monkeypatch):
         # constant a training-mode BatchNorm removes) and hold rounding noise: those are compared against a floor
         # set by the largest gradient of the model.
         scale = max(grad.abs().max().item(), 1e-5 * largest)
-        assert (own_grads[name] - grad).abs().max().item() <= 1e-3 * scale, name
+        assert (own_grads[name] - grad).abs().max().item() <= 1e-8 * scale, name
 
 
 def test_every_parameter_gets_a_gradient():
