@@ -3,9 +3,12 @@
 Softmax attention for LW-DETR's short heads, faster than PyTorch's CPU flash attention (`benchmarks/bench.py`):
 - `kernels/attention_avx512.c`: float32, forward and backward, head sizes 16, 32, 48 and 64, AVX-512;
 - `kernels/attention_amx_bf16.c`: bfloat16 forward, head size 16, on the AMX tile unit (Sapphire Rapids and later).
+And the deformable attention's sampling, in place of a `grid_sample` per level:
+- `kernels/deformable_avx512.c`: float32, forward and backward, head sizes 16, 32, 48 and 64, AVX-512.
 
 Everything here is optional: without x86-64 Linux, the CPU features, a C compiler or PyTorch's OpenMP runtime, or
-with `LWDETR_CPU_KERNELS=0`, `attention_kernel()` returns None and the model uses `F.scaled_dot_product_attention`.
+with `LWDETR_CPU_KERNELS=0`, `attention_kernel()` and `deformable_kernel()` return None and the model uses
+`F.scaled_dot_product_attention` and `F.grid_sample`.
 The compiled libraries are cached under `$LWDETR_CACHE` (default `~/.cache/lwdetr/kernels`), keyed by the source
 and compiler flags, and written atomically.
 """
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["amx_attention", "attention_kernel", "kernel_attention"]
+__all__ = ["amx_attention", "attention_kernel", "deformable_kernel", "kernel_attention", "kernel_deformable_sampling"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +44,32 @@ class _Build:
     """One kernel library: its source, the extra compiler flags and the CPU features (/proc/cpuinfo) it needs."""
 
     source: str
-    functions: tuple[tuple[str, int], ...]  # (name, number of pointer arguments before the sizes)
+    functions: tuple[tuple[str, tuple[type, ...]], ...]  # (name, ctypes argument types)
     flags: tuple[str, ...] = ()
     cpu_features: tuple[str, ...] = ("avx512f", "avx512dq", "avx512bw", "avx512vl")
     probe: str | None = None  # a function returning nonzero when the library may run in this process
 
 
-_FLOAT32 = _Build("attention_avx512.c", (("lwdetr_attention_forward", 3), ("lwdetr_attention_backward", 5)))
+_POINTER, _I64 = ctypes.c_void_p, ctypes.c_int64
+_ATTENTION_SIZES = (_I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int)  # batch, heads, n, d, scale, threads
+_DEFORMABLE_SIZES = (_I64,) * 9 + (ctypes.c_int,)  # batch ... value_batch_step, threads
+_FLOAT32 = _Build(
+    "attention_avx512.c",
+    (
+        ("lwdetr_attention_forward", (_POINTER,) * 3 + _ATTENTION_SIZES),
+        ("lwdetr_attention_backward", (_POINTER,) * 5 + _ATTENTION_SIZES),
+    ),
+)
+_DEFORMABLE = _Build(
+    "deformable_avx512.c",
+    (
+        ("lwdetr_deformable_forward", (_POINTER,) * 5 + _DEFORMABLE_SIZES),
+        ("lwdetr_deformable_backward", (_POINTER,) * 8 + _DEFORMABLE_SIZES),
+    ),
+)
 _AMX_BF16 = _Build(
     "attention_amx_bf16.c",
-    (("lwdetr_attention_forward_amx", 2),),
+    (("lwdetr_attention_forward_amx", (_POINTER,) * 2 + _ATTENTION_SIZES),),
     ("-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
     ("avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16"),
     probe="lwdetr_amx_available",  # Linux grants AMX tile state per process, on request
@@ -59,6 +78,7 @@ _FLOAT32_HEAD_SIZES = (16, 32, 48, 64)
 _AMX_HEAD_SIZES = (16,)
 
 AttentionFn = Callable[[torch.Tensor, int], torch.Tensor]
+DeformableFn = Callable[[torch.Tensor, list[tuple[int, int]], torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _cache_dir() -> Path:
@@ -135,14 +155,13 @@ def _load(build: _Build) -> ctypes.CDLL | None:
     try:
         library = ctypes.CDLL(str(_compile(build)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        logger.info("CPU kernel %s unavailable, using PyTorch's attention: %s", build.source, error)
+        logger.info("CPU kernel %s unavailable, using PyTorch's ops: %s", build.source, error)
         return None
     if build.probe is not None and not getattr(library, build.probe)():
         logger.info("CPU kernel %s refused by this process (%s)", build.source, build.probe)
         return None
-    sizes = [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
-    for name, pointers in build.functions:
-        getattr(library, name).argtypes = [ctypes.c_void_p] * pointers + sizes
+    for name, argtypes in build.functions:
+        getattr(library, name).argtypes = list(argtypes)
         getattr(library, name).restype = ctypes.c_int
     return library
 
@@ -170,7 +189,7 @@ def _library(build: _Build = _FLOAT32) -> ctypes.CDLL:
 def _check(status: int, what: str) -> None:
     if status != 0:
         reason = {1: "out of memory", 2: "unsupported shape", 3: "AMX refused"}.get(status, f"status {status}")
-        raise RuntimeError(f"CPU attention kernel ({what}) failed: {reason}")
+        raise RuntimeError(f"CPU kernel ({what}) failed: {reason}")
 
 
 def _sizes(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, int, float, int]:
@@ -242,3 +261,70 @@ def amx_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     status = _library(_AMX_BF16).lwdetr_attention_forward_amx(qkv.data_ptr(), out.data_ptr(), *_sizes(qkv, num_heads))
     _check(status, "AMX forward")
     return out
+
+
+_DEFORMABLE_HEAD_SIZES = (16, 32, 48, 64)
+
+
+def deformable_kernel(head_dim: int, dtype: torch.dtype = torch.float32) -> DeformableFn | None:
+    """The compiled deformable sampling (`kernel_deformable_sampling`, with autograd) for heads of `head_dim`
+    features in `dtype` on this machine, or None: float32, head sizes 16, 32, 48 and 64, AVX-512."""
+    if dtype == torch.float32 and head_dim in _DEFORMABLE_HEAD_SIZES and _load(_DEFORMABLE) is not None:
+        return kernel_deformable_sampling
+    return None
+
+
+def _deformable_sizes(value: torch.Tensor, locations: torch.Tensor) -> tuple[int, ...]:
+    batch, tokens, heads, head_dim = value.shape
+    queries, num_levels, points = locations.shape[1], locations.shape[3], locations.shape[4]
+    return (batch, tokens, heads, head_dim, queries, num_levels, points, value.stride(1), value.stride(0))
+
+
+class _DeformableSampling(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, locations, weights, levels):
+        out = value.new_empty(value.shape[0], locations.shape[1], value.shape[2] * value.shape[3])
+        sizes = _deformable_sizes(value, locations)
+        status = _library(_DEFORMABLE).lwdetr_deformable_forward(
+            value.data_ptr(), locations.data_ptr(), weights.data_ptr(), out.data_ptr(), levels.data_ptr(), *sizes,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        _check(status, "deformable forward")
+        ctx.save_for_backward(value, locations, weights, levels)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        value, locations, weights, levels = ctx.saved_tensors
+        grad_out = grad_out.to(torch.float32).contiguous()
+        grad_value = torch.zeros(value.shape, dtype=value.dtype)  # the kernel scatters into it
+        grad_locations, grad_weights = torch.empty_like(locations), torch.empty_like(weights)
+        status = _library(_DEFORMABLE).lwdetr_deformable_backward(
+            value.data_ptr(), locations.data_ptr(), weights.data_ptr(), grad_out.data_ptr(), grad_value.data_ptr(),
+            grad_locations.data_ptr(), grad_weights.data_ptr(), levels.data_ptr(),
+            *_deformable_sizes(value, locations), torch.get_num_threads(),
+        )  # fmt: skip
+        _check(status, "deformable backward")
+        return grad_value, grad_locations, grad_weights, None
+
+
+def kernel_deformable_sampling(
+    value: torch.Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """`deformable.sample_levels` with the compiled kernel, with autograd; float32 on the CPU.
+
+    value: [batch, tokens, heads, head_dim], the levels' tokens one after another (any batch and token strides;
+    heads and features contiguous, as in the value projection's output); sampling_locations: [batch, queries,
+    heads, levels, points, 2] in [0, 1] (x, y); attention_weights: [batch, queries, heads, levels, points]
+    -> [batch, queries, heads * head_dim].
+    """
+    if value.stride(3) != 1 or value.stride(2) != value.shape[3]:
+        value = value.contiguous()
+    levels = torch.tensor(spatial_shapes, dtype=torch.int64).reshape(-1, 2)
+    return _DeformableSampling.apply(
+        value.float(), sampling_locations.float().contiguous(), attention_weights.float().contiguous(), levels
+    )

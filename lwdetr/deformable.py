@@ -1,4 +1,4 @@
-"""Multi-scale deformable attention (Deformable DETR) in pure PyTorch over `grid_sample`."""
+"""Multi-scale deformable attention (Deformable DETR): over `grid_sample`, or our CPU kernel for the sampling."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .cpu_kernels import deformable_kernel
+from .layers import outside_tracing_on_cpu
 
 __all__ = ["MultiScaleDeformableAttention", "sample_levels"]
 
@@ -87,16 +90,24 @@ class MultiScaleDeformableAttention(nn.Module):
         Returns [batch, queries, dim].
         """
         batch, queries, _ = query.shape
-        if value is None:
-            value = self.project_values(memory)  # [batch, dim, tokens]
-        if memory_mask is not None:
-            value = value.masked_fill(~memory_mask[:, None], 0.0)
         shape = (batch, queries, self.heads, self.levels, self.points)
         offsets = self.sampling_offsets(query).view(*shape, 2)
         weights = self.attention_weights(query).view(batch, queries, self.heads, -1).softmax(-1).view(shape)
         # offsets are in units of half the reference box, spread over the points
         centre, size = reference_boxes[:, :, None, :, None, :2], reference_boxes[:, :, None, :, None, 2:]
         locations = centre + offsets * (size * (0.5 / self.points))
+        kernel = deformable_kernel(self.dim // self.heads, memory.dtype) if outside_tracing_on_cpu(memory) else None
+        if kernel is not None:
+            # the kernel reads each head's features in place from token-major values
+            tokens = self.value_proj(memory) if value is None else value.transpose(1, 2)  # [batch, tokens, dim]
+            if memory_mask is not None:
+                tokens = tokens.masked_fill(~memory_mask[..., None], 0.0)
+            sampled = kernel(tokens.unflatten(-1, (self.heads, -1)), spatial_shapes, locations, weights)
+            return self.output_proj(sampled)
+        if value is None:
+            value = self.project_values(memory)  # [batch, dim, tokens]
+        if memory_mask is not None:
+            value = value.masked_fill(~memory_mask[:, None], 0.0)
         return self.output_proj(sample_levels(value, spatial_shapes, locations, weights, self.heads))
 
     def project_values(self, memory: torch.Tensor) -> torch.Tensor:
