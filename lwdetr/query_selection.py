@@ -65,7 +65,8 @@ class EncoderHeads(nn.Module):
         # the scores only choose the winners: no gradient flows through them, so they need no graph
         with torch.no_grad():
             features = self.project(group, tokens)
-            scores = self.enc_out_class_embed[group](features).masked_fill(invalid, float("-inf")).max(-1).values
+            # best class per token, then the mask ([batch, T] rather than [batch, T, C]; amax keeps no indices)
+            scores = self.enc_out_class_embed[group](features).amax(-1).masked_fill(invalid[..., 0], float("-inf"))
             top = scores.topk(k, dim=1).indices  # [batch, k]
         if torch.is_grad_enabled():
             # project the k winners again, with autograd: the backward then runs over k tokens rather than all T
