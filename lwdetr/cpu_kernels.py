@@ -322,6 +322,20 @@ def kernel_deformable_sampling(
     heads, levels, points, 2] in [0, 1] (x, y); attention_weights: [batch, queries, heads, levels, points]
     -> [batch, queries, heads * head_dim].
     """
+    if value.device.type != "cpu" or value.dim() != 4:
+        raise ValueError(f"value must be a CPU [batch, tokens, heads, head_dim] tensor, got {tuple(value.shape)}")
+    batch, _, heads, _ = value.shape
+    expected = (batch, sampling_locations.shape[1], heads, len(spatial_shapes))
+    if sampling_locations.dim() != 6 or sampling_locations.shape[:4] != expected or sampling_locations.shape[5] != 2:
+        raise ValueError(
+            f"sampling_locations must be [batch, queries, heads, levels, points, 2] = [{', '.join(map(str, expected))}"
+            f", points, 2], got {tuple(sampling_locations.shape)}"
+        )
+    if attention_weights.shape != sampling_locations.shape[:5]:
+        raise ValueError(
+            f"attention_weights must be {tuple(sampling_locations.shape[:5])} (the locations' shape without the "
+            f"last axis), got {tuple(attention_weights.shape)}"
+        )
     if value.stride(3) != 1 or value.stride(2) != value.shape[3]:
         value = value.contiguous()
     levels = torch.tensor(spatial_shapes, dtype=torch.int64).reshape(-1, 2)

@@ -87,6 +87,20 @@ def test_kernel_rejects_levels_that_do_not_add_up():
 
 
 @needs_kernel
+def test_kernel_rejects_mismatched_shapes():
+    value, locations, weights, _ = _inputs(2, 16, [(4, 4)], 3)
+    value, locations, weights = value.float().view(2, 16, 2, 16), locations.float(), weights.float()
+    with pytest.raises(ValueError, match="sampling_locations must be"):
+        cpu_kernels.kernel_deformable_sampling(value, [(4, 4)], locations[:1], weights[:1])
+    with pytest.raises(ValueError, match="sampling_locations must be"):
+        cpu_kernels.kernel_deformable_sampling(value, [(2, 4), (2, 4)], locations, weights)
+    with pytest.raises(ValueError, match="attention_weights must be"):
+        cpu_kernels.kernel_deformable_sampling(value, [(4, 4)], locations, weights[..., :2])
+    with pytest.raises(ValueError, match="value must be"):
+        cpu_kernels.kernel_deformable_sampling(value.flatten(2), [(4, 4)], locations, weights)
+
+
+@needs_kernel
 @pytest.mark.parametrize("with_value", [False, True])
 def test_deformable_attention_runs_in_the_kernel(monkeypatch, with_value):
     """The module samples with the kernel (with and without a precomputed value, with a padding mask) and agrees
