@@ -7,9 +7,9 @@
  * the grid as 2 loc - 1: pixel x = loc_x W - 0.5, y = loc_y H - 0.5; corners outside the map contribute zero.
  *
  * Why a kernel of our own: PyTorch samples level by level with grid_sample on a channels-first copy of the values,
- * then weights and sums the samples in separate passes; its backward scatters one float at a time. Here a head's
- * features (16 floats per vector) are read in place from the value projection's token-major output, and the
- * backward computes the value, location and weight gradients in one pass.
+ * then weights and sums the samples in separate passes over [batch * heads, head_dim, queries, points] tensors,
+ * and back again in the backward. Here a head's features (16 floats per vector) are read in place from the value
+ * projection's token-major output, and the backward computes the value, location and weight gradients in one pass.
  *
  * Layout: value [batch, tokens, heads, D] with row (token) step value_step and batch step value_batch_step, the
  * levels one after another, row-major; loc [batch, queries, heads, levels, points, 2] (x, y); attn [batch, queries,
