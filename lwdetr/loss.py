@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .box_ops import box_cxcywh_to_xyxy, paired_box_iou, paired_generalized_box_iou
-from .matcher import HungarianMatcher
+from .matcher import HungarianMatcher, at_least_float32
 
 if TYPE_CHECKING:
     from transformers import LwDetrConfig
@@ -85,6 +85,24 @@ def detection_loss(
     """
     batch_size = logits.shape[0]
     levels = _output_levels(config, logits, pred_boxes, aux_logits, aux_boxes, enc_logits, enc_boxes)
+    # Matching and losses run in float32 whatever the autocast: in half precision a saturated sigmoid rounds to
+    # exactly 1, so `log(1 - p)` is -inf and the matcher would take the worst pair for the best.
+    levels = [
+        (suffix, at_least_float32(level_logits), at_least_float32(boxes)) for suffix, level_logits, boxes in levels
+    ]
+    with torch.autocast(logits.device.type, enabled=False):
+        return _weighted_loss(config, levels, labels, batch_size, group_detr)
+
+
+def _weighted_loss(
+    config: LwDetrConfig,
+    levels: list[tuple[str, Tensor, Tensor]],
+    labels: Sequence[Mapping[str, Any]],
+    batch_size: int,
+    group_detr: int,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """`detection_loss` over its float32 (key suffix, logits, boxes) levels, outside autocast."""
+    logits = levels[0][1]
     targets = _prepare_targets(labels, batch_size, config.num_labels, logits.device)
     # The matcher keeps its default focal alpha of 0.25: the reference's matcher ignores `config.focal_alpha`.
     matcher = HungarianMatcher(config.class_cost, config.bbox_cost, config.giou_cost)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
-__all__ = ["HungarianMatcher"]
+__all__ = ["HungarianMatcher", "at_least_float32"]
 
 
 class HungarianMatcher:
@@ -72,11 +72,15 @@ class HungarianMatcher:
         if group_detr < 1 or num_queries % group_detr != 0:
             raise ValueError(f"{num_queries} queries cannot be split into {group_detr} equal groups")
         sizes = [len(target["boxes"]) for target in targets]
-        cost = self.cost_matrix(logits.flatten(0, 1), pred_boxes.flatten(0, 1), targets)
-        # One device -> host copy for the whole batch; scipy (and numpy) cannot take half precision.
+        # Costs in float32 whatever the autocast or the inputs' dtype: in half precision `1 - p + 1e-8` is 0 for a
+        # saturated sigmoid, whose class cost would then be -inf (and, once cleaned, the worst pair, not the best).
+        with torch.autocast(logits.device.type, enabled=False):
+            targets = [{**target, "boxes": at_least_float32(target["boxes"])} for target in targets]
+            cost = self.cost_matrix(
+                at_least_float32(logits.flatten(0, 1)), at_least_float32(pred_boxes.flatten(0, 1)), targets
+            )
+        # One device -> host copy for the whole batch.
         cost = cost.view(batch_size, num_queries, sum(sizes)).cpu()
-        if cost.dtype in (torch.float16, torch.bfloat16):
-            cost = cost.float()
         group_size = num_queries // group_detr
         # Image i only competes for its own targets: its columns are the i-th chunk of the concatenated targets.
         per_image = cost.split(sizes, dim=-1)
@@ -118,6 +122,11 @@ class HungarianMatcher:
         if_present = alpha * ((1 - probs) ** gamma) * (-(probs + 1e-8).log())
         # Subtracting before gathering the target columns gives the same numbers and works on [P, C], not [P, T].
         return if_present - if_absent
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """`x` in float32 when it is in a half-precision dtype (float16, bfloat16), else `x` itself (float64 stays)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _assign_groups(cost: np.ndarray, group_size: int, group_detr: int) -> tuple[Tensor, Tensor]:

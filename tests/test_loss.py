@@ -286,3 +286,43 @@ def test_empty_targets_given_as_lists():
     config = _config(auxiliary_loss=False, group_detr=1)
     total, loss_dict = _one_image_call(config, [{"class_labels": [], "boxes": []}])
     assert torch.isfinite(total) and loss_dict["loss_bbox"] == 0 and loss_dict["loss_giou"] == 0
+
+
+def _saturated_outputs(generator: torch.Generator, queries: int = 40) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Logits up to ~12 (sigmoid 1 - 6e-6, which rounds to exactly 1 in float16) and targets the confident
+    queries already predict: the case where half-precision costs turn the best pairs into the worst."""
+    logits = torch.randn(2, queries, NUM_LABELS, generator=generator) - 4
+    boxes = (0.2 + 0.6 * torch.rand(2, queries, 4, generator=generator)).clamp(0.05, 0.95)
+    labels = []
+    for image in range(2):
+        confident = torch.arange(image, queries, 7)[:4]
+        classes = torch.randint(0, NUM_LABELS, (len(confident),), generator=generator)
+        logits[image, confident, classes] = 11 + torch.rand(len(confident), generator=generator)
+        labels.append({"class_labels": classes, "boxes": boxes[image, confident] + 0.01})
+    return logits, boxes, labels
+
+
+def test_float16_matching_equals_float32():
+    logits, boxes, labels = _saturated_outputs(torch.Generator().manual_seed(3))
+    matcher = HungarianMatcher(class_cost=2, bbox_cost=5, giou_cost=2)
+    expected = matcher.match(logits, boxes, labels, group_detr=2)
+    assert torch.sigmoid(logits.half()).max() == 1  # the inputs do saturate in float16
+    for got in (
+        matcher.match(logits.half(), boxes.half(), labels, group_detr=2),
+        matcher.match(logits.bfloat16(), boxes.bfloat16(), labels, group_detr=2),
+    ):
+        for (pred, target), (pred32, target32) in zip(got, expected):
+            assert torch.equal(pred, pred32) and torch.equal(target, target32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_loss_equals_float32_loss_on_saturated_logits(dtype):
+    """The loss of half-precision outputs (as autocast hands them over) is the float32 loss of those outputs."""
+    config = _config(auxiliary_loss=False, group_detr=2)
+    logits, boxes, labels = _saturated_outputs(torch.Generator().manual_seed(4), queries=config.num_queries * 2)
+    reference, _ = detection_loss(config, logits, boxes, labels, group_detr=2)
+    with torch.autocast("cpu", dtype=dtype):
+        half, _ = detection_loss(config, logits.to(dtype), boxes.to(dtype), labels, group_detr=2)
+    assert half.dtype == torch.float32
+    # only the rounding of the inputs to half precision differs (was x4 for float16 before matching in float32)
+    assert abs(half.item() - reference.item()) <= 0.05 * reference.item()
