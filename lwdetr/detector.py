@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
+from .cpu_features import reduced_precision_fallback
 from .images import ImageLoadError, ImageSource, load_image
 from .processing import LwDetrImageProcessor
 
@@ -105,6 +106,8 @@ class Detector:
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = _as_dtype(dtype)
+        if self.dtype is not None:  # half precision on a CPU that only emulates it runs float32 (logged once)
+            self.dtype = reduced_precision_fallback(self.dtype, self.device)
         if self.dtype in (torch.bfloat16, torch.float16) and hasattr(model, "to_mixed_precision"):
             # reduced precision for the encoder only; query selection, decoder and heads stay fp32
             self.model = model.to(device=self.device).to_mixed_precision(self.dtype).eval()

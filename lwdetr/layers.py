@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from .cpu_features import native_bfloat16
+
 __all__ = [
     "activation_layer",
     "MLP",
@@ -18,6 +20,7 @@ __all__ = [
     "onednn_usable",
     "derived_weights",
     "pack_linear_weight",
+    "pack_conv_weight",
 ]
 
 T = TypeVar("T")
@@ -72,6 +75,8 @@ def onednn_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cpu")
         and torch.backends.mkldnn.is_available()
+        # oneDNN's bf16 kernels raise on CPUs without AVX-512 or avx_ne_convert (AVX2-only machines)
+        and (x.dtype != torch.bfloat16 or native_bfloat16())
     )
 
 
@@ -94,6 +99,12 @@ def pack_linear_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
     """An [out, in] weight in oneDNN's blocked layout for `torch.ops.mkldnn._linear_pointwise`, which then skips
     reordering it on every call; `rows` hints the GEMM's M."""
     return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+
+def pack_conv_weight(weight: torch.Tensor, geometry: tuple, input_shape: list[int]) -> torch.Tensor:
+    """A convolution weight in oneDNN's blocked layout for `torch.ops.mkldnn._convolution_pointwise`;
+    `geometry` is (padding, stride, dilation, groups) as lists and an int."""
+    return torch.ops.mkldnn._reorder_convolution_weight(weight, *geometry, input_shape)
 
 
 # oneDNN's names for the activations it can apply inside a convolution
@@ -124,7 +135,7 @@ class ConvBnAct(nn.Module):
             factor = (norm.running_var.float() + norm.eps).rsqrt() * norm.weight.float()
             weight = (conv.weight.float() * factor[:, None, None, None]).to(conv.weight.dtype)
             bias = (norm.bias.float() - norm.running_mean.float() * factor).to(conv.weight.dtype)
-            return torch.ops.mkldnn._reorder_convolution_weight(weight, *geometry, list(x.shape)), bias
+            return pack_conv_weight(weight, geometry, list(x.shape)), bias
 
         sources = (conv.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var)
         weight, bias = derived_weights(self, sources, fold, tuple(x.shape))

@@ -46,10 +46,13 @@ def test_kernel_matches_torch_attention(head_dim: int, tokens: int):
         torch_error = (torch_attention(qkv, heads) - exact).abs().max().item()
         got = cpu_kernels.kernel_attention(qkv, heads)
     assert got.shape == exact.shape and got.dtype == torch.float32
-    # as close to the float64 result as PyTorch's own float32 attention is
-    error = (got - exact).abs().max().item()
-    assert error <= 1.5 * torch_error + 1e-6
-    assert error < 1e-5 * exact.abs().max().item()
+    # about as close to the float64 result as PyTorch's own float32 attention is. Both err by ~1e-6 of the
+    # output's scale (float32 rounding of scores up to ~30); which of the two is closer differs by case and by CPU
+    # (PyTorch's own kernel differs between AVX2, AVX-512 and AMX machines), hence the term in the scale. A real
+    # indexing error is off by O(scale).
+    error, scale = (got - exact).abs().max().item(), exact.abs().max().item()
+    assert error <= 2 * torch_error + 2e-6 * scale
+    assert error < 1e-5 * scale
 
 
 @needs_kernel

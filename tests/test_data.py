@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from shared_data import microcontrollers_dataset
 
 from finetune.archive import safe_extract_zip
 from finetune.data import DataError, load_detection_data, train_targets
@@ -29,8 +30,10 @@ from finetune.transforms import (
     multiscale_sizes,
 )
 
-MICROCONTROLLERS = Path("/work/shared/datasets/microcontrollers")
-needs_microcontrollers = pytest.mark.skipif(not MICROCONTROLLERS.is_dir(), reason="dataset A not present")
+
+@pytest.fixture
+def microcontrollers() -> Path:
+    return microcontrollers_dataset()
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -87,9 +90,8 @@ def shapes_dir(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------------ the real dataset A
 
 
-@needs_microcontrollers
-def test_microcontrollers_ingest_with_an_accurate_report():
-    data = load_detection_data(MICROCONTROLLERS)
+def test_microcontrollers_ingest_with_an_accurate_report(microcontrollers: Path):
+    data = load_detection_data(microcontrollers)
     report = data.report
     assert [len(data.train), len(data.val), len(data.test)] == [120, 15, 15]
     assert [report.splits[s].annotations for s in ("train", "val", "test")] == [144, 16, 19]
@@ -114,9 +116,8 @@ def test_microcontrollers_ingest_with_an_accurate_report():
     assert record.boxes.dtype == np.float32 and record.labels.dtype == np.int64 and record.iscrowd.dtype == bool
 
 
-@needs_microcontrollers
-def test_coco_ground_truth_scores_one_against_itself():
-    data = load_detection_data(MICROCONTROLLERS)
+def test_coco_ground_truth_scores_one_against_itself(microcontrollers: Path):
+    data = load_detection_data(microcontrollers)
     for split in (data.train, data.val, data.test):
         gt = split.to_coco_gt()
         assert min(a["id"] for a in gt["annotations"]) == 1  # the id-0 quirk

@@ -9,20 +9,16 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from shared_data import microcontrollers_dataset
 
 from finetune.ema import ModelEma
 from finetune.optim import OptimizerSettings, lr_factor, param_groups
 from finetune.synthetic import make_synthetic_dataset
 from finetune.train import ConfigError, TrainConfig, epoch_batches, resume_config, train
-
-MICROCONTROLLERS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "microcontrollers"
-if not MICROCONTROLLERS.is_dir():
-    MICROCONTROLLERS = Path("/work/shared/datasets/microcontrollers")
 
 
 def _nano(num_labels: int = 3):
@@ -366,10 +362,9 @@ def _per_epoch(seen: list[int], epoch: int, per_epoch: int = 12) -> list[int]:
 # ------------------------------------------------------------------------------------------ the real dataset
 
 
-@pytest.mark.skipif(not MICROCONTROLLERS.is_dir(), reason="shared microcontrollers dataset not present")
 def test_short_run_on_microcontrollers(tmp_path):
     config = TrainConfig(
-        data=str(MICROCONTROLLERS),
+        data=str(microcontrollers_dataset()),
         output=str(tmp_path / "run"),
         model="nano",
         epochs=1,
@@ -392,7 +387,8 @@ def test_short_run_on_microcontrollers(tmp_path):
 
 @pytest.mark.slow
 def test_nano_learns_synthetic_shapes(tmp_path):
-    """From scratch, nano goes from AP50 ~0 to >= 0.7 on easy shapes within about 5 CPU minutes."""
+    """From scratch, nano goes from AP50 ~0 to >= 0.7 on easy shapes (about 3 minutes on an idle AVX-512 2-core
+    machine; `benchmarks/` is where times are measured, not here)."""
     from finetune.data import load_detection_data
     from finetune.evaluate import coco_metrics, predict_detections
     from finetune.train import build_model
@@ -411,14 +407,11 @@ def test_nano_learns_synthetic_shapes(tmp_path):
         data.val.to_coco_gt(), predict_detections(untrained, loader, torch.device("cpu")), data.id2label
     )["AP50"]
 
-    start = time.monotonic()
     result = train(config)
-    minutes = (time.monotonic() - start) / 60
     curve = [round(row.get("AP50", float("nan")), 3) for row in result.history]
-    print(f"\nAP50 before {before:.3f}; per epoch {curve}; best AP {result.best_ap:.3f}; {minutes:.1f} min")
+    print(f"\nAP50 before {before:.3f}; per epoch {curve}; best AP {result.best_ap:.3f}")
     assert before < 0.05
     assert max(row["AP50"] for row in result.history if "AP50" in row) >= 0.7
-    assert minutes < 8  # about 5 on an idle 2-core machine; slack for shared CI runners
 
 
 # What the learning test (and the demo model) trains: tuned for a 2-core CPU.

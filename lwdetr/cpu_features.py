@@ -1,0 +1,87 @@
+"""What this machine's CPU can do, asked once: the facts every fast path checks before it runs.
+
+The speed code was first written on Xeons with AVX-512 and AMX; the same wheel runs on AVX2-only laptops and cloud
+CPUs (most AMD EPYCs, many Hugging Face Spaces), on ARM and on Apple Silicon. Each fast path asks here and falls
+back to PyTorch's plain ops when the answer is no, so no path can crash on a CPU it was not written for.
+Tests patch these functions to play another CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import platform
+
+import torch
+
+__all__ = ["cpu_flags", "cpu_name", "isa_summary", "native_bfloat16", "native_float16", "reduced_precision_fallback"]
+
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """(model name, flags) of the first processor in /proc/cpuinfo; ("", {}) where there is none (macOS, Windows)."""
+    name, flags = "", frozenset()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not name:
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = frozenset(value.split())
+                if name and flags:
+                    break
+    except OSError:
+        pass
+    return name, flags
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them (`avx2`, `avx512f`, `avx512_bf16`, `amx_tile`, ...)."""
+    return _cpuinfo()[1]
+
+
+def cpu_name() -> str:
+    """The CPU's model name, or the platform's processor string where /proc/cpuinfo is missing."""
+    return _cpuinfo()[0] or platform.processor() or platform.machine()
+
+
+def isa_summary() -> str:
+    """One line for logs and benchmarks: the CPU, its widest vector ISA and PyTorch's kernel choice."""
+    flags = cpu_flags()
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "avx_ne_convert")
+    present = [flag for flag in wanted if flag in flags] or ["no x86 vector flags"]
+    return f"{cpu_name()} [{', '.join(present)}; torch {torch.backends.cpu.get_cpu_capability()}]"
+
+
+def native_bfloat16() -> bool:
+    """Whether oneDNN runs bfloat16 on this CPU (AVX-512 BW/VL/DQ, avx_ne_convert or ARM's bf16): its bf16 kernels
+    (packed weights, fused linear and convolution) refuse to run elsewhere, and PyTorch's plain bf16 ops fall back
+    to slow reference loops there, slower than float32."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def native_float16() -> bool:
+    """Whether oneDNN runs float16 on this CPU (AVX-512 FP16 or AMX-FP16); elsewhere float16 ops are emulated."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning(message)
+
+
+def reduced_precision_fallback(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype to run a model asked for in `dtype` on `device`: `dtype` itself, except bfloat16 or float16 on a
+    CPU without native support for it, which runs float32 (faster there than emulated half precision, and exact);
+    says so once per process at WARNING."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return dtype
+    native = native_bfloat16() if dtype == torch.bfloat16 else native_float16()
+    if native:
+        return dtype
+    needs = "AVX-512 (BW, VL, DQ) or avx_ne_convert" if dtype == torch.bfloat16 else "AVX-512 FP16 or AMX-FP16"
+    _warn_once(f"{dtype} needs {needs} on the CPU; this one ({cpu_name()}) has neither, so the model runs in float32")
+    return torch.float32
