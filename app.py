@@ -42,10 +42,12 @@ def main(argv: list[str] | None = None) -> None:
     settings = AppSettings.from_env(data_dir=args.data_dir, model=args.model)
     configure_environment(settings.paths, redirect_tempfile=True)  # before gradio builds anything
 
+    from lwdetr.cpu_kernels import start_background_build
     from lwdetr_app.handlers import AppContext
     from lwdetr_app.models import ModelChoice, ModelRegistry, choose_default_model
     from lwdetr_app.ui import build_demo
 
+    start_background_build()  # detections run PyTorch's ops until our CPU kernels are ready; the UI says which run
     default = choose_default_model(settings.demo_model_dir, settings.model, settings.hub_timeout)
     registry = ModelRegistry()
     if default.ref:

@@ -95,6 +95,18 @@ def config_from_args(argv: list[str]) -> TrainConfig:
     return TrainConfig(**given)
 
 
+def _prepare_cpu_kernels(config: TrainConfig) -> None:
+    """Build our CPU kernels before the first step (once per machine, one rank at a time), so that every step of a
+    run, and of its resumption, runs the same ops; says which are active."""
+    import torch
+
+    if config.dry_run or torch.cuda.is_available():
+        return
+    from lwdetr.cpu_kernels import prepare_kernels
+
+    print(f"finetune: {prepare_kernels()}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from finetune.errors import DataError
@@ -107,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--data is required (or --resume with --output of an earlier run)")
         from finetune.callbacks import TqdmProgress
 
+        _prepare_cpu_kernels(config)
         result = train(config, callback=TqdmProgress())
     except (DataError, ConfigError, ModelNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -26,12 +26,25 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-__all__ = ["amx_attention", "attention_kernel", "deformable_kernel", "kernel_attention", "kernel_deformable_sampling"]
+from .cpu_features import cpu_flags
+
+__all__ = [
+    "amx_attention",
+    "attention_kernel",
+    "deformable_kernel",
+    "forget_loaded",
+    "kernel_attention",
+    "kernel_deformable_sampling",
+    "kernel_status",
+    "prepare_kernels",
+    "start_background_build",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +87,12 @@ _AMX_BF16 = _Build(
     ("avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16"),
     probe="lwdetr_amx_available",  # Linux grants AMX tile state per process, on request
 )
+_BUILDS = (_FLOAT32, _DEFORMABLE, _AMX_BF16)
+_DESCRIPTIONS = {
+    _FLOAT32: "float32 attention (AVX-512)",
+    _DEFORMABLE: "deformable sampling (AVX-512)",
+    _AMX_BF16: "bf16 attention (AMX)",
+}
 _FLOAT32_HEAD_SIZES = (16, 32, 48, 64)
 _AMX_HEAD_SIZES = (16,)
 
@@ -86,18 +105,6 @@ def _cache_dir() -> Path:
         return Path(os.environ["LWDETR_CACHE"]) / "kernels"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "lwdetr" / "kernels"
-
-
-@functools.cache
-def _cpu_features() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def _openmp_runtime_loaded() -> bool:
@@ -113,57 +120,169 @@ def _openmp_runtime_loaded() -> bool:
         return False
 
 
-def _supported_machine(build: _Build) -> bool:
-    return (
-        os.environ.get("LWDETR_CPU_KERNELS", "1") != "0"
-        and platform.system() == "Linux"
-        and platform.machine() in ("x86_64", "AMD64")
-        and set(build.cpu_features) <= _cpu_features()
-        and _openmp_runtime_loaded()
-    )
+def _unsupported(build: _Build) -> str | None:
+    """Why `build` cannot run here (one phrase), or None when it can."""
+    if os.environ.get("LWDETR_CPU_KERNELS", "1") == "0":
+        return "switched off by LWDETR_CPU_KERNELS=0"
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"they need x86-64 Linux, this is {platform.system()} {platform.machine()}"
+    missing = [flag for flag in build.cpu_features if flag not in cpu_flags()]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    if not _openmp_runtime_loaded():
+        return "PyTorch runs without an OpenMP runtime"
+    return None
 
 
 def _compile(build: _Build) -> Path:
-    """The shared library of `build`, from the cache when an identical build is there."""
+    """The shared library of `build`, from the cache when an identical build is there.
+
+    Built once per machine: a file lock makes concurrent processes (app workers, DDP ranks) wait for the first
+    one's build instead of compiling too. The file name holds a key of the compiler command and one of the
+    sources, so builds with other flags or compilers sharing the cache keep their files; only older builds of the
+    same command are removed. An unwritable cache falls back to a private folder for this process.
+    """
+    import fcntl  # POSIX only, like the kernels (`_unsupported` turns other systems away before this)
+
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise RuntimeError("no C compiler (gcc or cc) on PATH")
     source = _KERNELS / build.source
     command = [compiler, *_BASE_FLAGS, *build.flags]
     sources = b"".join(path.read_bytes() for path in (source, _KERNELS / "attention_common.h"))
-    key = hashlib.sha256(sources + " ".join(command).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"{source.stem}-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        result = subprocess.run([*command, "-o", str(built), str(source)], capture_output=True, text=True, timeout=120)
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
-        os.replace(built, target)  # atomic: a concurrent process sees the old state or the whole library
-    for stale in target.parent.glob(f"{source.stem}-*.so"):  # builds of older sources or flags
-        if stale != target:
-            stale.unlink(missing_ok=True)
+    command_key = hashlib.sha256(" ".join(command).encode()).hexdigest()[:8]
+    source_key = hashlib.sha256(sources).hexdigest()[:12]
+    folder = _writable_cache()
+    target = folder / f"{source.stem}-{command_key}-{source_key}.so"
+    with open(folder / f".{source.stem}-{command_key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        if target.exists():
+            return target
+        logger.info("compiling the CPU kernel %s (once per machine)", build.source)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            built = Path(tmp) / target.name
+            result = subprocess.run(
+                [*command, "-o", str(built), str(source)], capture_output=True, text=True, timeout=300
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[:500]}")
+            os.replace(built, target)  # atomic: a process that does not lock sees no library or the whole one
+        # older sources with the same command, and builds named before the command had a key of its own
+        for stale in [*folder.glob(f"{source.stem}-{command_key}-*.so"), *folder.glob(f"{source.stem}-{'?' * 16}.so")]:
+            if stale != target:
+                stale.unlink(missing_ok=True)
     return target
 
 
 @functools.cache
-def _load(build: _Build) -> ctypes.CDLL | None:
-    if not _supported_machine(build):
-        return None
+def _private_cache() -> Path:
+    return Path(tempfile.mkdtemp(prefix="lwdetr-kernels-"))
+
+
+def _writable_cache() -> Path:
+    folder = _cache_dir()
     try:
-        library = ctypes.CDLL(str(_compile(build)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        logger.info("CPU kernel %s unavailable, using PyTorch's ops: %s", build.source, error)
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except OSError:
+        pass
+    logger.info("kernel cache %s is not writable; building into a private folder", folder)
+    return _private_cache()
+
+
+# build -> its library, or None where it cannot run; and why each is off (for `kernel_status`)
+_LOADED: dict[_Build, ctypes.CDLL | None] = {}
+_OFF_REASONS: dict[str, str] = {}
+_LOAD_LOCK = threading.Lock()
+_background: threading.Thread | None = None
+
+
+def _load(build: _Build) -> ctypes.CDLL | None:
+    """`build`'s library, built and loaded on first use; None where it cannot run, and also (without waiting)
+    while `start_background_build` is still compiling: callers run PyTorch's ops meanwhile."""
+    if build in _LOADED:
+        return _LOADED[build]
+    if _background is not None and _background.is_alive() and threading.current_thread() is not _background:
         return None
-    if build.probe is not None and not getattr(library, build.probe)():
-        logger.info("CPU kernel %s refused by this process (%s)", build.source, build.probe)
+    with _LOAD_LOCK:
+        if build not in _LOADED:
+            _LOADED[build] = _load_now(build)
+    return _LOADED[build]
+
+
+def _load_now(build: _Build) -> ctypes.CDLL | None:
+    reason = _unsupported(build)
+    if reason is None:
+        try:
+            library = ctypes.CDLL(str(_compile(build)))
+            if build.probe is not None and not getattr(library, build.probe)():
+                reason = "the OS refused this process the AMX tile state"
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            reason = f"the build failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+    if reason is not None:
+        _OFF_REASONS[build.source] = reason
+        # the float32 kernels are the main fast path: their absence is said once at WARNING, the rest at INFO
+        level = logging.WARNING if build is _FLOAT32 and not reason.startswith("switched off") else logging.INFO
+        logger.log(level, "fast CPU kernel %s off (%s): PyTorch's ops run instead", build.source, reason)
         return None
+    _OFF_REASONS.pop(build.source, None)
     for name, argtypes in build.functions:
         getattr(library, name).argtypes = list(argtypes)
         getattr(library, name).restype = ctypes.c_int
     return library
+
+
+def forget_loaded() -> None:
+    """Forget every loaded library and build result (tests that change the environment call this)."""
+    with _LOAD_LOCK:
+        _LOADED.clear()
+        _OFF_REASONS.clear()
+
+
+def prepare_kernels() -> str:
+    """Build and load every kernel this machine can run, now (a training run calls this before its first step, so
+    every step runs the same ops); returns `kernel_status()`."""
+    for build in _BUILDS:
+        _load(build)
+    return kernel_status()
+
+
+def start_background_build() -> threading.Thread | None:
+    """Build and load every kernel this machine can run in a daemon thread, so a server or CLI starts at once; until
+    it finishes, `attention_kernel` and `deformable_kernel` return None (PyTorch's ops run). Returns the thread
+    (join it to wait), or None when there is nothing to build."""
+    global _background
+    pending = [build for build in _BUILDS if build not in _LOADED]
+    if not pending:
+        return None
+
+    def build_all() -> None:
+        for build in pending:
+            with _LOAD_LOCK:
+                if build not in _LOADED:
+                    _LOADED[build] = _load_now(build)
+        logger.info("%s", kernel_status())
+
+    logger.info("preparing the CPU kernels in the background (a first build takes 10-60 s; cached afterwards)")
+    _background = threading.Thread(target=build_all, name="lwdetr-kernel-build", daemon=True)
+    _background.start()
+    return _background
+
+
+def kernel_status() -> str:
+    """One line for logs and status bars: which fast CPU kernels are active, or why they are off."""
+    if _background is not None and _background.is_alive() and threading.current_thread() is not _background:
+        return "CPU kernels: building in the background (PyTorch's ops until then)"
+    active = [name for build, name in _DESCRIPTIONS.items() if _LOADED.get(build) is not None]
+    off = [
+        f"{name} ({_OFF_REASONS[build.source]})"
+        for build, name in _DESCRIPTIONS.items()
+        if build.source in _OFF_REASONS
+    ]
+    parts = [f"active: {', '.join(active)}"] if active else []
+    parts += [f"off: {'; '.join(off)}"] if off else []
+    return "CPU kernels " + (" | ".join(parts) if parts else "not loaded yet")
 
 
 def attention_kernel(head_dim: int, dtype: torch.dtype = torch.float32, needs_grad: bool = False) -> AttentionFn | None:

@@ -125,8 +125,10 @@ def test_predict_folder_with_bad_inputs(model_dir: Path, image_tree: Path, tmp_p
 
 def test_predict_to_stdout_single_file(model_dir: Path, image_tree: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["predict", str(image_tree / "a.png"), "--model", str(model_dir), "--threshold", "0.3"]) == 0
-    records = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    records = json.loads(out)
     assert records and {r["image_id"] for r in records} == {0}
+    assert any(line.startswith("lwdetr: CPU kernels ") for line in err.splitlines())  # which kernels ran
     x, y, width, height = records[0]["bbox"]
     assert width > 0 and height > 0
 

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,9 +30,9 @@ needs_amx = pytest.mark.skipif(
 def fresh_library(monkeypatch, tmp_path):
     """Forget the loaded library before and after the test; build into a private cache folder."""
     monkeypatch.setenv("LWDETR_CACHE", str(tmp_path))
-    cpu_kernels._load.cache_clear()
+    cpu_kernels.forget_loaded()
     yield tmp_path
-    cpu_kernels._load.cache_clear()
+    cpu_kernels.forget_loaded()
 
 
 def torch_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
@@ -89,10 +97,12 @@ def test_builds_once_into_the_cache_folder(fresh_library):
     built = list((fresh_library / "kernels").glob("attention_avx512-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
-    cpu_kernels._load.cache_clear()
+    cpu_kernels.forget_loaded()
     assert cpu_kernels.attention_kernel(16) is not None
     assert built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
-    assert [p.name for p in (fresh_library / "kernels").iterdir()] == [built[0].name]  # no temporary left behind
+    # no temporary left behind: the library and its lock file
+    lock = ".attention_avx512-" + built[0].name.split("-")[1] + ".lock"
+    assert sorted(p.name for p in (fresh_library / "kernels").iterdir()) == sorted([built[0].name, lock])
 
 
 def test_a_failing_compiler_falls_back_to_torch(fresh_library, monkeypatch):
@@ -209,3 +219,91 @@ def test_bf16_vit_runs_its_attention_on_amx(monkeypatch):
 def test_kernel_rejects_a_bad_qkv():
     with pytest.raises(ValueError, match="qkv must be"):
         cpu_kernels.kernel_attention(torch.randn(2, 10, 3 * 16 + 1), 1)
+
+
+# ---------------------------------------------------------------------------------------------- on any machine
+# What follows needs no AVX-512: it proves the fallbacks and the build's bookkeeping on every CPU.
+
+needs_gcc_on_x86 = pytest.mark.skipif(
+    not (shutil.which("gcc") and platform.machine() == "x86_64" and sys.platform == "linux"),
+    reason="compiling the kernels needs gcc on x86-64 Linux",
+)
+
+
+def test_a_cpu_without_avx512_runs_pytorch_and_says_why_once(fresh_library, monkeypatch, caplog):
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset({"sse4_2", "avx", "avx2", "fma"}))
+    with caplog.at_level("INFO", logger="lwdetr.cpu_kernels"):
+        assert cpu_kernels.attention_kernel(16) is None
+        assert cpu_kernels.attention_kernel(16) is None  # decided once
+        assert cpu_kernels.deformable_kernel(32) is None
+        assert cpu_kernels.attention_kernel(16, torch.bfloat16) is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "lacks avx512f" in warnings[0] and "PyTorch" in warnings[0]
+    assert not list(fresh_library.rglob("*.so"))  # nothing was compiled
+    status = cpu_kernels.kernel_status()
+    assert "off" in status and "lacks avx512f" in status and "active" not in status
+    model = LwDetrForObjectDetection(preset_config("nano", num_labels=3)).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, 128, 128)).logits).all()
+
+
+def test_a_missing_compiler_falls_back_with_a_warning(fresh_library, monkeypatch, caplog):
+    monkeypatch.setattr(cpu_kernels, "_unsupported", lambda build: None)  # play a machine the kernels fit
+    monkeypatch.setenv("CC", str(fresh_library / "no-such-compiler"))
+    with caplog.at_level("WARNING", logger="lwdetr.cpu_kernels"):
+        assert cpu_kernels.attention_kernel(16) is None
+    assert "build failed" in caplog.records[0].getMessage()
+    assert "build failed" in cpu_kernels.kernel_status()
+
+
+def test_requests_during_the_background_build_use_pytorch(fresh_library, monkeypatch):
+    release = threading.Event()
+    built = []
+
+    def slow_load(build):
+        release.wait(30)
+        built.append(build.source)
+        return object()  # stands for a loaded library: nothing calls into it here
+
+    monkeypatch.setattr(cpu_kernels, "_load_now", slow_load)
+    thread = cpu_kernels.start_background_build()
+    assert thread is not None and thread.is_alive()
+    assert cpu_kernels.attention_kernel(16) is None  # does not wait for the build
+    assert "building in the background" in cpu_kernels.kernel_status()
+    release.set()
+    thread.join(30)
+    assert sorted(built) == ["attention_amx_bf16.c", "attention_avx512.c", "deformable_avx512.c"]
+    assert cpu_kernels.attention_kernel(16) is cpu_kernels.kernel_attention
+    assert cpu_kernels.start_background_build() is None  # nothing left to build
+
+
+@needs_gcc_on_x86
+def test_concurrent_processes_compile_once_and_other_flags_keep_their_builds(tmp_path):
+    """Two processes asking at once: one compiles (file lock), the other reuses its library. A build with another
+    compiler command (here another CC) shares the cache without deleting the first one's library."""
+    log = tmp_path / "compiler.log"
+    for name in ("cc-a", "cc-b"):
+        wrapper = tmp_path / name
+        wrapper.write_text(f'#!/bin/sh\necho {name} >> "{log}"\nexec gcc "$@"\n')
+        wrapper.chmod(0o755)
+    script = "from lwdetr import cpu_kernels; print(cpu_kernels._compile(cpu_kernels._DEFORMABLE))"
+
+    def compile_in(cc: str) -> subprocess.Popen:
+        env = {**os.environ, "LWDETR_CACHE": str(tmp_path / "cache"), "CC": str(tmp_path / cc)}
+        return subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+
+    first, second = compile_in("cc-a"), compile_in("cc-a")
+    paths = {first.communicate(timeout=300)[0].strip(), second.communicate(timeout=300)[0].strip()}
+    assert first.returncode == second.returncode == 0
+    assert log.read_text().split() == ["cc-a"] and len(paths) == 1
+    other = compile_in("cc-b")
+    other_path = other.communicate(timeout=300)[0].strip()
+    assert other_path not in paths and Path(other_path).exists() and Path(paths.pop()).exists()
+
+
+def test_an_unwritable_cache_builds_into_a_private_folder(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("LWDETR_CACHE", str(blocker / "cache"))  # mkdir fails, even for root
+    folder = cpu_kernels._writable_cache()
+    assert folder.is_dir() and os.access(folder, os.W_OK) and blocker not in folder.parents
