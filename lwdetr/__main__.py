@@ -159,13 +159,14 @@ def _run_predict(args: argparse.Namespace) -> int:
         _error(str(error).splitlines()[0] if str(error) else type(error).__name__)
         return _EXIT_FATAL
     # our CPU kernels build (once per machine) while the first images run PyTorch's ops
-    kernel_build = start_background_build() if detector.device.type == "cpu" else None
+    on_cpu = detector.device.type == "cpu"
+    kernel_build = start_background_build() if on_cpu else None
     records, failed = _predict_all(detector, paths, args)
     _write_results(records, args.output)
     if kernel_build is not None and kernel_build.is_alive():  # let the first build finish: later runs use it
         print("lwdetr: finishing the CPU kernel build (once per machine)", file=sys.stderr)
         kernel_build.join()
-    if kernel_build is not None:
+    if on_cpu:
         print(f"lwdetr: {kernel_status()}", file=sys.stderr)
     where = args.output or "standard output"
     print(f"lwdetr: {len(records)} detections in {len(paths) - failed} images written to {where}", file=sys.stderr)

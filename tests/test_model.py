@@ -29,7 +29,12 @@ def _step(model: LwDetrForObjectDetection) -> int:
     return model.model.backbone.backbone.size_divisor
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+def _presets(names, slow=("large", "xlarge")) -> list:
+    """Preset names for parametrize; the big ones marked slow (run with `bash .ci/run --all`)."""
+    return [pytest.param(name, marks=pytest.mark.slow) if name in slow else name for name in names]
+
+
+@pytest.mark.parametrize("preset", _presets(PRESETS))
 @pytest.mark.parametrize("shape", ["square", "wide"])
 def test_eval_parity(preset: str, shape: str):
     reference, ours = twin_models(preset)
@@ -46,7 +51,7 @@ def test_eval_parity(preset: str, shape: str):
         assert relative_error(got[key], expected[key]) < TOLERANCE, key
 
 
-@pytest.mark.parametrize("preset", ["nano", "tiny", "large"])
+@pytest.mark.parametrize("preset", _presets(["nano", "tiny", "large"]))
 def test_training_parity_losses_and_gradients(preset: str, monkeypatch):
     # PyTorch's attention here, so that both models round alike: with random weights, rounding differences of 1e-6
     # reorder near-tied proposals in Group DETR's top-k (13 groups) and every output downstream of the swapped

@@ -140,6 +140,7 @@ def test_mixed_precision_model_without_native_bfloat16_uses_plain_ops(avx2_only_
     assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
 
 
+@pytest.mark.slow
 def test_compiled_detector_matches_eager() -> None:
     """`Detector(compile=True)` (inductor, frozen weights) gives the eager detections; the fused oneDNN kernels
     stand aside while compiling, so this also runs the plain ops of the fast path's ViT blocks."""

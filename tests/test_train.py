@@ -333,6 +333,7 @@ def _two_process_worker(data: str, output: str, record_dir: str) -> None:
     assert result.epochs_completed == 2
 
 
+@pytest.mark.slow
 def test_two_processes_train_in_lockstep_on_disjoint_data(tiny_data, tmp_path):
     """torchrun starts 2 gloo processes (this file is their script, see the end); each records what it saw."""
     records = tmp_path / "records"
