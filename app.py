@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         share=False,
         ssr_mode=False,
         run_history=False,
-        show_error=True,
-        max_file_size=settings.max_upload,
+        show_error=False,  # only gr.Error messages (ours: one line, no server path) reach visitors
+        max_file_size=settings.max_upload_bytes,
         # Files the app hands out (weights zips, detection JSON, example images); datasets and caches are not.
         allowed_paths=[str(settings.paths.runs), str(settings.paths.results), str(settings.examples_dir)],
     )
