@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,6 +151,9 @@ def inspect_dataset(root: str | os.PathLike, work_dir: Path | None = None, max_i
         data = load_detection_data(str(root), work_dir=work_dir)
     except DataError as error:
         return DatasetPreview(False, f"This dataset cannot be used: {error}")
+    except Exception as error:  # noqa: BLE001 - a hostile file must not break the page; the server log keeps it
+        traceback.print_exc()
+        return DatasetPreview(False, f"This dataset cannot be used: it could not be read ({type(error).__name__})")
     allowed = [Path(root).resolve()] + ([Path(work_dir, "hf").resolve()] if work_dir else [])
     previews = []
     for record in [r for r in data.train if len(r.boxes)]:

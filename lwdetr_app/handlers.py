@@ -361,7 +361,7 @@ class AppContext:
         datasets = self.paths.datasets
         try:
             root = root_getter()
-        except DataError as error:
+        except (DataError, OSError) as error:  # OSError: e.g. the disk is full
             message = f"This dataset cannot be used: {self.public_line(error, names)}"
             gr.Warning(message)
             return None, message, []
