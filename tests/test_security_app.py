@@ -125,6 +125,16 @@ def test_detection_json_is_named_by_a_server_side_id(ctx, assets):
     assert not any(p.name == "escaped" or p.name == "forged" for p in ctx.paths.root.parent.rglob("*"))
 
 
+def test_results_are_kept_under_their_budget(ctx, assets):
+    ctx.settings.results_budget = "1kb"  # about one detection's JSON
+    written = []
+    for _ in range(4):
+        ctx._results_checked = 0.0  # the budget is checked at most every few seconds: now, each time
+        written.append(Path(ctx.detect(str(assets[1][0]), ctx.default.ref, 0.01, 300, [])[5]["value"]))
+    assert written[-1].is_file()  # the newest is in use
+    assert len(list(ctx.paths.results.iterdir())) < 4 and not written[0].exists()
+
+
 @pytest.mark.parametrize("threshold", ["abc", "nan", float("nan"), -0.1, 1.5, None, [0.3], "1e999"])
 def test_detect_api_rejects_bad_thresholds_in_one_line(ctx, assets, threshold):
     with pytest.raises(gr.Error) as caught:
