@@ -371,17 +371,17 @@ class AppContext:
         report = self.public(preview.report, names)
         gallery = [(image, self.public_line(caption, names)) for image, caption in preview.images]
         if not preview.ok:
-            snap = self.job.snapshot()
-            if (
-                entry
-                and entry.name.startswith("upload-")
-                and not (snap.running and snap.data and entry in Path(snap.data).parents)
-            ):
+            if entry and entry.name.startswith("upload-") and not self._training_on(entry):
                 shutil.rmtree(entry, ignore_errors=True)  # refused: keep nothing of it
             gr.Warning(self.public_line(preview.report, names))
             return None, report, []
         self.enforce_budgets(("datasets",), keep=(entry,))
         return str(preview.root), report, gallery
+
+    def _training_on(self, entry: Path) -> bool:
+        """Whether the running job trains on the dataset in `entry` (a folder of datasets/)."""
+        snap = self.job.snapshot()
+        return bool(snap.running and snap.data and Path(snap.data).resolve().is_relative_to(entry.resolve()))
 
     def zip_limits(self) -> ZipLimits:
         s = self.settings
