@@ -10,8 +10,11 @@ The default model is the COCO `small` checkpoint when the hub has it (or the loc
 bundled demo model in examples/demo_model. The UI says which one is active and why.
 
 Other settings (env): LWDETR_APP_MODEL (as --model), LWDETR_APP_DEMO_MODEL (the fallback folder),
-LWDETR_APP_EXAMPLES (example images folder), LWDETR_APP_HUB_TIMEOUT (seconds, 30), LWDETR_APP_MAX_UPLOAD ("200mb"),
-LWDETR_APP_SYNTH_TRAIN / _VAL / _SIZE (the synthetic sample: 48 / 16 images of 256 px).
+LWDETR_APP_EXAMPLES (example images folder), LWDETR_APP_HUB_TIMEOUT (seconds, 30), LWDETR_APP_MAX_UPLOAD ("200mb";
+a dataset zip may expand to 20 times that), LWDETR_APP_MAX_ZIP_ENTRIES (20000), LWDETR_APP_DATASETS_BUDGET ("10gb"),
+LWDETR_APP_RESULTS_BUDGET ("200mb"), LWDETR_APP_RUNS_BUDGET ("20gb") (oldest evicted past these),
+LWDETR_APP_CUSTOM_MODELS (1: visitors may type any hub id or server folder as a model; off by default, for a public
+app), LWDETR_APP_SYNTH_TRAIN / _VAL / _SIZE (the synthetic sample: 48 / 16 images of 256 px).
 """
 
 from __future__ import annotations
@@ -64,8 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         share=False,
         ssr_mode=False,
         run_history=False,
-        show_error=True,
-        max_file_size=settings.max_upload,
+        show_error=False,  # only gr.Error messages (ours: one line, no server path) reach visitors
+        max_file_size=settings.max_upload_bytes,
         # Files the app hands out (weights zips, detection JSON, example images); datasets and caches are not.
         allowed_paths=[str(settings.paths.runs), str(settings.paths.results), str(settings.examples_dir)],
     )

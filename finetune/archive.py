@@ -1,9 +1,11 @@
 """Safe extraction of a dataset zip.
 
 A zip from the internet can try to write outside the destination (`../x`, `/etc/x`, `C:\\x`), plant symlinks, or
-expand to far more bytes than it declares. `safe_extract_zip` checks every entry before writing anything, counts
-the bytes really written (a lying header cannot pass the cap), extracts into a fresh temporary folder beside the
-destination and renames it into place, so the destination either appears complete or not at all.
+expand to far more bytes than it holds (a "zip bomb": 1 MiB of deflated zeros is 1 GiB on disk). `safe_extract_zip`
+checks every entry before writing anything (names, file types, entry count, total declared size, compression
+ratio per entry and overall), counts the bytes really written (a lying header cannot pass the caps), extracts into
+a fresh temporary folder beside the destination and renames it into place, so the destination either appears
+complete or not at all: a refused or failed extraction leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from finetune.errors import DataError
 __all__ = ["dataset_root", "safe_extract_zip"]
 
 _CHUNK_BYTES = 1 << 20
+# Compression ratios are judged only above these sizes: a small text file of repeated bytes may legitimately
+# deflate 1000:1, and cannot fill a disk; a bomb needs large entries (or many of them, which the total catches).
+_RATIO_FLOOR_ENTRY = 1 << 20
+_RATIO_FLOOR_TOTAL = 16 << 20
 _DRIVE_LETTER = re.compile(r"^[A-Za-z]:")
 # macOS Finder adds these resource-fork entries to zips; they are never data.
 _SKIPPED_TOP_FOLDER = "__MACOSX"
@@ -31,6 +37,7 @@ def safe_extract_zip(
     dest_dir: str | os.PathLike[str],
     max_total_bytes: int = 2 * 1024**3,
     max_files: int = 100_000,
+    max_ratio: float = 100.0,
 ) -> Path:
     """Extract `zip_path` into `dest_dir` (which must not exist or be empty) and return the dataset root.
 
@@ -39,19 +46,20 @@ def safe_extract_zip(
 
     Raises `DataError` naming the zip and the offending entry for: absolute paths, drive letters, backslashes,
     `..` components, symlinks or other non-regular files, more than `max_files` entries, more than
-    `max_total_bytes` uncompressed (declared or actually read), and corrupt or encrypted entries. On any error
-    nothing is left behind.
+    `max_total_bytes` uncompressed (declared or actually read), an entry or the whole zip expanding more than
+    `max_ratio` times its compressed size (declared or actually read; entries under 1 MiB and zips under 16 MiB
+    uncompressed are exempt), and corrupt or encrypted entries. On any error nothing is left behind.
     """
     zip_path, dest_dir = Path(zip_path), Path(dest_dir)
     if dest_dir.exists() and (not dest_dir.is_dir() or any(dest_dir.iterdir())):
         raise DataError(f"{zip_path}: cannot extract into {dest_dir}: it exists and is not an empty folder")
     try:
         with zipfile.ZipFile(zip_path) as archive:
-            entries = _checked_entries(archive, zip_path, max_total_bytes, max_files)
+            entries = _checked_entries(archive, zip_path, max_total_bytes, max_files, max_ratio)
             dest_dir.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.", suffix=".partial", dir=dest_dir.parent))
             try:
-                _extract_entries(archive, entries, staging, zip_path, max_total_bytes)
+                _extract_entries(archive, entries, staging, zip_path, max_total_bytes, max_ratio)
                 staging.chmod(0o755)  # mkdtemp makes it private; the dataset should read like any folder
                 if dest_dir.exists():
                     dest_dir.rmdir()  # empty, checked above; rename cannot replace a folder otherwise
@@ -65,26 +73,42 @@ def safe_extract_zip(
 
 
 def _checked_entries(
-    archive: zipfile.ZipFile, zip_path: Path, max_total_bytes: int, max_files: int
+    archive: zipfile.ZipFile, zip_path: Path, max_total_bytes: int, max_files: int, max_ratio: float
 ) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]]:
     """Validate every entry up front; return (entry, safe path parts) for the entries to extract."""
     infos = archive.infolist()
     if len(infos) > max_files:
         raise DataError(f"{zip_path}: {len(infos)} entries, more than the limit of {max_files}")
-    declared = 0
+    declared = compressed = 0
     entries = []
     for info in infos:
         parts = _safe_parts(info, zip_path)
         if parts[0] == _SKIPPED_TOP_FOLDER:
             continue
+        if _too_compressed(info.file_size, info.compress_size, max_ratio, _RATIO_FLOOR_ENTRY):
+            raise DataError(
+                f"{zip_path}: entry {info.filename!r} declares {info.file_size} bytes packed into "
+                f"{info.compress_size}, a compression ratio above the limit of {max_ratio:g} (a zip bomb?)"
+            )
         declared += info.file_size
+        compressed += info.compress_size
         if declared > max_total_bytes:
             raise DataError(
                 f"{zip_path}: entry {info.filename!r} takes the declared uncompressed size past "
                 f"the limit of {max_total_bytes} bytes"
             )
         entries.append((info, parts))
+    if _too_compressed(declared, compressed, max_ratio, _RATIO_FLOOR_TOTAL):
+        raise DataError(
+            f"{zip_path}: declares {declared} bytes packed into {compressed}, an overall compression ratio "
+            f"above the limit of {max_ratio:g} (a zip bomb?)"
+        )
     return entries
+
+
+def _too_compressed(size: int, compressed: int, max_ratio: float, floor: int) -> bool:
+    """Whether `size` bytes made from `compressed` bytes exceed `max_ratio` (sizes up to `floor` always pass)."""
+    return size > floor and size > max_ratio * max(compressed, 1)
 
 
 def _safe_parts(info: zipfile.ZipInfo, zip_path: Path) -> tuple[str, ...]:
@@ -124,8 +148,12 @@ def _extract_entries(
     staging: Path,
     zip_path: Path,
     max_total_bytes: int,
+    max_ratio: float,
 ) -> None:
-    """Write the checked entries under `staging`, counting the bytes actually decompressed."""
+    """Write the checked entries under `staging`, counting the bytes actually decompressed.
+
+    Headers can lie about sizes, so the caps are checked again against what really comes out of each entry.
+    """
     written = 0
     for info, parts in entries:
         target = staging.joinpath(*parts)
@@ -133,13 +161,20 @@ def _extract_entries(
             target.mkdir(parents=True, exist_ok=True)
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
+        entry_bytes = 0
         try:
             with archive.open(info) as source, open(target, "xb") as sink:
                 while chunk := source.read(_CHUNK_BYTES):
                     written += len(chunk)
+                    entry_bytes += len(chunk)
                     if written > max_total_bytes:
                         raise DataError(
                             f"{zip_path}: entry {info.filename!r} expands past the limit of {max_total_bytes} bytes"
+                        )
+                    if _too_compressed(entry_bytes, info.compress_size, max_ratio, _RATIO_FLOOR_ENTRY):
+                        raise DataError(
+                            f"{zip_path}: entry {info.filename!r} expands more than {max_ratio:g} times its "
+                            "compressed size (a zip bomb?)"
                         )
                     sink.write(chunk)
         except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError) as error:

@@ -1,6 +1,12 @@
 """The app's handlers: `AppContext` holds what all sessions share (settings, default model, loaded models, the
 training job) and has one method per UI event. Each is a plain function of its inputs (no browser needed to test
 it); `lwdetr_app.ui` lays out the components and wires the events to these methods.
+
+The app is meant to face the public internet, so nothing a client sends is trusted: no path is built from a
+client value (a session hash, a file name, a typed model reference), files are read only from Gradio's upload
+folder and the example images, typed model references must be offered by the app (unless `custom_models`),
+numbers are range-checked into one-line messages, and every text a visitor sees goes through
+`lwdetr_app.public_text` so it names no server path.
 """
 
 from __future__ import annotations
@@ -8,8 +14,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
+import math
+import os
+import re
+import shutil
 import threading
+import time
+import uuid
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -22,9 +35,11 @@ from lwdetr.config import PRESETS
 from lwdetr.images import ImageLoadError, load_image
 
 from . import detection
-from .datasets import inspect_dataset, prepare_synthetic, prepare_zip
+from .datasets import ZipLimits, dataset_entry, inspect_dataset, prepare_synthetic, prepare_zip
 from .models import PUBLISHED_MODELS, ModelChoice, ModelRegistry, display_path, model_choices
-from .settings import AppSettings
+from .public_text import one_line, public_text
+from .settings import REPO_ROOT, AppSettings, parse_size
+from .storage import enforce_budget, touch
 from .training import JOB, JobBusyError, JobSnapshot, TrainingJob, TrainRequest
 
 __all__ = ["AppContext", "empty_table", "metrics_frame"]
@@ -32,6 +47,27 @@ __all__ = ["AppContext", "empty_table", "metrics_frame"]
 _DISPLAY_MAX_SIDE = 1600  # the drawn image is shown at most this large; the table keeps original pixels
 _LOSS_COLUMNS = ["epoch", "series", "value"]
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+_RESULT_ID = re.compile(r"[0-9a-f]{32}")
+_RESULTS_CHECK_SECONDS = 10.0  # the results/ budget is checked at most this often (a slider drag writes a lot)
+
+
+def _visitor_name(name: Any, default: str = "image") -> str:
+    """A client-sent file name made safe to show and to use as a file name: its last part, one line, short."""
+    text = str(name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    text = re.sub(r"[\x00-\x1f\x7f]", "", text).strip()[:100]
+    return text if text not in ("", ".", "..") else default
+
+
+def _number(value: Any, what: str, low: float, high: float) -> float:
+    """`value` as a float in [low, high], else `gr.Error` with one line saying so (NaN and "abc" included)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if not low <= number <= high:  # NaN fails every comparison
+        shown = str(value)[:40]
+        raise gr.Error(f"{what} must be a number from {low:g} to {high:g}; got {shown!r}", print_exception=False)
+    return number
 
 
 def empty_table() -> pd.DataFrame:
@@ -55,6 +91,24 @@ class AppContext:
         self.job = job or JOB
         self._images: OrderedDict[str, tuple[Image.Image, float]] = OrderedDict()
         self._images_lock = threading.Lock()
+        self._results_checked = 0.0
+
+    # ------------------------------------------------------------------ what visitors see
+    def public(self, text: Any, names: dict | None = None) -> str:
+        """`text` naming no server path: `names` first (path -> the name the visitor knows), then the app's folders."""
+        known = {**(names or {}), self.paths.root: "app_data", REPO_ROOT: "app"}
+        return public_text(text, known)
+
+    def public_line(self, text: Any, names: dict | None = None) -> str:
+        return one_line(text, {**(names or {}), self.paths.root: "app_data", REPO_ROOT: "app"})
+
+    def enforce_budgets(self, which: tuple[str, ...] = ("datasets", "results", "runs"), keep: tuple = ()) -> None:
+        """Keep datasets/, results/ and runs/ under their budgets; the running job's data and run are in use."""
+        snap = self.job.snapshot()
+        in_use = (*keep, snap.run_dir, snap.data if snap.running else None)
+        for name in which:
+            budget = parse_size(getattr(self.settings, f"{name}_budget"))
+            enforce_budget(getattr(self.paths, name), budget, in_use)
 
     # ------------------------------------------------------------------ shared helpers
     def model_choices(self) -> list[tuple[str, str]]:
@@ -66,6 +120,13 @@ class AppContext:
     def base_model_choices(self) -> list[tuple[str, str]]:
         presets = [(f"Preset {name} (random init)", name) for name in PRESETS]
         return self.model_choices() + presets
+
+    def allowed_model(self, ref: str, base: bool = False) -> bool:
+        """Whether a visitor may load `ref`: a choice the app offers (or a preset for a base model), or anything when
+        `custom_models` is on. Otherwise a typed server folder or arbitrary hub repository would be loaded."""
+        if self.settings.custom_models or ref == self.default.ref or (base and ref in PRESETS):
+            return True
+        return ref in [value for _, value in self.model_choices()]
 
     def default_base_model(self) -> str:
         if self.default.ref in PUBLISHED_MODELS:
@@ -79,41 +140,60 @@ class AppContext:
         return [str(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES][:limit]
 
     def _allowed_roots(self) -> list[Path]:
+        """Where an image a client names may be read from: Gradio's upload folder and the example images."""
         from gradio.utils import get_upload_folder
 
-        roots = [Path(get_upload_folder()), self.paths.root, self.settings.examples_dir]
+        roots = [Path(get_upload_folder()), self.paths.gradio, self.settings.examples_dir]
         return [Path(root).resolve() for root in roots]
 
     def load_payload(self, payload: Any) -> tuple[Image.Image, str, str]:
-        """(RGB image, server path, original name) from an Image component's raw payload; `ImageLoadError` if bad."""
+        """(RGB image, server path, original name) from an Image component's raw payload; `ImageLoadError` if bad.
+
+        The error message names the file by its own name (never by a server path).
+        """
+        path = None
         if isinstance(payload, dict):
-            url, path = payload.get("url") or "", payload.get("path")
-            name = payload.get("orig_name") or (Path(path).name if path else "image")
+            url, path = str(payload.get("url") or ""), payload.get("path")
+            name = _visitor_name(payload.get("orig_name") or (Path(str(path)).name if path else None))
             if not path and url.startswith("data:"):
                 path = self._save_data_url(url)
+        elif isinstance(payload, (str, os.PathLike)):
+            path = str(payload) or None
+            name = _visitor_name(Path(path).name if path else None)
         else:
-            path = str(payload) if payload else None
-            name = Path(path).name if path else "image"
-        if not path:
+            name = "image"
+        if not path or not isinstance(path, (str, os.PathLike)):
             raise ImageLoadError("no image received")
-        resolved = Path(path).resolve()
-        if not any(resolved.is_relative_to(root) for root in self._allowed_roots()):
+        try:
+            resolved = Path(path).resolve()
+            allowed = any(resolved.is_relative_to(root) for root in self._allowed_roots()) and resolved.is_file()
+            size = resolved.stat().st_size if allowed else 0
+        except (OSError, RuntimeError, ValueError):  # too long a name, a NUL byte, a symlink loop
+            allowed, size = False, 0
+        if not allowed:
             raise ImageLoadError(f"{name}: not an uploaded file")
+        if size > self.settings.max_upload_bytes:
+            raise ImageLoadError(f"{name}: {size} bytes, more than the upload limit of {self.settings.max_upload}")
         try:
             image = load_image(resolved, max_pixels=self.settings.max_image_pixels)
         except ImageLoadError as error:  # name the file as the user knows it, not by its cache path
-            raise ImageLoadError(str(error).replace(str(resolved), name, 1)) from None
+            raise ImageLoadError(self.public_line(error, {resolved: name, path: name})) from None
         return image, str(resolved), name
 
     def _save_data_url(self, url: str) -> str:
+        if len(url) > self.settings.max_upload_bytes * 4 // 3 + 1024:  # base64 makes 3 bytes 4 characters
+            raise ImageLoadError(f"pasted image: more than the upload limit of {self.settings.max_upload}")
         try:
             data = base64.b64decode(url.split(",", 1)[1], validate=False)
-        except (IndexError, binascii.Error):
+        except (IndexError, binascii.Error, ValueError):
             raise ImageLoadError("pasted image: malformed data URL") from None
         folder = self.paths.gradio / "pasted"
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"pasted-{abs(hash(data)) % 10**12}.bin"
-        path.write_bytes(data)
+        path = folder / f"pasted-{hashlib.sha256(data).hexdigest()[:24]}.bin"
+        if not path.is_file():
+            partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+            partial.write_bytes(data)
+            partial.replace(path)
         return str(path)
 
     def _display_image(self, path: str, image: Image.Image | None = None) -> tuple[Image.Image, float]:
@@ -137,16 +217,16 @@ class AppContext:
         for label, value in self.model_choices():
             if value == ref:
                 return label
-        return display_path(Path(ref)) if ref and Path(ref).is_dir() else str(ref)
+        return self.public(display_path(Path(ref)) if ref and Path(ref).is_dir() else str(ref))
 
     def model_status(self, ref: str | None, reason: str | None = None) -> str:
         if ref is None:
-            return f"**Active model:** none. {self.default.reason}"
+            return f"**Active model:** none. {self.public(self.default.reason)}"
         if reason is None:
             reason = (
                 self.default.reason if ref == self.default.ref else f"{self.model_label(ref)}: chosen in the picker"
             )
-        return f"**Active model:** {reason}"
+        return f"**Active model:** {self.public(reason)}"
 
     def class_names(self, ref: str | None) -> list[str]:
         if not ref:
@@ -169,6 +249,7 @@ class AppContext:
         return {
             "image_path": path,
             "name": name,
+            "result_id": uuid.uuid4().hex,  # names this detection's JSON folder: a server-side id, never a client value
             "model": model_ref,
             "width": image.width,
             "height": image.height,
@@ -176,61 +257,80 @@ class AppContext:
             "detections": found,
         }
 
-    def render(
-        self, raw: dict | None, threshold: float, max_detections: float, classes: list[str] | None, session: str
-    ):
-        """(drawn image, table, count, inference time, JSON file) for the detections passing the filters."""
+    def render(self, raw: dict | None, threshold: Any, max_detections: Any, classes: Any, *_ignored: Any):
+        """(drawn image, table, count, inference time, JSON file) for the detections passing the filters.
+
+        The JSON file goes to results/<the detection's server-side id>/; `gr.Error` for a bad threshold or maximum.
+        """
+        threshold = _number(threshold, "The score threshold", 0.0, 1.0)
+        max_detections = int(_number(max_detections, "Max detections", 0, detection.FLOOR_MAX_DETECTIONS))
+        classes = [str(name) for name in classes] if isinstance(classes, (list, tuple)) else []
         if not raw:
             return None, empty_table(), 0, "", gr.update(value=None, interactive=False)
-        kept = detection.filter_detections(raw["detections"], float(threshold), int(max_detections), classes)
+        kept = detection.filter_detections(raw["detections"], threshold, max_detections, classes)
         image, scale = self._display_image(raw["image_path"])
         shown = [{**d, "box": [v * scale for v in d["box"]]} for d in kept] if scale < 1.0 else kept
         table = pd.DataFrame(detection.table_rows(kept), columns=detection.COLUMNS)
         results = detection.coco_results(kept, detection.image_id_from_name(raw["name"]))
-        folder = self.paths.results / (session or "local")
-        folder.mkdir(parents=True, exist_ok=True)
-        json_path = folder / f"{Path(raw['name']).stem or 'image'}_detections.json"
-        json_path.write_text(json.dumps(results, indent=1), encoding="utf-8")
+        json_path = self._write_results(raw, results)
         timing = f"{raw['seconds'] * 1000:.0f} ms"
         return detection.draw(image, shown), table, len(kept), timing, gr.update(value=str(json_path), interactive=True)
 
-    def detect(self, payload, model_ref, threshold, max_detections, classes, request: gr.Request | None = None):
+    def _write_results(self, raw: dict, results: list[dict]) -> Path:
+        """results/<id>/<image stem>_detections.json, written atomically; the results/ budget checked now and then."""
+        result_id = str(raw.get("result_id") or "")
+        if not _RESULT_ID.fullmatch(result_id):
+            result_id = raw["result_id"] = uuid.uuid4().hex
+        folder = self.paths.results / result_id
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = re.sub(r"[^\w.-]", "_", Path(_visitor_name(raw.get("name"))).stem).lstrip(".")[:64] or "image"
+        json_path = folder / f"{stem}_detections.json"
+        partial = folder / f".{uuid.uuid4().hex}.partial"
+        partial.write_text(json.dumps(results, indent=1), encoding="utf-8")
+        partial.replace(json_path)
+        if time.monotonic() - self._results_checked > _RESULTS_CHECK_SECONDS:
+            self._results_checked = time.monotonic()
+            self.enforce_budgets(("results",), keep=(folder,))
+        return json_path
+
+    def detect(self, payload, model_ref, threshold, max_detections, classes, *_ignored):
         """New image: run the model, then filter. Outputs: raw state, then the `render` outputs, then a status."""
-        session = getattr(request, "session_hash", None) or "local"
         if payload is None:
-            return None, *self.render(None, threshold, max_detections, classes, session), ""
+            return None, *self.render(None, threshold, max_detections, classes), ""
         try:
             raw = self.run(payload, model_ref)
         except ImageLoadError as error:
-            gr.Warning(f"Cannot read this image: {error}")
-            return None, *self.render(None, threshold, max_detections, classes, session), f"⚠️ {error}"
+            message = self.public_line(error)
+            gr.Warning(f"Cannot read this image: {message}")
+            return None, *self.render(None, threshold, max_detections, classes), f"⚠️ {message}"
+        except gr.Error:
+            raise
         except Exception as error:  # noqa: BLE001 - model folder or hub problems: say so, keep serving
-            message = f"Cannot run model {model_ref}: {error}"
+            message = f"Cannot run model {self.model_label(model_ref)}: {self.public_line(error)}"
             gr.Warning(message)
-            return None, *self.render(None, threshold, max_detections, classes, session), f"⚠️ {message}"
-        outputs = self.render(raw, threshold, max_detections, classes, session)
+            return None, *self.render(None, threshold, max_detections, classes), f"⚠️ {message}"
+        outputs = self.render(raw, threshold, max_detections, classes)
         return raw, *outputs, f"{len(raw['detections'])} candidate boxes from {raw['name']}; filters apply instantly."
 
-    def refilter(self, raw, threshold, max_detections, classes, request: gr.Request | None = None):
-        session = getattr(request, "session_hash", None) or "local"
-        return self.render(raw, threshold, max_detections, classes, session)
+    def refilter(self, raw, threshold, max_detections, classes):
+        return self.render(raw, threshold, max_detections, classes)
 
-    def select_model(
-        self, model_ref, active_ref, payload, threshold, max_detections, request: gr.Request | None = None
-    ):
+    def select_model(self, model_ref, active_ref, payload, threshold, max_detections, *_ignored):
         """A model picked (or typed): load it, reset the class filter, re-run on the current image."""
-        model_ref = (model_ref or "").strip()
+        model_ref = str(model_ref or "").strip()
         if not model_ref or model_ref == active_ref:
             return (gr.skip(),) * 10
         try:
+            if not self.allowed_model(model_ref):
+                raise ValueError("not offered here: pick a published checkpoint, the demo model or a run made here")
             self.registry.get(model_ref)
         except Exception as error:  # noqa: BLE001 - any load failure keeps the previous model
-            message = f"Cannot load model {model_ref}: {error}"
+            message = f"Cannot load model {one_line(model_ref, limit=100)}: {self.public_line(error)}"
             gr.Warning(message)
             status = self.model_status(active_ref) + f"\n\n⚠️ {message} Still using the previous model."
             return (gr.skip(), status, *(gr.skip(),) * 8)
         classes = gr.update(choices=self.class_names(model_ref), value=[])
-        outputs = self.detect(payload, model_ref, threshold, max_detections, [], request)
+        outputs = self.detect(payload, model_ref, threshold, max_detections, [])
         return (model_ref, self.model_status(model_ref), classes, *outputs)
 
     def detect_api(self, image: Any, threshold: float = 0.4) -> list[dict[str, Any]]:
@@ -238,80 +338,128 @@ class AppContext:
 
         Each detection is `{"label", "label_id", "score", "box": [x0, y0, x1, y1]}` in pixels of the image.
         """
+        threshold = _number(threshold, "threshold", 0.0, 1.0)
         try:
             raw = self.run(image, self.default.ref)
         except ImageLoadError as error:
-            raise gr.Error(f"Cannot read this image: {error}") from None
+            raise gr.Error(f"Cannot read this image: {self.public_line(error)}", print_exception=False) from None
         except gr.Error:
             raise
         except Exception as error:  # noqa: BLE001 - e.g. the model folder went missing
-            raise gr.Error(f"Cannot run model {self.default.ref}: {error}") from None
-        return detection.filter_detections(raw["detections"], float(threshold), 100)
+            message = f"Cannot run model {self.model_label(self.default.ref)}: {self.public_line(error)}"
+            raise gr.Error(message, print_exception=False) from None
+        return detection.filter_detections(raw["detections"], threshold, 100)
 
     # ------------------------------------------------------------------ Fine-tune tab: data
-    def _dataset_outputs(self, root_getter) -> tuple[Any, str, list]:
+    def _dataset_outputs(self, root_getter, name: str, names: dict) -> tuple[Any, str, list]:
+        """(dataset root for the state, report, gallery) of a new dataset; an unusable upload is deleted again.
+
+        `name` is what the visitor calls the dataset; `names` maps server paths to it for the messages.
+        """
         from finetune.errors import DataError
 
+        datasets = self.paths.datasets
         try:
             root = root_getter()
-        except DataError as error:
-            gr.Warning(str(error))
-            return None, f"This dataset cannot be used: {error}", []
-        preview = inspect_dataset(root, work_dir=self.paths.datasets)
+        except (DataError, OSError) as error:  # OSError: e.g. the disk is full
+            message = f"This dataset cannot be used: {self.public_line(error, names)}"
+            gr.Warning(message)
+            return None, message, []
+        entry = dataset_entry(root, datasets)
+        names = {**names, **({entry: name} if entry else {}), datasets: "datasets"}
+        preview = inspect_dataset(root, work_dir=datasets)
+        report = self.public(preview.report, names)
+        gallery = [(image, self.public_line(caption, names)) for image, caption in preview.images]
         if not preview.ok:
-            gr.Warning(preview.report)
-            return None, preview.report, []
-        return str(preview.root), preview.report, preview.images
+            if entry and entry.name.startswith("upload-") and not self._training_on(entry):
+                shutil.rmtree(entry, ignore_errors=True)  # refused: keep nothing of it
+            gr.Warning(self.public_line(preview.report, names))
+            return None, report, []
+        self.enforce_budgets(("datasets",), keep=(entry,))
+        return str(preview.root), report, gallery
+
+    def _training_on(self, entry: Path) -> bool:
+        """Whether the running job trains on the dataset in `entry` (a folder of datasets/)."""
+        snap = self.job.snapshot()
+        return bool(snap.running and snap.data and Path(snap.data).resolve().is_relative_to(entry.resolve()))
+
+    def zip_limits(self) -> ZipLimits:
+        s = self.settings
+        return ZipLimits(s.max_upload_bytes, s.max_extracted_bytes, s.max_zip_entries, s.max_zip_ratio)
 
     def use_zip(self, file: Any):
         if not file:
             return None, "", []
         path = file if isinstance(file, str) else getattr(file, "name", None) or file.get("path")
-        return self._dataset_outputs(lambda: prepare_zip(path, self.paths.datasets))
+        name = _visitor_name(Path(str(path)).name, "dataset.zip")
+        try:
+            inside = any(Path(path).resolve().is_relative_to(root) for root in self._allowed_roots())
+        except (OSError, RuntimeError, ValueError):
+            inside = False
+        if not inside:
+            gr.Warning(f"{name}: not an uploaded file")
+            return None, f"This dataset cannot be used: {name}: not an uploaded file", []
+        return self._dataset_outputs(
+            lambda: prepare_zip(path, self.paths.datasets, self.zip_limits()), name, {path: name}
+        )
 
     def use_synthetic(self):
         s = self.settings
         return self._dataset_outputs(
-            lambda: prepare_synthetic(self.paths.datasets, s.synthetic_train, s.synthetic_val, s.synthetic_image_size)
+            lambda: prepare_synthetic(self.paths.datasets, s.synthetic_train, s.synthetic_val, s.synthetic_image_size),
+            "synthetic sample",
+            {},
         )
 
     # ------------------------------------------------------------------ Fine-tune tab: the job
     def start_training(self, dataset, base_model, epochs, batch_size, image_size, lr, freeze):
-        if not dataset:
-            gr.Warning("Choose a dataset first: upload a zip or use the synthetic sample.")
-            return self.job.snapshot().summary()
+        """Start the job on the session's dataset (kept server-side) with the settings, each range-checked."""
+        summary = self.public(self.job.snapshot().summary())
+        entry = dataset_entry(Path(str(dataset)), self.paths.datasets) if dataset else None
+        if not dataset or entry is None or not Path(str(dataset)).is_dir():
+            gr.Warning(
+                "Choose a dataset first: upload a zip or use the synthetic sample (again, if it was cleaned up)."
+            )
+            return summary
+        model = str(base_model or "nano").strip()
+        if not self.allowed_model(model, base=True):
+            gr.Warning(f"Base model {one_line(model, limit=100)} is not offered here: pick one from the list.")
+            return summary
         request = TrainRequest(
             data=str(dataset),
-            model=str(base_model or "nano").strip(),
-            epochs=int(epochs),
-            batch_size=int(batch_size),
-            image_size=int(image_size),
-            lr=float(lr),
+            model=model,
+            epochs=int(_number(epochs, "Epochs", 1, 500)),
+            batch_size=int(_number(batch_size, "Batch size", 1, 64)),
+            image_size=int(_number(image_size, "Image size", 64, 1280)),
+            lr=_number(lr, "Learning rate", 1e-8, 1.0),
             freeze_backbone=bool(freeze),
         )
+        touch(entry)
+        self.enforce_budgets(("runs",), keep=(entry,))
         try:
             name = self.job.start(request, self.paths.runs)
         except JobBusyError as error:
-            gr.Warning(str(error))
-            return str(error)
+            gr.Warning(self.public_line(error))
+            return self.public_line(error)
         gr.Info(f"Training {name} started.")
-        return self.job.snapshot().summary()
+        return self.public(self.job.snapshot().summary())
 
     def stop_training(self):
         if self.job.stop():
             gr.Info("Stopping: the last state will be saved.")
-        return self.job.snapshot().summary()
+        return self.public(self.job.snapshot().summary())
 
     async def follow_training(self, progress=gr.Progress()):  # noqa: B008 - how Gradio injects its tracker
         """Shows Gradio's progress bar (with the ETA) while a job runs; any page may attach to the running job."""
         while True:
             snap = self.job.snapshot()
+            summary = self.public(snap.summary())
             if not snap.running:
-                return snap.summary()
+                return summary
             if snap.total_steps:
-                progress((snap.step, snap.total_steps), desc=snap.summary(), unit="steps")
+                progress((snap.step, snap.total_steps), desc=summary, unit="steps")
             else:
-                progress(0.0, desc=snap.summary())
+                progress(0.0, desc=summary)
             await asyncio.sleep(0.5)
 
     def poll(self, seen: dict | None):
@@ -327,10 +475,10 @@ class AppContext:
             pickers = (gr.update(choices=self.model_choices()), gr.update(choices=self.base_model_choices()))
         return (
             new_seen,
-            _status_markdown(snap),
+            self.public(_status_markdown(snap)),
             _plot_frame(snap.loss_points),
             _plot_frame(snap.ap_points),
-            "\n".join(snap.log),
+            self.public("\n".join(snap.log)),
             metrics_frame(snap.metrics),
             gr.update(value=snap.weights_zip, interactive=bool(snap.weights_zip)),
             gr.update(interactive=finished),

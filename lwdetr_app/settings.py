@@ -7,12 +7,17 @@ Everything the app writes goes under one data folder (`--data-dir`, env `LWDETR_
       cache/           matplotlib's config cache, Python's temporary files
       datasets/        extracted dataset zips and the synthetic sample
       runs/            fine-tuning runs (best/, last/, metrics, weights zip)
-      results/         per-session detection JSON files
+      results/         detection JSON files, one folder per detection (named by a server-side random id)
+
+A public app must not let visitors fill its disk: uploads are capped (`max_upload`), a dataset zip may expand to at
+most 20 times that (and at most `max_zip_ratio` times its compressed size), and datasets/, results/ and runs/ are
+each kept under a size budget, oldest first (`lwdetr_app.storage`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +28,7 @@ __all__ = [
     "DEFAULT_PORT",
     "REPO_ROOT",
     "configure_environment",
+    "parse_size",
     "resolve_server",
 ]
 
@@ -33,6 +39,20 @@ DEFAULT_PORT = 7860
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "").strip()
     return int(value) if value else default
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40}
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from `"200mb"`, `"10 GB"`, `"512kb"` or a plain number (binary units, as Gradio's `max_file_size`)."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?b?)\s*", str(value).lower())
+    if not match:
+        raise ValueError(f"not a size: {value!r} (expected e.g. 200mb or 10gb)")
+    unit = match.group(2) if match.group(2) in _SIZE_UNITS else match.group(2) + "b"
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 @dataclass(frozen=True)
@@ -81,6 +101,12 @@ class AppSettings:
     synthetic_image_size: int = 256
     max_upload: str = "200mb"
     max_image_pixels: int = 40_000_000
+    max_zip_ratio: float = 100.0  # a dataset zip entry (or the whole zip) expanding more is refused as a bomb
+    max_zip_entries: int = 20_000
+    datasets_budget: str = "10gb"  # datasets/, results/, runs/: oldest evicted past these (what is in use is kept)
+    results_budget: str = "200mb"
+    runs_budget: str = "20gb"
+    custom_models: bool = False  # whether visitors may type any hub id or server folder in the model pickers
     paths: AppPaths = field(init=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +114,17 @@ class AppSettings:
         self.demo_model_dir = Path(self.demo_model_dir).expanduser()
         self.examples_dir = Path(self.examples_dir).expanduser()
         self.paths = AppPaths(self.data_dir)
+        for name in ("max_upload", "datasets_budget", "results_budget", "runs_budget"):
+            parse_size(getattr(self, name))  # a bad setting fails at start-up, not on the first upload
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return parse_size(self.max_upload)
+
+    @property
+    def max_extracted_bytes(self) -> int:
+        """The most a dataset zip may expand to: 20 times the upload limit, and never past the datasets budget."""
+        return min(20 * self.max_upload_bytes, parse_size(self.datasets_budget))
 
     @classmethod
     def from_env(cls, **overrides) -> AppSettings:
@@ -102,6 +139,11 @@ class AppSettings:
             "synthetic_val": _env_int("LWDETR_APP_SYNTH_VAL", 16),
             "synthetic_image_size": _env_int("LWDETR_APP_SYNTH_SIZE", 256),
             "max_upload": env.get("LWDETR_APP_MAX_UPLOAD") or "200mb",
+            "datasets_budget": env.get("LWDETR_APP_DATASETS_BUDGET") or "10gb",
+            "results_budget": env.get("LWDETR_APP_RESULTS_BUDGET") or "200mb",
+            "runs_budget": env.get("LWDETR_APP_RUNS_BUDGET") or "20gb",
+            "max_zip_entries": _env_int("LWDETR_APP_MAX_ZIP_ENTRIES", 20_000),
+            "custom_models": env.get("LWDETR_APP_CUSTOM_MODELS", "").strip().lower() in ("1", "true", "yes"),
         }
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)

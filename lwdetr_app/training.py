@@ -143,6 +143,7 @@ class JobSnapshot:
     state: str  # idle, starting, running, stopping, done, stopped, failed
     run_name: str | None = None
     run_dir: str | None = None
+    data: str | None = None  # the dataset the job trains on (in use: never evicted while it runs)
     step: int = 0
     total_steps: int = 0
     epoch: int = 0
@@ -190,9 +191,11 @@ class TrainingJob:
         self._runs_version = 0
         self._reset("idle")
 
-    def _reset(self, state: str, run_name: str | None = None, run_dir: Path | None = None) -> None:
+    def _reset(
+        self, state: str, run_name: str | None = None, run_dir: Path | None = None, data: str | None = None
+    ) -> None:
         self._version = getattr(self, "_version", 0) + 1
-        self._state, self._run_name, self._run_dir = state, run_name, run_dir
+        self._state, self._run_name, self._run_dir, self._data = state, run_name, run_dir, data
         self._step = self._total = self._epoch = self._epochs = 0
         self._eta: float | None = None
         self._started = time.monotonic()
@@ -218,7 +221,7 @@ class TrainingJob:
             run_name = _unique_run_name(runs_dir, request.model)
             run_dir = runs_dir / run_name
             run_dir.mkdir(parents=True)  # reserves the name
-            self._reset("starting", run_name, run_dir)
+            self._reset("starting", run_name, run_dir, request.data)
             self._append_log(f"Run {run_name}: {json.dumps(dataclasses.asdict(request))}")
             self._stop = threading.Event()
             self._thread = threading.Thread(
@@ -254,6 +257,7 @@ class TrainingJob:
                 state=self._state,
                 run_name=self._run_name,
                 run_dir=str(self._run_dir) if self._run_dir else None,
+                data=self._data,
                 step=self._step,
                 total_steps=self._total,
                 epoch=self._epoch,

@@ -1,7 +1,9 @@
 """The Gradio UI: a Detect tab and a Fine-tune tab over `lwdetr.Detector` and `finetune`.
 
 `build_demo` lays out the components and wires every event explicitly to a method of `AppContext`
-(`lwdetr_app.handlers`). Only `/detect` is a public API endpoint; the UI's own events are private.
+(`lwdetr_app.handlers`). Only `/detect` is a public API endpoint; the UI's own events are private. Events whose
+inputs a hostile client could forge take them raw (`preprocess=False`) and the handler checks them, so a bad value
+gets the handler's one-line message rather than a component's processing error.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
         )  # fmt: skip
         for control in filters:
             control.change(
-                ctx.refilter, [raw_state, *filters], render_outputs, trigger_mode="always_last",
+                ctx.refilter, [raw_state, *filters], render_outputs, trigger_mode="always_last", preprocess=False,
                 show_progress="hidden", concurrency_limit=None, **private,
             )  # fmt: skip
         d["model"].change(
@@ -68,7 +70,7 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
         t["zip"].upload(ctx.use_zip, t["zip"], [dataset_state, t["report"], t["gallery"]], **private)
         t["synthetic"].click(ctx.use_synthetic, None, [dataset_state, t["report"], t["gallery"]], **private)
         settings = [t["base_model"], t["epochs"], t["batch_size"], t["image_size"], t["lr"], t["freeze"]]
-        t["start"].click(ctx.start_training, [dataset_state, *settings], t["status"], **private).then(
+        t["start"].click(ctx.start_training, [dataset_state, *settings], t["status"], preprocess=False, **private).then(
             ctx.follow_training, None, t["progress"], concurrency_limit=None, **private
         )
         t["stop"].click(ctx.stop_training, None, t["status"], **private)
@@ -82,6 +84,11 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
     return demo
 
 
+def _model_info(ctx: AppContext, offered: str) -> str:
+    """A model picker's hint: what is offered, and whether a typed hub id or folder is accepted (`custom_models`)."""
+    return f"{offered}, or a hub id or local model folder" if ctx.settings.custom_models else offered
+
+
 def _detect_tab(ctx: AppContext) -> dict[str, Any]:
     c: dict[str, Any] = {}
     c["model_status"] = gr.Markdown(ctx.model_status(ctx.default.ref), elem_id="model-status")
@@ -91,8 +98,9 @@ def _detect_tab(ctx: AppContext) -> dict[str, Any]:
                 type="filepath", sources=["upload", "webcam", "clipboard"], label="Image", elem_id="input-image"
             )
             c["model"] = gr.Dropdown(
-                ctx.model_choices(), value=ctx.default.ref, allow_custom_value=True, label="Model",
-                info="A published checkpoint, a run fine-tuned here, or a local model folder path",
+                ctx.model_choices(), value=ctx.default.ref, allow_custom_value=ctx.settings.custom_models,
+                label="Model",
+                info=_model_info(ctx, "A published checkpoint or a run fine-tuned here"),
                 elem_id="model-picker",
             )  # fmt: skip
             c["threshold"] = gr.Slider(
@@ -145,8 +153,9 @@ def _train_tab(ctx: AppContext) -> dict[str, Any]:
         with gr.Column(scale=1):
             gr.Markdown("### 2 · Settings")
             c["base_model"] = gr.Dropdown(
-                ctx.base_model_choices(), value=ctx.default_base_model(), allow_custom_value=True, label="Base model",
-                info="Hub id, preset, an earlier run, or a local folder", elem_id="base-model",
+                ctx.base_model_choices(), value=ctx.default_base_model(), allow_custom_value=ctx.settings.custom_models,
+                label="Base model",
+                info=_model_info(ctx, "A published checkpoint, a preset or an earlier run"), elem_id="base-model",
             )  # fmt: skip
             with gr.Row():
                 c["epochs"] = gr.Number(10, label="Epochs", precision=0, minimum=1, maximum=500, elem_id="epochs")

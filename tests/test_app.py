@@ -397,7 +397,9 @@ def test_one_job_at_a_time_and_progress_survives_new_sessions(ctx, assets, tmp_p
         ctx.job.start(request, ctx.paths.runs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        message = ctx.start_training(str(tmp_path), "nano", 1, 2, 256, 1e-4, False)
+        dataset = ctx.paths.datasets / "upload-0123"  # start_training takes only datasets made by the app
+        dataset.mkdir()
+        message = ctx.start_training(str(dataset), "nano", 1, 2, 256, 1e-4, False)
     assert "already running" in message and any("already running" in str(w.message) for w in caught)
 
     # A new page (no seen state) gets the running job's state; an unchanged one gets gr.skip() everywhere.
