@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from .images import ImageLoadError, ImageSource, load_image
+from .images import ImageLoadError, ImageSource, load_image, source_name
 from .processing import LwDetrImageProcessor
 
 __all__ = ["Detection", "Detector", "Prediction", "resolve_device"]
@@ -73,6 +73,14 @@ def _load_model(directory: str | os.PathLike) -> torch.nn.Module:
     from .modeling import LwDetrForObjectDetection
 
     return LwDetrForObjectDetection.from_pretrained(directory)
+
+
+def _item_error(source: Any, what: str, error: BaseException) -> ImageLoadError:
+    """One input's failure as the one-line `ImageLoadError` that `Prediction.error` carries (cause attached)."""
+    text = str(error).strip().splitlines()
+    item_error = ImageLoadError(f"{source_name(source)}: {what} ({type(error).__name__}: {text[0] if text else ''})")
+    item_error.__cause__ = error
+    return item_error
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -198,12 +206,28 @@ class Detector:
             return Prediction(index, source, image=load_image(source, max_pixels=self.processor.max_pixels))
         except ImageLoadError as error:
             return Prediction(index, source, error=error)
+        except Exception as error:  # noqa: BLE001 - whatever goes wrong with one input is that input's error
+            return Prediction(index, source, error=_item_error(source, "cannot load", error))
 
     def _run(self, batch: list[Prediction], threshold: float, max_detections: int) -> list[Prediction]:
-        """Fill in the detections of the loaded items of `batch` with one forward pass."""
+        """Fill in the detections of the loaded items of `batch` with one forward pass.
+
+        When the batch fails, each image is run alone, so that one image the model cannot take (its resized size
+        is unusable, say) costs only its own result.
+        """
         loaded = [p for p in batch if p.error is None]
-        if loaded:
+        if not loaded:
+            return batch
+        try:
             per_image = self._detect([p.image for p in loaded], threshold, max_detections)
+        except (RuntimeError, ValueError, MemoryError) as error:
+            if len(loaded) > 1:
+                for prediction in loaded:
+                    self._run([prediction], threshold, max_detections)
+            else:
+                loaded[0].error = _item_error(loaded[0].source, "the model cannot run on this image", error)
+                loaded[0].image = None
+        else:
             for prediction, detections in zip(loaded, per_image):
                 prediction.detections = detections
         return batch
