@@ -15,15 +15,19 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from PIL import Image
 
 from .images import ImageLoadError, ImageSource, load_image, source_name
-from .processing import LwDetrImageProcessor
+from .processing import LwDetrImageProcessor, output_size
 
 __all__ = ["Detection", "Detector", "Prediction", "resolve_device"]
+
+# The largest resized edge a preprocessor_config.json may ask for: LW-DETR runs at 640, DETR-style rules at 1333.
+_MAX_INPUT_EDGE = 4096
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,31 @@ def _load_model(directory: str | os.PathLike) -> torch.nn.Module:
     from .modeling import LwDetrForObjectDetection
 
     return LwDetrForObjectDetection.from_pretrained(directory)
+
+
+def _load_processor(directory: Path) -> LwDetrImageProcessor:
+    """The folder's image processor; an unusable preprocessor_config.json is a `ModelLoadError` naming it."""
+    from .checkpoint import ModelLoadError
+    from .processing import CONFIG_NAME
+
+    path = directory / CONFIG_NAME
+    if path.exists() and (not path.is_file() or path.stat().st_size > 2**20):
+        raise ModelLoadError(f"{path}: not a regular file of at most 1 MiB, as an image processor configuration is")
+    try:
+        processor = LwDetrImageProcessor.from_pretrained(directory)
+    except Exception as error:  # noqa: BLE001 - JSON, field and type errors alike are this file's fault
+        reason = " ".join(str(error).split())[:300]
+        raise ModelLoadError(
+            f"{path}: not a usable image processor configuration ({type(error).__name__}: {reason})"
+        ) from None
+    edges = [value for value in processor.size.values() if isinstance(value, int)]
+    edges += list((processor.pad_size or {}).values())
+    if not edges or not all(0 < value <= _MAX_INPUT_EDGE for value in edges):
+        raise ModelLoadError(
+            f"{path}: size {processor.size} and pad_size {processor.pad_size} must give edges of 1 to "
+            f"{_MAX_INPUT_EDGE} pixels"
+        )
+    return processor
 
 
 def _item_error(source: Any, what: str, error: BaseException) -> ImageLoadError:
@@ -143,8 +172,7 @@ class Detector:
 
         directory = resolve_model_dir(name_or_path)
         model = _load_model(directory)
-        processor = LwDetrImageProcessor.from_pretrained(directory)
-        return cls(model, processor, device=device, dtype=dtype, compile=compile)
+        return cls(model, _load_processor(directory), device=device, dtype=dtype, compile=compile)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(labels={len(self.id2label)}, device={self.device}, processor={self.processor})"
@@ -203,7 +231,16 @@ class Detector:
 
     def _load(self, index: int, source: ImageSource) -> Prediction:
         try:
-            return Prediction(index, source, image=load_image(source, max_pixels=self.processor.max_pixels))
+            image = load_image(source, max_pixels=self.processor.max_pixels)
+            height, width = (image.height, image.width)
+            if self.processor.do_resize:
+                height, width = output_size(height, width, self.processor.size)
+            if height * width > _MAX_INPUT_EDGE**2:  # a thin strip under a shortest-edge rule, or no resizing
+                raise ImageLoadError(
+                    f"{source_name(source)}: the model would see it as {width}x{height} pixels, more than "
+                    f"{_MAX_INPUT_EDGE}x{_MAX_INPUT_EDGE}"
+                )
+            return Prediction(index, source, image=image)
         except ImageLoadError as error:
             return Prediction(index, source, error=error)
         except Exception as error:  # noqa: BLE001 - whatever goes wrong with one input is that input's error

@@ -145,15 +145,22 @@ def test_bad_items_do_not_stop_the_others(detector: Detector, model_dir: Path, t
 
 @contextlib.contextmanager
 def _fifo(path: Path) -> Iterator[Path]:
-    """A FIFO at `path`. Should anything open it for reading and wait for a writer, a helper thread writes nothing
-    and closes, so that the reader sees an empty file instead of hanging the test; on exit the helper is released."""
+    """A FIFO at `path`. Whenever anything opens it for reading and waits for a writer, a helper thread writes
+    nothing and closes, so that the reader sees an empty file instead of hanging the test."""
     os.mkfifo(path)
-    helper = threading.Thread(target=lambda: open(path, "wb").close(), daemon=True)
+    done = threading.Event()
+
+    def unblock_readers() -> None:
+        while not done.is_set():
+            open(path, "wb").close()  # returns once a reader has opened the FIFO
+
+    helper = threading.Thread(target=unblock_readers, daemon=True)
     helper.start()
     try:
         yield path
     finally:
-        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # the helper's open() returns once a reader exists
+        done.set()
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # release the helper's last open()
         helper.join(timeout=30)
 
 

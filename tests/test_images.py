@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from lwdetr import images as images_module
-from lwdetr.images import DECODED_FORMATS, ImageLoadError, find_images, load_image
+from lwdetr.images import ImageLoadError, find_images, load_image
 
 REPO = Path(__file__).resolve().parents[1]
 # A minimal EPS file: Pillow recognises it by its first line, whatever the file is called, and renders it with
@@ -313,7 +313,7 @@ def test_formats_outside_the_supported_ones_are_refused(tmp_path: Path, fmt: str
         load_image(path)
 
 
-@pytest.mark.parametrize("fmt", [*DECODED_FORMATS, "MPO"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"])
 def test_supported_formats_load_from_files(tmp_path: Path, fmt: str) -> None:
     image = Image.new("RGB", (24, 16), (250, 10, 10))
     extra = {"save_all": True, "append_images": [image]} if fmt == "MPO" else {}
@@ -322,6 +322,7 @@ def test_supported_formats_load_from_files(tmp_path: Path, fmt: str) -> None:
     loaded = load_image(path)
     assert loaded.mode == "RGB" and loaded.size == (24, 16)
     assert np.asarray(loaded)[8, 12, 0] > 200
+    assert fmt in (*images_module.DECODED_FORMATS, "MPO")
 
 
 def test_tiff_exif_orientation_is_read_while_the_file_is_open(tmp_path: Path) -> None:
