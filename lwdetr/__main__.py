@@ -61,6 +61,8 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
         help="detect objects in images and folders of images",
         description="Detect objects and write COCO-format results.\n"
         "Unreadable inputs are reported on stderr, one line each, and skipped; the exit code is then 2.\n"
+        "Only JPEG, PNG, WebP, BMP, GIF and TIFF are decoded; files larger than LWDETR_MAX_IMAGE_BYTES\n"
+        "(default 256 MiB) or than 64 megapixels, and FIFOs or devices, are skipped.\n"
         "A progress bar shows on a terminal from 4 images on.",
         epilog=_PREDICT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

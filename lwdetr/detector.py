@@ -8,6 +8,8 @@ Bad inputs in a list. `predict` raises the first `ImageLoadError` by default (`o
 `on_error="none"` a bad item gives `None` in its place and the others are still processed. `predict_many` is the
 streaming form the CLI uses: a generator of `Prediction` records, in input order, each carrying either its
 detections or the `ImageLoadError` that stopped it, so a caller can report failures one by one and keep going.
+Whatever fails for one input (a hostile file, an image the model cannot take) is that input's error, never the
+batch's.
 """
 
 from __future__ import annotations
