@@ -3,6 +3,7 @@
 Checkpoints share the format of `transformers.LwDetrForObjectDetection` in both directions.
 """
 
+from .checkpoint import ModelLoadError
 from .config import PRESETS, LwDetrConfig, LwDetrViTConfig, preset_config
 from .detector import Detection, Detector
 from .draw import draw_detections
@@ -22,6 +23,7 @@ __all__ = [
     "LwDetrModel",
     "LwDetrViTBackbone",
     "LwDetrViTConfig",
+    "ModelLoadError",
     "draw_detections",
     "load_image",
     "preset_config",

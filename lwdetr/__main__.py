@@ -1,13 +1,15 @@
 """Command line: `python -m lwdetr predict ...` (detect objects) and `python -m lwdetr convert ...` (import weights).
 
-Exit codes: 0 success; 1 a fatal error (model or checkpoint unusable), reported in one line; 2 some inputs could
-not be read (each reported in one line on stderr, the others still processed) or the command line was wrong.
+Exit codes: 0 success; 1 a fatal error (model or checkpoint unusable), reported in one line naming the file; 2 some
+inputs could not be read (each reported in one line on stderr, the others still processed and their results
+written) or the command line (or the LWDETR_MAX_IMAGE_BYTES setting) was wrong.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +61,8 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
         help="detect objects in images and folders of images",
         description="Detect objects and write COCO-format results.\n"
         "Unreadable inputs are reported on stderr, one line each, and skipped; the exit code is then 2.\n"
+        "Only JPEG, PNG, WebP, BMP, GIF and TIFF are decoded; files larger than LWDETR_MAX_IMAGE_BYTES\n"
+        "(default 256 MiB) or than 64 megapixels, and FIFOs or devices, are skipped.\n"
         "A progress bar shows on a terminal from 4 images on.",
         epilog=_PREDICT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -144,8 +148,13 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     from .cpu_kernels import kernel_status, start_background_build
     from .detector import Detector
-    from .images import find_images
+    from .images import find_images, max_image_bytes_setting
 
+    try:
+        max_image_bytes_setting()  # an unusable setting is the user's to fix, not one error per image
+    except ValueError as error:
+        _error(str(error))
+        return _EXIT_BAD_INPUTS
     paths = find_images(args.paths)
     if not paths:
         _error(f"no image files found in {', '.join(args.paths)}")
@@ -242,8 +251,15 @@ def _write_results(records: list[dict], output: str | None) -> None:
     if output is None:
         sys.stdout.write(text)
         return
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    Path(output).write_text(text, encoding="utf-8")
+    target = Path(output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Through a temporary file and a rename: an interrupted run never leaves a half-written results file.
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _run_convert(args: argparse.Namespace) -> int:

@@ -4,6 +4,11 @@ The published checkpoints and `transformers.LwDetrForObjectDetection.save_pretra
 `attention.attention.{query,key,value}` and `attention.output`; newer transformers code calls them
 `attention.{q,k,v,o}_proj`. We fuse q, k and v into one projection and group the encoder heads in one module, so
 this module is the one place that translates, in both directions.
+
+Loading treats a model folder as untrusted input (it may come from anywhere on the hub): only safetensors are
+read, config.json is parsed as plain JSON with bounded size, the model is first built on the meta device (no
+memory) and compared with the weights file before anything is allocated, and every problem is a `ModelLoadError`
+whose one-line message names the file and what is wrong with it.
 """
 
 from __future__ import annotations
@@ -12,15 +17,40 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import LwDetrConfig
 from .hub import ModelNotFoundError, resolve_model_dir
 
-__all__ = ["to_reference_state_dict", "from_reference_state_dict", "load_pretrained", "save_pretrained"]
+__all__ = [
+    "ModelLoadError",
+    "from_reference_state_dict",
+    "load_config",
+    "load_pretrained",
+    "save_pretrained",
+    "to_reference_state_dict",
+]
+
+# A config.json is a few KB (tens with a thousand labels); anything far larger is not one.
+_MAX_CONFIG_BYTES = 16 * 2**20
+# Counts that build one module each: far above any LW-DETR (ViT 6-12 layers, 3 decoder layers), far below the
+# minutes and gigabytes a config.json asking for millions would cost before any weight is compared.
+_MAX_COUNTS = {"decoder_layers": 256, "c2f_num_blocks": 256, "num_feature_levels": 16}
+_MAX_BACKBONE_COUNTS = {"num_hidden_layers": 256}
+
+
+class ModelLoadError(ModelNotFoundError, ValueError):
+    """A model folder was found but its files are unusable; the message is one line naming the file.
+
+    A `ModelNotFoundError` (no usable model at that reference) and a `ValueError` (bad content), so that callers
+    catching either report it.
+    """
+
 
 _VIT_LAYER = re.compile(r"^(model\.backbone\.backbone\.encoder\.layer\.\d+\.)(.+)$")
 # our name inside a ViT block -> the reference (hub) name
@@ -131,11 +161,96 @@ def save_pretrained(model: torch.nn.Module, config: LwDetrConfig, directory: str
 
 
 def load_config(name_or_path: str | os.PathLike) -> tuple[LwDetrConfig, Path]:
-    """Resolve `name_or_path` and read its config.json."""
+    """Resolve `name_or_path` and read its config.json (a JSON object describing an LW-DETR model).
+
+    Raises:
+        ModelNotFoundError: no such folder or hub id.
+        ModelLoadError: config.json is missing, not JSON, not an object, not an LW-DETR config, or asks for an
+            absurd number of layers.
+    """
     directory = resolve_model_dir(name_or_path)
-    if not (directory / "config.json").is_file():
-        raise ModelNotFoundError(f"model {str(name_or_path)!r}: {directory} has no config.json")
-    return LwDetrConfig.from_pretrained(str(directory)), directory
+    path = directory / "config.json"
+    fields = _read_json_object(path)
+    if fields.get("model_type", "lw_detr") != "lw_detr":
+        raise ModelLoadError(f"{path}: a config for model_type {str(fields['model_type'])[:40]!r}, not 'lw_detr'")
+    try:
+        config = LwDetrConfig.from_dict(fields)
+    except Exception as error:  # noqa: BLE001 - transformers validates fields with many exception types
+        raise ModelLoadError(f"{path}: not a usable LW-DETR config ({_one_line(error)})") from None
+    _check_counts(config, path)
+    return config, directory
+
+
+def _one_line(error: BaseException) -> str:
+    """`Type: message` on one line (a multi-line message is joined), at most about 300 characters."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
+
+
+def _check_file(path: Path, what: str) -> int:
+    """The size of `path`, a regular file; a `ModelLoadError` naming it otherwise."""
+    if not path.exists():
+        raise ModelLoadError(f"{path}: missing; a model folder needs config.json and model.safetensors ({what})")
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: not a regular file ({what})")
+    return path.stat().st_size
+
+
+def _read_json_object(path: Path) -> dict:
+    size = _check_file(path, "the model's configuration")
+    if size > _MAX_CONFIG_BYTES:
+        raise ModelLoadError(f"{path}: {size:,} bytes, too large for a model configuration")
+    try:
+        fields = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"{path}: invalid JSON ({error})") from None
+    except RecursionError:
+        raise ModelLoadError(f"{path}: invalid JSON (nested too deeply)") from None
+    except OSError as error:
+        raise ModelLoadError(f"{path}: cannot read ({_one_line(error)})") from None
+    if not isinstance(fields, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(fields).__name__}")
+    return fields
+
+
+def _check_counts(config: LwDetrConfig, path: Path) -> None:
+    for owner, limits in ((config, _MAX_COUNTS), (config.backbone_config, _MAX_BACKBONE_COUNTS)):
+        for name, limit in limits.items():
+            value = getattr(owner, name, None)
+            if isinstance(value, int) and not 0 <= value <= limit:
+                raise ModelLoadError(f"{path}: {name} = {value} is outside 0..{limit}")
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; its header (offsets, shapes, sizes) is validated by safetensors."""
+    _check_file(path, "the weights")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ModelLoadError(f"{path}: not a valid safetensors file ({_one_line(error)})") from None
+
+
+def _skeleton(model_class, config: LwDetrConfig, directory: Path, weights_bytes: int) -> torch.nn.Module:
+    """`model_class(config)` on the meta device (no memory), refused when much larger than the weights file.
+
+    A config.json can ask for any width: comparing with the weights first means nothing is allocated for a model
+    that cannot be what the file holds. (Four times the file allows half-precision weights and a new class head.)
+    """
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. zero-size heads: the shape check that follows says what is wrong
+            skeleton = model_class(config)
+    except Exception as error:  # noqa: BLE001 - a config that passed validation may still not build
+        raise ModelLoadError(f"{directory / 'config.json'}: cannot build the model ({_one_line(error)})") from None
+    model_bytes = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
+    if model_bytes > 4 * weights_bytes + 256 * 2**20:
+        raise ModelLoadError(
+            f"{directory / 'config.json'}: describes a model of {model_bytes:,} bytes but "
+            f"model.safetensors holds {weights_bytes:,}; refusing to build it"
+        )
+    return skeleton
 
 
 def load_pretrained(
@@ -145,24 +260,37 @@ def load_pretrained(
 
     `overrides` replace config fields (e.g. a new `id2label`); with `ignore_mismatched_sizes`, parameters whose
     shape changed (such as class heads for a new label set) keep their fresh initialisation.
+
+    Raises:
+        ModelNotFoundError: no such folder or hub id.
+        ModelLoadError: a file of the folder is missing or unusable, or the weights do not fit the config.
     """
     config, directory = load_config(name_or_path)
     for key, value in overrides.items():
         setattr(config, key, value)
     weights = directory / "model.safetensors"
-    if not weights.is_file():
-        raise ModelNotFoundError(f"model {str(name_or_path)!r}: {directory} has no model.safetensors")
-    model = model_class(config)
-    state = from_reference_state_dict(load_file(str(weights)))
-    own = model.state_dict()
+    own = _skeleton(model_class, config, directory, _check_file(weights, "the weights")).state_dict()
+    state = _read_weights(weights)
+    try:
+        state = from_reference_state_dict(state)
+    except ValueError as error:
+        raise ModelLoadError(f"{weights}: {_one_line(error)}") from None
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if ignore_mismatched_sizes:
-        state = {k: v for k, v in state.items() if k not in own or own[k].shape == v.shape}
+        state = {k: v for k, v in state.items() if k not in mismatched}
+    elif mismatched:
+        name = mismatched[0]
+        raise ModelLoadError(
+            f"{weights}: does not fit the architecture of its config.json: {name} is {list(state[name].shape)} in "
+            f"the file, {list(own[name].shape)} in the model ({len(mismatched)} tensors differ)"
+        )
+    model = model_class(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     mismatched_ok = ignore_mismatched_sizes and all(k in own for k in missing)
     if unexpected or (missing and not mismatched_ok):
-        raise ValueError(
-            f"model {str(name_or_path)!r} does not fit the LW-DETR architecture of its config: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        raise ModelLoadError(
+            f"{weights}: does not fit the LW-DETR architecture of its config.json: "
+            f"missing {missing[:3]} ({len(missing)} in all), unexpected {unexpected[:3]} ({len(unexpected)} in all)"
         )
     return model

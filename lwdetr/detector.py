@@ -8,6 +8,8 @@ Bad inputs in a list. `predict` raises the first `ImageLoadError` by default (`o
 `on_error="none"` a bad item gives `None` in its place and the others are still processed. `predict_many` is the
 streaming form the CLI uses: a generator of `Prediction` records, in input order, each carrying either its
 detections or the `ImageLoadError` that stopped it, so a caller can report failures one by one and keep going.
+Whatever fails for one input (a hostile file, an image the model cannot take) is that input's error, never the
+batch's.
 """
 
 from __future__ import annotations
@@ -15,16 +17,20 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from PIL import Image
 
 from .cpu_features import reduced_precision_fallback
-from .images import ImageLoadError, ImageSource, load_image
-from .processing import LwDetrImageProcessor
+from .images import ImageLoadError, ImageSource, load_image, source_name
+from .processing import LwDetrImageProcessor, output_size
 
 __all__ = ["Detection", "Detector", "Prediction", "resolve_device"]
+
+# The largest resized edge a preprocessor_config.json may ask for: LW-DETR runs at 640, DETR-style rules at 1333.
+_MAX_INPUT_EDGE = 4096
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,39 @@ def _load_model(directory: str | os.PathLike) -> torch.nn.Module:
     from .modeling import LwDetrForObjectDetection
 
     return LwDetrForObjectDetection.from_pretrained(directory)
+
+
+def _load_processor(directory: Path) -> LwDetrImageProcessor:
+    """The folder's image processor; an unusable preprocessor_config.json is a `ModelLoadError` naming it."""
+    from .checkpoint import ModelLoadError
+    from .processing import CONFIG_NAME
+
+    path = directory / CONFIG_NAME
+    if path.exists() and (not path.is_file() or path.stat().st_size > 2**20):
+        raise ModelLoadError(f"{path}: not a regular file of at most 1 MiB, as an image processor configuration is")
+    try:
+        processor = LwDetrImageProcessor.from_pretrained(directory)
+    except Exception as error:  # noqa: BLE001 - JSON, field and type errors alike are this file's fault
+        reason = " ".join(str(error).split())[:300]
+        raise ModelLoadError(
+            f"{path}: not a usable image processor configuration ({type(error).__name__}: {reason})"
+        ) from None
+    edges = [value for value in processor.size.values() if isinstance(value, int)]
+    edges += list((processor.pad_size or {}).values())
+    if not edges or not all(0 < value <= _MAX_INPUT_EDGE for value in edges):
+        raise ModelLoadError(
+            f"{path}: size {processor.size} and pad_size {processor.pad_size} must give edges of 1 to "
+            f"{_MAX_INPUT_EDGE} pixels"
+        )
+    return processor
+
+
+def _item_error(source: Any, what: str, error: BaseException) -> ImageLoadError:
+    """One input's failure as the one-line `ImageLoadError` that `Prediction.error` carries (cause attached)."""
+    text = str(error).strip().splitlines()
+    item_error = ImageLoadError(f"{source_name(source)}: {what} ({type(error).__name__}: {text[0] if text else ''})")
+    item_error.__cause__ = error
+    return item_error
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -138,8 +177,7 @@ class Detector:
 
         directory = resolve_model_dir(name_or_path)
         model = _load_model(directory)
-        processor = LwDetrImageProcessor.from_pretrained(directory)
-        return cls(model, processor, device=device, dtype=dtype, compile=compile)
+        return cls(model, _load_processor(directory), device=device, dtype=dtype, compile=compile)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(labels={len(self.id2label)}, device={self.device}, processor={self.processor})"
@@ -198,15 +236,40 @@ class Detector:
 
     def _load(self, index: int, source: ImageSource) -> Prediction:
         try:
-            return Prediction(index, source, image=load_image(source, max_pixels=self.processor.max_pixels))
+            image = load_image(source, max_pixels=self.processor.max_pixels)
+            height, width = (image.height, image.width)
+            if self.processor.do_resize:
+                height, width = output_size(height, width, self.processor.size)
+            if height * width > _MAX_INPUT_EDGE**2:  # a thin strip under a shortest-edge rule, or no resizing
+                raise ImageLoadError(
+                    f"{source_name(source)}: the model would see it as {width}x{height} pixels, more than "
+                    f"{_MAX_INPUT_EDGE}x{_MAX_INPUT_EDGE}"
+                )
+            return Prediction(index, source, image=image)
         except ImageLoadError as error:
             return Prediction(index, source, error=error)
+        except Exception as error:  # noqa: BLE001 - whatever goes wrong with one input is that input's error
+            return Prediction(index, source, error=_item_error(source, "cannot load", error))
 
     def _run(self, batch: list[Prediction], threshold: float, max_detections: int) -> list[Prediction]:
-        """Fill in the detections of the loaded items of `batch` with one forward pass."""
+        """Fill in the detections of the loaded items of `batch` with one forward pass.
+
+        When the batch fails, each image is run alone, so that one image the model cannot take (its resized size
+        is unusable, say) costs only its own result.
+        """
         loaded = [p for p in batch if p.error is None]
-        if loaded:
+        if not loaded:
+            return batch
+        try:
             per_image = self._detect([p.image for p in loaded], threshold, max_detections)
+        except (RuntimeError, ValueError, MemoryError) as error:
+            if len(loaded) > 1:
+                for prediction in loaded:
+                    self._run([prediction], threshold, max_detections)
+            else:
+                loaded[0].error = _item_error(loaded[0].source, "the model cannot run on this image", error)
+                loaded[0].image = None
+        else:
             for prediction, detections in zip(loaded, per_image):
                 prediction.detections = detections
         return batch

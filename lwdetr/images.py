@@ -14,12 +14,22 @@ Conversion choices:
   in which case they are stretched min..max. `F` (float) images in 0..1 are scaled by 255, otherwise clipped.
 - Decompression bombs: encoded sources whose header announces more than `max_pixels` pixels are refused before
   any pixel is decoded. Pillow's own hard limit (2 x `PIL.Image.MAX_IMAGE_PIXELS`) still applies on top.
+
+Hostile files (the public app and the CLI read whatever they are given):
+- Only `DECODED_FORMATS` reach a decoder. Pillow would otherwise pick a plugin by the file's content, whatever its
+  name: EPS content named `.jpg` would be handed to Ghostscript, an external interpreter.
+- A file larger than `max_bytes` (default `DEFAULT_MAX_IMAGE_BYTES`, 256 MiB, or the `LWDETR_MAX_IMAGE_BYTES`
+  environment variable) is refused from its size alone, and a file is decoded from its handle, so the decoder
+  reads the header (and the pixel count is checked) before the rest. A 12 GiB sparse `.jpg` costs one `stat`.
+- Only regular files are opened, and without blocking: reading a FIFO named `.jpg` would wait forever for a writer,
+  a device such as `/dev/zero` would never end.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,7 +39,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
+    "DECODED_FORMATS",
+    "DEFAULT_MAX_IMAGE_BYTES",
     "DEFAULT_MAX_PIXELS",
+    "MAX_IMAGE_BYTES_ENV",
     "IMAGE_EXTENSIONS",
     "ImageLoadError",
     "ImageSource",
@@ -39,6 +52,9 @@ __all__ = [
 ]
 
 DEFAULT_MAX_PIXELS = 64_000_000
+# Pillow format ids we decode; MPO (multi-picture JPEG from cameras) comes through the JPEG plugin.
+DECODED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+MAX_IMAGE_BYTES_ENV = "LWDETR_MAX_IMAGE_BYTES"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 ImageSource = Image.Image | np.ndarray | str | os.PathLike | bytes | bytearray | memoryview
@@ -51,10 +67,40 @@ class ImageLoadError(ValueError):
     """An input could not be turned into an RGB image; the message is one line naming the source."""
 
 
+def max_image_bytes_setting() -> int:
+    """The file-size limit set by `LWDETR_MAX_IMAGE_BYTES` (a positive number of bytes), else 256 MiB.
+
+    Raises:
+        ValueError: one line naming the variable when it is set to anything but a positive integer.
+    """
+    text = os.environ.get(MAX_IMAGE_BYTES_ENV, "").strip()
+    if not text:
+        return 256 * 2**20
+    value = int(text) if text.isascii() and text.isdigit() else 0
+    if value < 1:
+        raise ValueError(f"{MAX_IMAGE_BYTES_ENV}={text!r} is not a positive whole number of bytes")
+    return value
+
+
+def _default_max_bytes() -> int:
+    try:
+        return max_image_bytes_setting()
+    except ValueError:  # reported by the command line; a library import must not fail over it
+        return 256 * 2**20
+
+
+DEFAULT_MAX_IMAGE_BYTES = _default_max_bytes()
+
+
 def source_name(source: Any) -> str:
-    """A short name for `source` in messages: the path, or `<bytes>`, `<array>`, `<PIL image>`."""
+    """A short one-line name for `source` in messages: the path, or `<bytes>`, `<array>`, `<PIL image>`.
+
+    Control characters and undecodable bytes in a file name are escaped, so that a hostile name cannot add lines.
+    """
     if isinstance(source, (str, os.PathLike)):
-        return str(source)
+        text = os.fspath(source)
+        text = text if isinstance(text, str) else os.fsdecode(text)
+        return text if text.isprintable() else repr(text)[1:-1]
     if isinstance(source, (bytes, bytearray, memoryview)):
         return "<bytes>"
     if isinstance(source, np.ndarray):
@@ -68,8 +114,9 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Expand folders into the image files below them; return every path once, sorted.
 
     Folders are walked recursively for `IMAGE_EXTENSIONS` (any case), skipping hidden files and folders (such as
-    macOS `._name.jpg` resource forks, which are not images). Anything else is kept as given, missing paths
-    included, so that the caller's `load_image` reports them.
+    macOS `._name.jpg` resource forks, which are not images) and not following links to folders. Anything else is
+    kept as given, missing paths included, so that the caller's `load_image` reports them; so are FIFOs and broken
+    links with an image's name, which would otherwise vanish from the results without a word.
     """
     found: set[Path] = set()
     for path in map(Path, paths):
@@ -78,44 +125,48 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
             continue
         for candidate in path.rglob("*"):
             hidden = any(part.startswith(".") for part in candidate.relative_to(path).parts)
-            if not hidden and candidate.suffix.lower() in IMAGE_EXTENSIONS and candidate.is_file():
+            if not hidden and candidate.suffix.lower() in IMAGE_EXTENSIONS and not candidate.is_dir():
                 found.add(candidate)
     return sorted(found, key=str)
 
 
-def load_image(source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(
+    source: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS, max_bytes: int | None = DEFAULT_MAX_IMAGE_BYTES
+) -> Image.Image:
     """Load `source` as an 8-bit RGB image with EXIF orientation applied.
+
+    This is the one decoder of the project: inference, evaluation and training all load images through it.
 
     Args:
         source: a PIL image, a numpy array `[H, W]` / `[H, W, C]` (C in 1, 3, 4; uint8 or uint16), a file path or
             the raw bytes of an encoded image.
         max_pixels: refuse encoded images (paths, bytes) larger than this many pixels; `None` disables our check.
+        max_bytes: refuse files (and bytes) larger than this many bytes before reading them; `None`: no limit.
 
     Returns:
         A new RGB `PIL.Image.Image`; the caller's image or array is never modified.
 
     Raises:
-        ImageLoadError: one-line message naming the source (missing or empty file, not an image, truncated data,
-            too many pixels, unsupported array shape or dtype, unsupported type).
+        ImageLoadError: one-line message naming the source (missing, empty, too large or not a regular file, not
+            an image or not one of `DECODED_FORMATS`, truncated data, too many pixels, unsupported array shape or
+            dtype, unsupported type).
     """
     name = source_name(source)
     if isinstance(source, Image.Image):
-        image = source
-    elif isinstance(source, np.ndarray):
-        image = _image_from_array(source, name)
-    elif isinstance(source, (str, os.PathLike)):
-        image = _open_encoded(_read_file(Path(source), name), name, max_pixels)
-    elif isinstance(source, (bytes, bytearray, memoryview)):
-        if len(source) == 0:
+        return _finish(source, name, copy=True)
+    if isinstance(source, np.ndarray):
+        return _finish(_image_from_array(source, name), name)
+    if isinstance(source, (str, os.PathLike)):
+        with _open_regular_file(source, name, max_bytes) as file:
+            return _decode(file, name, max_pixels)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        size = memoryview(source).nbytes
+        if size == 0:
             raise ImageLoadError(f"{name}: empty data (0 bytes)")
-        image = _open_encoded(bytes(source), name, max_pixels)
-    else:
-        raise ImageLoadError(f"{name}: unsupported input type; pass a path, bytes, a numpy array or a PIL image")
-    try:
-        rgb = _to_rgb(_apply_exif_orientation(image))
-    except (OSError, ValueError) as error:  # conversion of exotic modes can still fail inside Pillow
-        raise ImageLoadError(f"{name}: cannot convert {image.mode} image to RGB ({_first_line(error)})") from None
-    return rgb.copy() if rgb is source else rgb
+        if max_bytes is not None and size > max_bytes:
+            raise ImageLoadError(f"{name}: {size:,} bytes, more than the limit of {max_bytes:,}")
+        return _decode(io.BytesIO(source), name, max_pixels)
+    raise ImageLoadError(f"{name}: unsupported input type; pass a path, bytes, a numpy array or a PIL image")
 
 
 def _first_line(error: BaseException) -> str:
@@ -123,28 +174,53 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _read_file(path: Path, name: str) -> bytes:
-    """Read the whole file so that the decoder never holds an open handle, and empty files are caught early."""
-    if not path.exists():
-        raise ImageLoadError(f"{name}: no such file")
-    if path.is_dir():
-        raise ImageLoadError(f"{name}: is a directory, not an image file")
+def _open_regular_file(path: str | os.PathLike, name: str, max_bytes: int | None) -> io.BufferedReader:
+    """Open `path` for reading after checking that it is a non-empty regular file within `max_bytes`.
+
+    The file is checked by `stat` before it is opened (opening some devices has side effects), opened without
+    blocking (a FIFO swapped in meanwhile must not hang us), and checked again on the open handle.
+    """
     try:
-        data = path.read_bytes()
-    except OSError as error:
+        _check_regular(os.stat(path), name, max_bytes)
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except ImageLoadError:
+        raise
+    except FileNotFoundError:
+        raise ImageLoadError(f"{name}: no such file") from None
+    except (OSError, ValueError) as error:  # permissions, a too-long name, an embedded NUL...
         raise ImageLoadError(f"{name}: cannot read file ({_first_line(error)})") from None
-    if not data:
+    file = os.fdopen(descriptor, "rb")
+    try:
+        _check_regular(os.fstat(descriptor), name, max_bytes)
+    except BaseException:
+        file.close()
+        raise
+    return file
+
+
+def _check_regular(info: os.stat_result, name: str, max_bytes: int | None) -> None:
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageLoadError(f"{name}: is a directory, not an image file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageLoadError(f"{name}: not a regular file (a FIFO, socket or device), refused")
+    if info.st_size == 0:
         raise ImageLoadError(f"{name}: file is empty (0 bytes)")
-    return data
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise ImageLoadError(
+            f"{name}: file is {info.st_size:,} bytes, more than the limit of {max_bytes:,} ({MAX_IMAGE_BYTES_ENV})"
+        )
 
 
-def _open_encoded(data: bytes, name: str, max_pixels: int | None) -> Image.Image:
-    """Decode `data` after checking the pixel count announced by its header."""
+def _decode(file: io.IOBase, name: str, max_pixels: int | None) -> Image.Image:
+    """Decode `file` to RGB after checking its format and the pixel count announced by its header.
+
+    Everything that may read the file (EXIF of a TIFF is read lazily) happens here, while it is open.
+    """
     try:
         with warnings.catch_warnings():
             # We enforce our own limit below; Pillow's warning would only duplicate it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(file, formats=DECODED_FORMATS)
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageLoadError(
@@ -152,16 +228,28 @@ def _open_encoded(data: bytes, name: str, max_pixels: int | None) -> Image.Image
                     f"{max_pixels:,} (possible decompression bomb)"
                 )
             image.load()
+            return _finish(image, name)
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as error:
         raise ImageLoadError(f"{name}: too many pixels, possible decompression bomb ({_first_line(error)})") from None
     except UnidentifiedImageError:
-        raise ImageLoadError(f"{name}: not a recognised image file (corrupt or unsupported format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as error:
-        # Pillow reports truncated or malformed data with any of these.
+        raise ImageLoadError(
+            f"{name}: not a recognised image file (corrupt, or not JPEG, PNG, WebP, BMP, GIF or TIFF)"
+        ) from None
+    except MemoryError:
+        raise ImageLoadError(f"{name}: not enough memory to decode this image") from None
+    except Exception as error:  # noqa: BLE001 - Pillow reports malformed data with many types; all are this file's
         raise ImageLoadError(f"{name}: corrupt or truncated image data ({_first_line(error)})") from None
-    return image
+
+
+def _finish(image: Image.Image, name: str, copy: bool = False) -> Image.Image:
+    """EXIF orientation, then RGB; a new image whenever `copy` (the caller's own image is never modified)."""
+    try:
+        rgb = _to_rgb(_apply_exif_orientation(image))
+    except (OSError, ValueError) as error:  # conversion of exotic modes can still fail inside Pillow
+        raise ImageLoadError(f"{name}: cannot convert {image.mode} image to RGB ({_first_line(error)})") from None
+    return rgb.copy() if copy and rgb is image else rgb
 
 
 def _image_from_array(array: np.ndarray, name: str) -> Image.Image:

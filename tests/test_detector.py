@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +141,71 @@ def test_bad_items_do_not_stop_the_others(detector: Detector, model_dir: Path, t
     assert records[0].detections == expected[0] and records[0].size == SIZES[0]
     with pytest.raises(ImageLoadError):
         detector.predict(empty)  # a single bad image always raises
+
+
+@contextlib.contextmanager
+def _fifo(path: Path) -> Iterator[Path]:
+    """A FIFO at `path`. Whenever anything opens it for reading and waits for a writer, a helper thread writes
+    nothing and closes, so that the reader sees an empty file instead of hanging the test."""
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def unblock_readers() -> None:
+        while not done.is_set():
+            open(path, "wb").close()  # returns once a reader has opened the FIFO
+
+    helper = threading.Thread(target=unblock_readers, daemon=True)
+    helper.start()
+    try:
+        yield path
+    finally:
+        done.set()
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # release the helper's last open()
+        helper.join(timeout=30)
+
+
+def test_hostile_files_in_a_batch_cost_only_their_own_results(
+    detector: Detector, model_dir: Path, tmp_path: Path
+) -> None:
+    good = _images(model_dir)[:2]
+    expected = detector.predict(good, threshold=THRESHOLD)
+    sparse = tmp_path / "huge.jpg"
+    with open(sparse, "wb") as file:  # 300 MiB of holes, above the 256 MiB default limit, using no disk space
+        file.write(b"\xff\xd8\xff\xe0")
+        file.truncate(300 * 2**20)
+    eps = tmp_path / "eps.jpg"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\n")
+    with _fifo(tmp_path / "pipe.jpg") as fifo:
+        inputs = [good[0], sparse, fifo, eps, good[1]]
+        assert detector.predict(inputs, threshold=THRESHOLD, on_error="none") == [
+            expected[0],
+            None,
+            None,
+            None,
+            expected[1],
+        ]
+        records = list(detector.predict_many(inputs, threshold=THRESHOLD, batch_size=2))
+    errors = [str(r.error) for r in records[1:4]]
+    assert f"{sparse}: file is 314,572,800 bytes, more than the limit of 268,435,456" in errors[0]
+    assert errors[1] == f"{fifo}: not a regular file (a FIFO, socket or device), refused"
+    assert errors[2].startswith(f"{eps}: not a recognised image file")
+    assert [r.detections for r in records] == [expected[0], None, None, None, expected[1]]
+
+
+def test_an_image_the_model_cannot_take_costs_only_its_own_result(detector: Detector) -> None:
+    # With this resize rule a 1-pixel-high strip resizes to 0 rows, which Pillow refuses: in a batch with others.
+    processor = LwDetrImageProcessor(size={"shortest_edge": 256, "longest_edge": 512})
+    strict = Detector(detector.model, processor, device="cpu")
+    good = [Image.new("RGB", (300, 200), (200, 30, 30)), Image.new("RGB", (200, 300), (30, 30, 200))]
+    expected = [
+        strict.predict(image, threshold=0.0, max_detections=3) for image in good
+    ]  # the fallback runs each alone
+    results = list(
+        strict.predict_many([good[0], np.zeros((1, 4000, 3), np.uint8), good[1]], threshold=0.0, max_detections=3)
+    )
+    assert [r.detections for r in results] == [expected[0], None, expected[1]]
+    assert str(results[1].error).startswith("<array>: the model cannot run on this image (ValueError: ")
+    assert results[1].image is None and results[1].size is None
 
 
 def test_attributes_and_injected_reference_model(detector: Detector, model_dir: Path) -> None:

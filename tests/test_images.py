@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
+import subprocess
+import sys
+import warnings
 import zlib
 from pathlib import Path
 
@@ -11,7 +15,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lwdetr import images as images_module
 from lwdetr.images import ImageLoadError, find_images, load_image
+
+REPO = Path(__file__).resolve().parents[1]
+# A minimal EPS file: Pillow recognises it by its first line, whatever the file is called, and renders it with
+# Ghostscript, an external PostScript interpreter.
+EPS = (
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\nnewpath 0 0 moveto 10 10 lineto stroke\n%%EOF\n"
+)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -195,3 +207,150 @@ def test_find_images_walks_folders(tmp_path: Path) -> None:
     found = find_images([tmp_path, tmp_path / "a.png", tmp_path / "missing.jpg"])
     relative = [p.relative_to(tmp_path).as_posix() for p in found]
     assert relative == ["a.png", "b.JPG", "missing.jpg", "sub/c.webp", "sub/deeper/d.tiff"]
+
+
+def test_folders_report_fifos_and_broken_links_named_as_images(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    assert sorted(p.name for p in find_images([tmp_path])) == ["gone.png", "pipe.jpg"]
+
+
+# ---------------------------------------------------------------- hostile files
+
+# Loads each path in a fresh process whose address space is capped at 1 GiB above what it uses after the import:
+# a file read whole would fail there (or hang, for a FIFO) instead of eating the test machine's memory.
+_LOAD_CAPPED = """
+import resource, sys
+from lwdetr.images import ImageLoadError, load_image
+with open("/proc/self/status") as status:
+    used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (used + 2**30, resource.RLIM_INFINITY))
+for path in sys.argv[1:]:
+    try:
+        print("ok", load_image(path).size)
+    except ImageLoadError as error:
+        print("error", error)
+"""
+
+
+def _load_in_capped_process(*paths: Path) -> list[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-c", _LOAD_CAPPED, *map(str, paths)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    return result.stdout.splitlines()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and RLIMIT_AS to cap the memory")
+def test_huge_sparse_file_and_fifo_are_refused_without_reading(tmp_path: Path) -> None:
+    sparse = tmp_path / "sparse.jpg"
+    with open(sparse, "wb") as file:  # a JPEG start, then 12 GiB of holes: no disk space used
+        file.write(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00")
+        file.truncate(12 * 2**30)
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    good = tmp_path / "good.png"
+    Image.new("RGB", (30, 20)).save(good)
+    lines = _load_in_capped_process(sparse, fifo, good)
+    assert lines[0] == f"error {sparse}: file is 12,884,901,888 bytes, more than the limit of 268,435,456 " + (
+        "(LWDETR_MAX_IMAGE_BYTES)"
+    )
+    assert lines[1] == f"error {fifo}: not a regular file (a FIFO, socket or device), refused"
+    assert lines[2] == "ok (30, 20)"
+
+
+def test_byte_limit_is_configurable(tmp_path: Path) -> None:
+    path = tmp_path / "small.png"
+    Image.new("RGB", (40, 30)).save(path, compress_level=0)
+    size = path.stat().st_size
+    with pytest.raises(ImageLoadError, match=rf"small\.png: file is {size:,} bytes, more than the limit of 1,000"):
+        load_image(path, max_bytes=1000)
+    with pytest.raises(ImageLoadError, match=rf"^<bytes>: {size:,} bytes, more than the limit of 1,000"):
+        load_image(path.read_bytes(), max_bytes=1000)
+    assert load_image(path, max_bytes=size).size == load_image(path, max_bytes=None).size == (40, 30)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(None, 256 * 2**20), ("1000", 1000), ("0", None), ("-5", None), ("1e9", None)]
+)
+def test_byte_limit_setting(monkeypatch: pytest.MonkeyPatch, value: str | None, expected: int | None) -> None:
+    if value is None:
+        monkeypatch.delenv("LWDETR_MAX_IMAGE_BYTES", raising=False)
+    else:
+        monkeypatch.setenv("LWDETR_MAX_IMAGE_BYTES", value)
+    if expected is None:
+        with pytest.raises(ValueError, match=f"^LWDETR_MAX_IMAGE_BYTES='{value}' is not a positive whole number"):
+            images_module.max_image_bytes_setting()
+    else:
+        assert images_module.max_image_bytes_setting() == expected
+
+
+def test_eps_named_jpg_never_reaches_ghostscript(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import EpsImagePlugin
+
+    calls = []
+
+    def fake_ghostscript(*args, **kwargs):
+        calls.append(args)
+        raise OSError("Ghostscript was called")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", fake_ghostscript)
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(EPS)
+    for source in (path, EPS):
+        with pytest.raises(ImageLoadError, match=r"(photo\.jpg|<bytes>): not a recognised image file") as caught:
+            load_image(source)
+        assert "JPEG, PNG, WebP, BMP, GIF or TIFF" in str(caught.value)
+    assert calls == []
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "ICO", "TGA", "PCX"])
+def test_formats_outside_the_supported_ones_are_refused(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / "image.png"
+    path.write_bytes(_encoded(Image.new("RGB", (16, 16), (9, 9, 9)), fmt))
+    with pytest.raises(ImageLoadError, match=r"image\.png: not a recognised image file"):
+        load_image(path)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"])
+def test_supported_formats_load_from_files(tmp_path: Path, fmt: str) -> None:
+    image = Image.new("RGB", (24, 16), (250, 10, 10))
+    extra = {"save_all": True, "append_images": [image]} if fmt == "MPO" else {}
+    path = tmp_path / f"image.{fmt.lower()}"
+    path.write_bytes(_encoded(image, fmt, **extra))
+    loaded = load_image(path)
+    assert loaded.mode == "RGB" and loaded.size == (24, 16)
+    assert np.asarray(loaded)[8, 12, 0] > 200
+    assert fmt in (*images_module.DECODED_FORMATS, "MPO")
+
+
+def test_tiff_exif_orientation_is_read_while_the_file_is_open(tmp_path: Path) -> None:
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.tif"
+    stored.save(path, exif=exif)
+    assert load_image(path).size == (20, 40)
+
+
+def test_no_decompression_bomb_warning_reaches_the_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow warns above this, and refuses above twice it
+    warned, refused = tmp_path / "warned.png", tmp_path / "refused.png"
+    Image.new("RGB", (40, 30)).save(warned)
+    Image.new("RGB", (60, 40)).save(refused)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_image(warned, max_pixels=None).size == (40, 30)
+        with pytest.raises(ImageLoadError, match=r"refused\.png: too many pixels, possible decompression bomb"):
+            load_image(refused, max_pixels=None)
+    assert caught == []
+
+
+def test_hostile_file_names_stay_on_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "two\nlines\x1b[31m.jpg"
+    path.write_bytes(b"")
+    with pytest.raises(ImageLoadError) as caught:
+        load_image(path)
+    assert "\n" not in str(caught.value) and "\x1b" not in str(caught.value)
+    assert "two\\nlines\\x1b[31m.jpg: file is empty" in str(caught.value)
