@@ -42,6 +42,7 @@ __all__ = [
     "kernel_attention",
     "kernel_deformable_sampling",
     "kernel_status",
+    "kernel_summary",
     "prepare_kernels",
     "start_background_build",
 ]
@@ -268,6 +269,16 @@ def start_background_build() -> threading.Thread | None:
     _background = threading.Thread(target=build_all, name="lwdetr-kernel-build", daemon=True)
     _background.start()
     return _background
+
+
+def kernel_summary() -> str:
+    """A few words for a UI next to a timing: which attention ran on this CPU."""
+    if _background is not None and _background.is_alive():
+        return "PyTorch attention; our CPU kernels are building"
+    if _LOADED.get(_FLOAT32) is not None:
+        return "our AVX-512 kernels"
+    reason = _OFF_REASONS.get(_FLOAT32.source)
+    return f"PyTorch attention ({reason})" if reason else "PyTorch attention"
 
 
 def kernel_status() -> str:

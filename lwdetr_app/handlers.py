@@ -32,6 +32,7 @@ import pandas as pd
 from PIL import Image
 
 from lwdetr.config import PRESETS
+from lwdetr.cpu_kernels import kernel_summary
 from lwdetr.images import ImageLoadError, load_image
 
 from . import detection
@@ -254,6 +255,7 @@ class AppContext:
             "width": image.width,
             "height": image.height,
             "seconds": seconds,
+            "kernels": kernel_summary() if detector.device.type == "cpu" else detector.device.type.upper(),
             "detections": found,
         }
 
@@ -273,7 +275,7 @@ class AppContext:
         table = pd.DataFrame(detection.table_rows(kept), columns=detection.COLUMNS)
         results = detection.coco_results(kept, detection.image_id_from_name(raw["name"]))
         json_path = self._write_results(raw, results)
-        timing = f"{raw['seconds'] * 1000:.0f} ms"
+        timing = f"{raw['seconds'] * 1000:.0f} ms" + (f" ({raw['kernels']})" if raw.get("kernels") else "")
         return detection.draw(image, shown), table, len(kept), timing, gr.update(value=str(json_path), interactive=True)
 
     def _write_results(self, raw: dict, results: list[dict]) -> Path:

@@ -128,7 +128,7 @@ def test_detect_tab_drop_image_and_refilter_with_the_slider(ui_page, app, playwr
     drop_file(page, page.get_by_role("button", name="Drop an image file here to upload"), example, "image/jpeg")
     expect(page.locator("#input-image img")).to_be_visible()
     expect(page.locator("#output-image img")).to_be_visible()
-    expect(page.locator("#inference-time textarea")).to_have_value(re.compile(r"^\d+ ms$"))
+    expect(page.locator("#inference-time textarea")).to_have_value(re.compile(r"^\d+ ms \(.+\)$"))
 
     count, rows = page.locator("#det-count input"), page.locator("#detections-table [role=row][data-index]")
     page.locator("#threshold input[type=range]").fill(str(low))
