@@ -61,9 +61,11 @@ def normalise_id(value: Any) -> int | None:
     return None
 
 
-def read_coco_json(path: Path, limits: CocoLimits = LIMITS) -> dict[str, Any]:
+def read_coco_json(path: Path, limits: CocoLimits | None = None) -> dict[str, Any]:
     """The parsed annotation file: a dict whose `images`, `categories` and `annotations` are lists (the last
-    one possibly empty). Raises `DataError` (one line, naming `path`) for anything else."""
+    one possibly empty). `limits` defaults to the module's `LIMITS`. Raises `DataError` (one line, naming
+    `path`) for anything else."""
+    limits = LIMITS if limits is None else limits
     data = _read_bytes(path, limits.max_bytes)
     containers = data.count(b"{") + data.count(b"[")  # braces inside strings count too: a safe over-estimate
     if containers > limits.max_containers:

@@ -424,8 +424,21 @@ def _extract_zip(zip_path: Path, work_dir: str | os.PathLike[str] | None) -> Pat
 
 def _from_hugging_face(source: Any, work_dir: str | os.PathLike[str] | None, description: str) -> _Source:
     dataset = hf_datasets.load_hf_dataset(source)
-    root = hf_datasets.export_as_coco(dataset, _scratch_root(work_dir) / "hf")
+    root = hf_datasets.export_as_coco(dataset, _scratch_root(work_dir) / "hf", _hf_image_roots(source))
     return _Source(description, "Hugging Face dataset", _split_folders(root))
+
+
+def _hf_image_roots(source: Any) -> list[Path] | None:
+    """Where the images of a Hugging Face dataset stored as local paths may be: its `save_to_disk` folder, or the
+    Hugging Face caches for a hub dataset; anywhere (None) for a dataset object built by the calling program."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        return [Path(source)]
+    if isinstance(source, str):
+        import datasets
+        from huggingface_hub import constants
+
+        return [Path(datasets.config.HF_DATASETS_CACHE), Path(constants.HF_HUB_CACHE)]
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------- parsing
