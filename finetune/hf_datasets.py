@@ -186,7 +186,7 @@ def _export_split(split: Any, folder: Path, roots: list[Path] | None) -> None:
         images.append({"id": image_ids[index], "file_name": file_name, "width": width, "height": height})
         try:
             objects = _objects(row["objects"])
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, OverflowError) as error:
             raise DataError(
                 f"Hugging Face dataset, split {folder.name}, row {index}: malformed objects ({error})"
             ) from error
@@ -228,7 +228,7 @@ def _image_ids(split: Any) -> list[int]:
     """The `image_id` column when it holds unique integers, else the row indices."""
     if "image_id" in split.column_names:
         ids = split["image_id"]
-        if all(isinstance(i, int) for i in ids) and len(set(ids)) == len(ids):
+        if all(isinstance(i, int) and not isinstance(i, bool) for i in ids) and len(set(ids)) == len(ids):
             return list(ids)
     return list(range(len(split)))
 
