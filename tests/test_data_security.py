@@ -63,21 +63,24 @@ def coco(folder: Path, file_names: list[str], name: str = "annotations.json", **
 
 
 _opened: list[str] = []
+_recording = [False]
 
 
 def _audit(event: str, args: tuple) -> None:
-    if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+    if _recording[0] and event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
         _opened.append(os.fsdecode(args[0]))
 
 
-sys.addaudithook(_audit)  # audit hooks cannot be removed; this one only appends to a list
+sys.addaudithook(_audit)  # audit hooks cannot be removed; this one records only while a test asks for it
 
 
 @pytest.fixture()
 def opened() -> list[str]:
     """The paths opened (any `open` audit event) while the test runs."""
     _opened.clear()
+    _recording[0] = True
     yield _opened
+    _recording[0] = False
     _opened.clear()
 
 
@@ -125,6 +128,7 @@ def test_image_paths_leading_outside_the_dataset_are_reported_and_never_opened(t
     text = data.report.to_text(max_listed=20)
     assert "8 images outside the dataset, skipped, not read" in text
     assert "x" * 200 not in text
+    assert any(path.endswith("good.png") for path in opened)  # the audit hook does see the images read
     assert not [path for path in opened if str(outside) in path or path.startswith("/x")]
 
 
