@@ -7,6 +7,9 @@ Modules (import them directly; this package imports nothing heavy on purpose):
 - `finetune.synthetic`: a generator of simple-shape datasets for tests and demos.
 - `finetune.archive`: safe zip extraction.
 - `finetune.hf_datasets`: Hugging Face `datasets` object-detection datasets to the COCO layout.
+- `finetune.coco_json`: reading a (possibly hostile) COCO annotation file: size limits, ids normalised.
+- `finetune.safe_paths`: image paths named by a dataset, confined to the dataset's folder.
+- `finetune.pixels`: decoding dataset images exactly as inference does; EXIF orientation of boxes.
 - `finetune.train`: `TrainConfig`, `train()` (the Accelerate loop) and `resume_config()`.
 - `finetune.optim`: AdamW parameter groups (layer-wise decay for the ViT) and the warmup-then-decay schedule.
 - `finetune.ema`: the exponential moving average of the weights.

@@ -122,11 +122,22 @@ def main(argv: list[str] | None = None) -> int:
         _prepare_cpu_kernels(config)
         result = train(config, callback=TqdmProgress())
     except (DataError, ConfigError, ModelNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     if config.dry_run:
         print(result.report)
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line. A DataLoader worker's error arrives wrapped in its traceback text
+    ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): its last line is the message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        last = lines[-1]
+        prefix = f"{type(error).__module__}.{type(error).__name__}: "
+        return last.removeprefix(prefix).removeprefix(f"{type(error).__name__}: ")
+    return " ".join(lines)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,16 @@
 
 Image files are looked up, for a `file_name` in a json, as (first hit wins): `file_name` relative to the json's
 folder, then under an `images/` folder beside the json, then the bare basename beside the json, then the basename
-under `images/`. Backslashes in `file_name` are read as folder separators. Pixels are used as stored (an EXIF
-orientation tag is reported, not applied), and the real image size wins over the json's `width`/`height`.
+under `images/`. Backslashes in `file_name` are read as folder separators. Every image must resolve inside the
+json's folder, symlinks included (`finetune.safe_paths`): an absolute name, a `../` climbing out or a symlink
+leading out is reported as "outside the dataset" and skipped, and nothing outside is ever opened.
+
+Images are decoded as inference decodes them (`finetune.pixels`: EXIF orientation applied, 16-bit scaled,
+transparency on white, inference's pixel limit), once at loading, so an image that would fail in training is
+reported here. The real (upright) image size wins over the json's `width`/`height`; boxes are in the upright frame,
+except those of an image whose json size is its stored, unrotated size, which are turned upright with the pixels.
+Ids may be ints, integral floats or decimal strings (`finetune.coco_json.normalise_id`); the annotation file is
+size-bounded and read defensively.
 
 Category ids may be anything: the categories of all splits are merged by id (a name conflict is an error),
 categories without a single annotation anywhere are dropped (Roboflow's super-category), and the rest become
@@ -31,7 +39,7 @@ import atexit
 import dataclasses
 import functools
 import hashlib
-import json
+import math
 import os
 import re
 import shutil
@@ -39,7 +47,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -47,7 +55,10 @@ from PIL import Image
 
 from finetune import hf_datasets  # light: it imports `datasets` only when a dataset is really loaded
 from finetune.archive import dataset_root, safe_extract_zip
+from finetune.coco_json import normalise_id, read_coco_json
 from finetune.errors import DataError
+from finetune.pixels import decode_image, orient_boxes, probe_image
+from finetune.safe_paths import OutsideRootError, climbs_out, resolve_inside, shorten
 
 __all__ = [
     "DataError",
@@ -67,7 +78,6 @@ _SPLIT_FOLDERS = {"train": ("train",), "val": ("valid", "val", "validation"), "t
 _ROBOFLOW_JSON = "_annotations.coco.json"
 # A box may overshoot the image by rounding (Roboflow writes 800.0004); only larger overshoots are reported.
 _CLIP_REPORT_TOLERANCE = 0.5
-_EXIF_ORIENTATION = 0x0112
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -78,9 +88,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 class DetectionRecord:
     """One image and its boxes.
 
-    `boxes`: float32 [n, 4] absolute (x, y, w, h) in pixels of the image as stored, clipped to it, w and h > 0.
-    `labels`: int64 [n] contiguous label ids. `iscrowd`: bool [n]; crowd boxes count in evaluation only.
-    `width`/`height` are the real image size (read from the file).
+    `boxes`: float32 [n, 4] absolute (x, y, w, h) in pixels of the upright image (as `load_image` decodes it),
+    clipped to it, w and h > 0. `labels`: int64 [n] contiguous label ids. `iscrowd`: bool [n]; crowd boxes count
+    in evaluation only. `width`/`height` are the real upright image size (read from the file).
     """
 
     image_id: int
@@ -93,12 +103,9 @@ class DetectionRecord:
     iscrowd: np.ndarray
 
     def load_image(self) -> Image.Image:
-        """The image as RGB, pixels as stored; `DataError` naming the file if it cannot be decoded."""
-        try:
-            with Image.open(self.path) as image:
-                return image.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as error:
-            raise DataError(f"{self.path}: cannot decode image ({error})") from error
+        """The image as inference sees it (`lwdetr.images.load_image`: RGB, upright, same pixel limit);
+        `DataError` naming the file (by its `file_name`) if it cannot be decoded."""
+        return decode_image(self.path, shorten(self.file_name))
 
 
 def train_targets(record: DetectionRecord) -> tuple[np.ndarray, np.ndarray]:
@@ -157,12 +164,16 @@ class SplitProblems:
 
     missing_images: list[str] = field(default_factory=list)  # skipped
     unreadable_images: list[str] = field(default_factory=list)  # skipped
+    outside_images: list[str] = field(default_factory=list)  # resolve outside the dataset folder: skipped, not read
+    malformed_images: list[str] = field(default_factory=list)  # no integer id or no file_name: skipped
     size_mismatches: list[str] = field(default_factory=list)  # json size differs from the file; file wins
-    exif_rotated: list[str] = field(default_factory=list)  # an EXIF orientation tag; pixels used as stored
+    exif_rotated: list[str] = field(default_factory=list)  # an EXIF orientation tag; pixels turned upright
+    stored_frame_boxes: list[str] = field(default_factory=list)  # boxes drawn on the unrotated pixels: turned too
     degenerate_boxes: list[str] = field(default_factory=list)  # width or height <= 0: dropped
     outside_boxes: list[str] = field(default_factory=list)  # entirely outside the image: dropped
     malformed_boxes: list[str] = field(default_factory=list)  # not 4 finite numbers: dropped
     clipped_boxes: int = 0  # partly outside: clipped, kept
+    malformed_annotations: int = 0  # not a JSON object: dropped
     unknown_image_annotations: int = 0  # image_id not in the file: dropped
     unknown_category_annotations: int = 0  # category_id not in the file: dropped
     skipped_image_annotations: int = 0  # belonged to a missing or unreadable image: dropped
@@ -239,8 +250,10 @@ class _Source:
 class _ImageEntry:
     file_name: str
     path: Path
-    width: int
+    width: int  # upright, as decoded
     height: int
+    orientation: int  # EXIF orientation to apply to its boxes: 1 unless they were drawn on the stored pixels
+    stored_size: tuple[int, int]
 
 
 @dataclass
@@ -411,8 +424,21 @@ def _extract_zip(zip_path: Path, work_dir: str | os.PathLike[str] | None) -> Pat
 
 def _from_hugging_face(source: Any, work_dir: str | os.PathLike[str] | None, description: str) -> _Source:
     dataset = hf_datasets.load_hf_dataset(source)
-    root = hf_datasets.export_as_coco(dataset, _scratch_root(work_dir) / "hf")
+    root = hf_datasets.export_as_coco(dataset, _scratch_root(work_dir) / "hf", _hf_image_roots(source))
     return _Source(description, "Hugging Face dataset", _split_folders(root))
+
+
+def _hf_image_roots(source: Any) -> list[Path] | None:
+    """Where the images of a Hugging Face dataset stored as local paths may be: its `save_to_disk` folder, or the
+    Hugging Face caches for a hub dataset; anywhere (None) for a dataset object built by the calling program."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        return [Path(source)]
+    if isinstance(source, str):
+        import datasets
+        from huggingface_hub import constants
+
+        return [Path(datasets.config.HF_DATASETS_CACHE), Path(constants.HF_HUB_CACHE)]
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------- parsing
@@ -420,48 +446,37 @@ def _from_hugging_face(source: Any, work_dir: str | os.PathLike[str] | None, des
 
 def _parse_split(name: str, json_path: Path) -> _ParsedSplit:
     """Read one COCO annotation file, check its images and boxes, and build records (labels = category ids)."""
-    coco = _read_coco_json(json_path)
+    coco = read_coco_json(json_path)
     categories = _read_categories(coco["categories"], json_path)
     problems = SplitProblems()
     images, skipped = _read_images(coco["images"], json_path, problems)
     per_image: dict[int, list[tuple[tuple[float, ...], int, bool]]] = {image_id: [] for image_id in images}
-    for annotation in coco.get("annotations", []):
-        image_id = annotation.get("image_id")
+    for annotation in coco["annotations"]:
+        if not isinstance(annotation, dict):
+            problems.malformed_annotations += 1
+            continue
+        image_id = normalise_id(annotation.get("image_id"))
+        category_id = normalise_id(annotation.get("category_id"))
         if image_id in skipped:
             problems.skipped_image_annotations += 1
         elif image_id not in per_image:
             problems.unknown_image_annotations += 1
-        elif annotation.get("category_id") not in categories:
+        elif category_id not in categories:
             problems.unknown_category_annotations += 1
         elif (box := _clean_box(annotation, images[image_id], problems)) is not None:
-            per_image[image_id].append((box, int(annotation["category_id"]), bool(annotation.get("iscrowd", 0))))
+            per_image[image_id].append((box, category_id, _is_crowd(annotation.get("iscrowd", 0))))
     records = [_make_record(image_id, images[image_id], boxes) for image_id, boxes in per_image.items()]
     return _ParsedSplit(name, json_path, categories, records, problems)
-
-
-def _read_coco_json(json_path: Path) -> dict[str, Any]:
-    try:
-        with open(json_path, encoding="utf-8") as file:
-            coco = json.load(file)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(f"{json_path}: cannot read the annotation file ({error})") from error
-    if not isinstance(coco, dict):
-        raise DataError(f"{json_path}: not a COCO annotation file (the top level is not an object)")
-    for key in ("images", "categories"):
-        if not isinstance(coco.get(key), list):
-            raise DataError(f"{json_path}: not a COCO annotation file (no {key!r} list)")
-    if not isinstance(coco.get("annotations", []), list):
-        raise DataError(f"{json_path}: not a COCO annotation file ('annotations' is not a list)")
-    return coco
 
 
 def _read_categories(entries: list[Any], json_path: Path) -> dict[int, str]:
     categories: dict[int, str] = {}
     for entry in entries:
-        try:
-            category_id, name = int(entry["id"]), str(entry["name"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise DataError(f"{json_path}: malformed category {entry!r}") from error
+        category_id = normalise_id(entry.get("id")) if isinstance(entry, dict) else None
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if category_id is None or not isinstance(name, (str, int, float)) or isinstance(name, bool):
+            raise DataError(f"{json_path}: malformed category {_shown_entry(entry)} (needs an integer id and a name)")
+        name = shorten(str(name))
         if categories.get(category_id, name) != name:
             raise DataError(f"{json_path}: category id {category_id} is listed twice with different names")
         categories[category_id] = name
@@ -472,87 +487,118 @@ def _read_images(
     entries: list[Any], json_path: Path, problems: SplitProblems
 ) -> tuple[dict[int, _ImageEntry], set[int]]:
     """Image id -> found and readable image; and the ids of the images skipped."""
+    root = json_path.parent.resolve()
     found: dict[int, _ImageEntry] = {}
     skipped: set[int] = set()
     for entry in entries:
-        try:
-            image_id, file_name = int(entry["id"]), str(entry["file_name"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise DataError(f"{json_path}: malformed image entry {entry!r}") from error
+        image_id = normalise_id(entry.get("id")) if isinstance(entry, dict) else None
+        file_name = entry.get("file_name") if isinstance(entry, dict) else None
+        if image_id is None or not isinstance(file_name, str) or not file_name:
+            problems.malformed_images.append(_shown_entry(entry))
+            continue
         if image_id in found or image_id in skipped:
             raise DataError(f"{json_path}: image id {image_id} is listed twice")
-        path = _find_image(json_path.parent, file_name)
-        probe = _probe_image(path) if path is not None else None
-        if probe is None:
-            (problems.missing_images if path is None else problems.unreadable_images).append(file_name)
+        image = _check_image(root, file_name, _declared_size(entry), problems)
+        if image is None:
             skipped.add(image_id)
-            continue
-        size, rotated = probe
-        if rotated:
-            problems.exif_rotated.append(file_name)
-        declared = _declared_size(entry)
-        if declared is not None and declared != size:
-            problems.size_mismatches.append(f"{file_name}: json {declared[0]}x{declared[1]}, file {size[0]}x{size[1]}")
-        found[image_id] = _ImageEntry(file_name, path, *size)
+        else:
+            found[image_id] = image
     return found, skipped
 
 
-def _find_image(folder: Path, file_name: str) -> Path | None:
-    """The first existing of: folder/name, folder/images/name, folder/basename, folder/images/basename."""
-    relative = Path(file_name.replace("\\", "/"))
-    for candidate in (folder / relative, folder / "images" / relative, folder / relative.name):
-        if candidate.is_file():
-            return candidate
-    candidate = folder / "images" / relative.name
-    return candidate if candidate.is_file() else None
-
-
-def _probe_image(path: Path) -> tuple[tuple[int, int], bool] | None:
-    """((width, height), whether an EXIF tag asks for a rotation or flip) if the file decodes, else None.
-
-    Cheap: JPEGs are decoded at 1/8 scale (libjpeg's draft mode skips most of the work but still reads every
-    byte, so truncated files fail); other formats are checked with `verify()` (chunk checksums, no decoding).
-    """
+def _check_image(
+    root: Path, file_name: str, declared: tuple[int, int] | None, problems: SplitProblems
+) -> _ImageEntry | None:
+    """The image `file_name` names, decoded once as training will decode it; None (and a problem noted) if it is
+    outside the dataset, missing or unreadable."""
+    shown = shorten(file_name)
     try:
-        with Image.open(path) as image:
-            size = image.size
-            if image.format == "JPEG":
-                rotated = _exif_rotated(image)
-                image.draft(None, (max(1, size[0] // 8), max(1, size[1] // 8)))
-                image.load()
-                return size, rotated
-            image.verify()
-        with Image.open(path) as image:  # verify() leaves the image unusable
-            return size, _exif_rotated(image)
-    except Exception:  # broken files raise OSError, SyntaxError, struct.error, ...: all mean "unreadable"
+        path = _find_image(root, file_name)
+    except OutsideRootError:
+        problems.outside_images.append(shown)
         return None
+    if path is None:
+        problems.missing_images.append(shown)
+        return None
+    try:
+        probe = probe_image(path, shown)
+    except DataError:
+        problems.unreadable_images.append(shown)
+        return None
+    (width, height), orientation = probe.size, probe.orientation
+    stored_frame = orientation in (5, 6, 7, 8) and declared == probe.stored_size
+    if orientation != 1:
+        problems.exif_rotated.append(shown)
+    if stored_frame:
+        problems.stored_frame_boxes.append(shown)
+    elif declared is not None and declared != probe.size:
+        problems.size_mismatches.append(f"{shown}: json {declared[0]}x{declared[1]}, file {width}x{height}")
+    return _ImageEntry(file_name, path, width, height, orientation if stored_frame else 1, probe.stored_size)
 
 
-def _exif_rotated(image: Image.Image) -> bool:
-    return image.getexif().get(_EXIF_ORIENTATION, 1) != 1
+def _find_image(root: Path, file_name: str) -> Path | None:
+    """The first regular file of: root/name, root/images/name, root/basename, root/images/basename, all resolved
+    inside `root` (`OutsideRootError` for a name that is absolute, climbs out or leads out through a symlink)."""
+    relative = PurePosixPath(file_name.replace("\\", "/"))
+    if climbs_out(file_name):
+        raise OutsideRootError(file_name)
+    candidates = [str(relative), f"images/{relative}", relative.name, f"images/{relative.name}"]
+    outside = None
+    for candidate in dict.fromkeys(candidates):  # once each, in order
+        try:
+            path = resolve_inside(root, candidate)
+        except OutsideRootError as error:
+            outside = outside or error
+            continue
+        if path is not None:
+            return path
+    if outside is not None:
+        raise outside
+    return None
 
 
 def _declared_size(entry: dict[str, Any]) -> tuple[int, int] | None:
-    try:
-        return round(float(entry["width"])), round(float(entry["height"]))
-    except (KeyError, TypeError, ValueError):
+    width, height = entry.get("width"), entry.get("height")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (width, height)):
         return None
+    return round(width), round(height)
+
+
+def _is_crowd(value: Any) -> bool:
+    """COCO writes iscrowd as 0 or 1; anything that is not a non-zero number counts as not crowd."""
+    return value is True or (isinstance(value, (int, float)) and not isinstance(value, bool) and value != 0)
+
+
+def _box_values(bbox: Any) -> list[float] | None:
+    """The 4 finite floats of a COCO bbox, or None when it is anything else."""
+    if not isinstance(bbox, list) or len(bbox) != 4:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+        return None
+    try:
+        values = [float(v) for v in bbox]
+    except OverflowError:  # an int of thousands of digits
+        return None
+    return values if all(math.isfinite(v) for v in values) else None
 
 
 def _clean_box(annotation: dict[str, Any], image: _ImageEntry, problems: SplitProblems) -> tuple[float, ...] | None:
-    """The box clipped to the image as (x, y, w, h), or None (and a problem recorded) when it must be dropped."""
-    where = f"{image.file_name} (annotation {annotation.get('id')})"
-    try:
-        x, y, w, h = (float(value) for value in annotation["bbox"])
-    except (KeyError, TypeError, ValueError):
-        problems.malformed_boxes.append(f"{where}: bbox {annotation.get('bbox')!r}")
+    """The box clipped to the image as (x, y, w, h), or None (and a problem recorded) when it must be dropped.
+
+    A box drawn on the stored pixels of an EXIF-tagged image (see `finetune.pixels`) is first turned upright.
+    """
+    where = f"{shorten(image.file_name)} (annotation {_shown_value(annotation.get('id'))})"
+    values = _box_values(annotation.get("bbox"))
+    if values is None:
+        problems.malformed_boxes.append(f"{where}: bbox {_shown_value(annotation.get('bbox'))}")
         return None
-    if not np.isfinite([x, y, w, h]).all():
-        problems.malformed_boxes.append(f"{where}: bbox {[x, y, w, h]}")
-        return None
+    x, y, w, h = values
     if w <= 0 or h <= 0:
         problems.degenerate_boxes.append(f"{where}: w={w:g} h={h:g}")
         return None
+    if image.orientation != 1:
+        box = orient_boxes(np.array([[x, y, w, h]], dtype=np.float64), image.orientation, image.stored_size)
+        x, y, w, h = box[0].tolist()
     x0, y0 = max(x, 0.0), max(y, 0.0)
     x1, y1 = min(x + w, float(image.width)), min(y + h, float(image.height))
     if x1 <= x0 or y1 <= y0:
@@ -561,6 +607,19 @@ def _clean_box(annotation: dict[str, Any], image: _ImageEntry, problems: SplitPr
     if max(-x, -y, x + w - image.width, y + h - image.height) > _CLIP_REPORT_TOLERANCE:
         problems.clipped_boxes += 1
     return x0, y0, x1 - x0, y1 - y0
+
+
+def _shown_value(value: Any, limit: int = 80) -> str:
+    """A short repr for a report: a hostile json may hold huge values."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # deeply nested, or an int of more than 4300 digits
+        text = f"<{type(value).__name__}>"
+    return shorten(text, limit)
+
+
+def _shown_entry(entry: Any) -> str:
+    return _shown_value(entry, 160)
 
 
 def _make_record(
@@ -639,6 +698,8 @@ def _no_training_data(source: _Source, parsed: dict[str, _ParsedSplit]) -> DataE
     found = [
         f"{len(problems.missing_images)} missing images",
         f"{len(problems.unreadable_images)} unreadable images",
+        f"{len(problems.outside_images)} images outside the dataset",
+        f"{len(problems.malformed_images)} malformed image entries",
         f"{len(problems.degenerate_boxes) + len(problems.outside_boxes) + len(problems.malformed_boxes)} bad boxes",
         f"{problems.unknown_image_annotations + problems.unknown_category_annotations} annotations with unknown ids",
     ]
@@ -744,14 +805,22 @@ def _problem_lines(split: SplitReport, max_listed: int) -> list[str]:
     listed = [
         (problems.missing_images, "missing image{s}", "skipped"),
         (problems.unreadable_images, "unreadable image{s}", "skipped"),
+        (problems.outside_images, "image{s} outside the dataset", "skipped, not read"),
+        (problems.malformed_images, "malformed image entr{ies}", "skipped"),
         (problems.size_mismatches, "image{s} whose json width/height differ from the file", "file size used"),
-        (problems.exif_rotated, "image{s} with an EXIF orientation tag", "pixels used as stored, tag ignored"),
+        (problems.exif_rotated, "image{s} with an EXIF orientation tag", "turned upright as inference does"),
+        (
+            problems.stored_frame_boxes,
+            "image{s} annotated on the unrotated pixels (json width/height)",
+            "boxes turned upright with the image",
+        ),
         (problems.degenerate_boxes, "box{es} with width or height <= 0", "dropped"),
         (problems.outside_boxes, "box{es} entirely outside the image", "dropped"),
         (problems.malformed_boxes, "malformed bbox{es}", "dropped"),
     ]
     counted = [
         (problems.clipped_boxes, "box{es} partly outside the image", "clipped"),
+        (problems.malformed_annotations, "annotation{s} that are not JSON objects", "dropped"),
         (problems.unknown_image_annotations, "annotation{s} with an unknown image_id", "dropped"),
         (problems.unknown_category_annotations, "annotation{s} with an unknown category_id", "dropped"),
         (problems.skipped_image_annotations, "annotation{s} of skipped images", "dropped"),
@@ -770,6 +839,7 @@ def _problem_lines(split: SplitReport, max_listed: int) -> list[str]:
 
 
 def _counted(count: int, what: str) -> str:
-    """'1 box', '2 boxes': `what` marks its plural ending as {s} or {es}."""
+    """'1 box', '2 boxes', '1 entry', '2 entries': `what` marks its plural ending as {s}, {es} or {ies}."""
     ending = "" if count == 1 else "s"
-    return f"{count} " + what.replace("{s}", ending).replace("{es}", "e" + ending if ending else "")
+    what = what.replace("{s}", ending).replace("{es}", "e" + ending if ending else "")
+    return f"{count} " + what.replace("{ies}", "ies" if ending else "y")

@@ -6,8 +6,13 @@ optional `objects.iscrowd`, `image_id`, `width` and `height` columns; splits `tr
 `val`) and `test`.
 
 Design choice: instead of a second in-memory path, each split is written as `<split>/_annotations.coco.json`
-plus its images (the encoded bytes as stored, never re-encoded; images stored only as local paths are referenced
-by absolute path). `finetune.data` then loads it like any export, so every check and report applies unchanged.
+plus its images (the encoded bytes as stored, never re-encoded). `finetune.data` then loads it like any export, so
+every check and report applies unchanged.
+
+Images stored only as a local path are hard-linked (or copied) into the export, but only from inside the
+dataset's own folders (`allowed_roots`: the `save_to_disk` folder, or the Hugging Face caches for a hub dataset;
+symlinks checked by `finetune.safe_paths`): a dataset naming `/etc/passwd` as an image gets that name written as
+is, and the loader reports it as outside the dataset, without anything outside having been read.
 The export is cached under `cache_dir` by the datasets' fingerprints and appears atomically (written beside,
 then renamed), so a second run, or a second training process, reuses it.
 """
@@ -23,12 +28,14 @@ import socket
 import tempfile
 import urllib.parse
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from finetune.errors import DataError
+from finetune.safe_paths import OutsideRootError, climbs_out, resolve_inside
 
 __all__ = ["export_as_coco", "is_saved_dataset_folder", "load_hf_dataset"]
 
@@ -36,7 +43,9 @@ __all__ = ["export_as_coco", "is_saved_dataset_folder", "load_hf_dataset"]
 _SPLIT_FOLDERS = {"train": "train", "validation": "valid", "valid": "valid", "val": "valid", "test": "test"}
 _EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif"}
 # Bump when the export format changes, so stale caches are not reused.
-_EXPORT_VERSION = "1"
+_EXPORT_VERSION = "2"
+_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")  # the only decoders a header is handed to
+_EXIF_ORIENTATION = 0x0112
 
 
 def is_saved_dataset_folder(folder: Path) -> bool:
@@ -107,25 +116,27 @@ def _hub_unreachable(timeout: float = 3.0) -> str | None:
     return None
 
 
-def export_as_coco(dataset: Any, cache_dir: Path) -> Path:
+def export_as_coco(dataset: Any, cache_dir: Path, allowed_roots: list[Path] | None) -> Path:
     """Write `dataset` (a DatasetDict) as a Roboflow-style export under `cache_dir` and return its folder.
 
-    Splits other than train/validation/test are ignored. Raises `DataError` if there is no train split or the
-    columns are not the object-detection layout.
+    Images stored only as a local path are taken from inside `allowed_roots` only (None: from anywhere, for a
+    dataset object the calling program built itself). Splits other than train/validation/test are ignored.
+    Raises `DataError` if there is no train split or the columns are not the object-detection layout.
     """
     splits = {_SPLIT_FOLDERS[name]: split for name, split in dataset.items() if name in _SPLIT_FOLDERS}
     if "train" not in splits:
         raise DataError(f"Hugging Face dataset: no train split (splits: {', '.join(dataset) or 'none'})")
     for name, split in splits.items():
         _check_columns(split, name)
-    dest = Path(cache_dir) / _cache_name(splits)
+    roots = None if allowed_roots is None else [Path(root).resolve() for root in allowed_roots]
+    dest = Path(cache_dir) / _cache_name(splits, roots)
     if dest.is_dir():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     try:
         for name, split in splits.items():
-            _export_split(split, staging / name)
+            _export_split(split, staging / name, roots)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -148,16 +159,17 @@ def _check_columns(split: Any, name: str) -> None:
         )
 
 
-def _cache_name(splits: dict[str, Any]) -> str:
-    """A folder name from the splits' fingerprints (a new one per conversion when a split has none)."""
+def _cache_name(splits: dict[str, Any], roots: list[Path] | None) -> str:
+    """A folder name from the splits' fingerprints and the allowed roots (a new one per conversion when a split
+    has no fingerprint)."""
     fingerprints = [getattr(split, "_fingerprint", None) for split in splits.values()]
     if None in fingerprints:
         return f"dataset-{os.getpid()}-{id(splits):x}"
-    text = "|".join([_EXPORT_VERSION, *splits, *fingerprints])
+    text = "|".join([_EXPORT_VERSION, *splits, *fingerprints, repr(roots)])
     return "dataset-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _export_split(split: Any, folder: Path) -> None:
+def _export_split(split: Any, folder: Path, roots: list[Path] | None) -> None:
     """Write one split's images and `_annotations.coco.json` into `folder`."""
     import datasets
 
@@ -168,13 +180,13 @@ def _export_split(split: Any, folder: Path) -> None:
     rows = split.select_columns(columns).cast_column("image", datasets.Image(decode=False))
     images, annotations, seen_categories = [], [], set()
     for index, row in enumerate(rows):
-        file_name, real_size = _write_image(row["image"], folder, index)
+        file_name, real_size = _write_image(row["image"], folder, index, roots)
         width = row.get("width") or real_size[0]
         height = row.get("height") or real_size[1]
         images.append({"id": image_ids[index], "file_name": file_name, "width": width, "height": height})
         try:
             objects = _objects(row["objects"])
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, OverflowError) as error:
             raise DataError(
                 f"Hugging Face dataset, split {folder.name}, row {index}: malformed objects ({error})"
             ) from error
@@ -216,7 +228,7 @@ def _image_ids(split: Any) -> list[int]:
     """The `image_id` column when it holds unique integers, else the row indices."""
     if "image_id" in split.column_names:
         ids = split["image_id"]
-        if all(isinstance(i, int) for i in ids) and len(set(ids)) == len(ids):
+        if all(isinstance(i, int) and not isinstance(i, bool) for i in ids) and len(set(ids)) == len(ids):
             return list(ids)
     return list(range(len(split)))
 
@@ -237,14 +249,16 @@ def _area(bbox: list[float]) -> float:
         return 0.0  # malformed boxes are reported (and dropped) by finetune.data
 
 
-def _write_image(image: dict[str, Any], folder: Path, index: int) -> tuple[str, tuple[int, int]]:
-    """Store one image of the `image` column; return its file name for the json and its (width, height).
+def _write_image(
+    image: dict[str, Any], folder: Path, index: int, roots: list[Path] | None
+) -> tuple[str, tuple[int, int]]:
+    """Store one image of the `image` column; return its file name for the json and its upright (width, height).
 
     An unreadable image is still written (as `.bin`) so that the loader reports it by name; (0, 0) is returned.
     """
     data, path = image.get("bytes"), image.get("path")
-    if data is None and path and Path(path).is_file():
-        return str(Path(path).resolve()), _header_size(Path(path))[1]
+    if data is None and path:
+        return _link_local_image(str(path), folder, index, roots)
     data = data or b""
     image_format, size = _header_size(io.BytesIO(data))
     file_name = f"{index:06d}{_EXTENSIONS.get(image_format, '.bin')}"
@@ -252,12 +266,58 @@ def _write_image(image: dict[str, Any], folder: Path, index: int) -> tuple[str, 
     return file_name, size
 
 
-def _header_size(source: Path | io.BytesIO) -> tuple[str | None, tuple[int, int]]:
-    """(format, (width, height)) from the image header, or (None, (0, 0)) when it is not an image."""
+def _link_local_image(path: str, folder: Path, index: int, roots: list[Path] | None) -> tuple[str, tuple[int, int]]:
+    """Hard-link (or copy) an image stored as a local path into the export, if it lies inside an allowed root.
+
+    Otherwise the json names it by the path it was given, which the loader reports (outside the dataset, or
+    missing) without opening anything.
+    """
+    absolute = os.path.abspath(path)
+    source = _inside_roots(absolute, roots)
+    if source is None:
+        return absolute, (0, 0)  # absolute: reported as outside the dataset, never looked at
+    if source is False:
+        return f"missing-{index:06d}-{Path(absolute).name}", (0, 0)  # reported as missing
+    image_format, size = _header_size(source)
+    file_name = f"{index:06d}{_EXTENSIONS.get(image_format, '.bin')}"
     try:
-        with Image.open(source) as image:
-            return image.format, image.size
-    except (OSError, SyntaxError, ValueError):
+        os.link(source, folder / file_name)
+    except OSError:  # another file system, or links not supported
+        shutil.copyfile(source, folder / file_name)
+    return file_name, size
+
+
+def _inside_roots(path: str, roots: list[Path] | None) -> Path | bool | None:
+    """The real regular file `path` is inside one of `roots`; False if it is inside but no such file; None if
+    it is outside all of them. With `roots` None every path is allowed."""
+    if roots is None:
+        return Path(path) if Path(path).is_file() else False
+    for root in roots:
+        relative = os.path.relpath(path, root)
+        if climbs_out(relative):
+            continue
+        try:
+            found = resolve_inside(root, relative)
+        except OutsideRootError:
+            return None
+        return found if found is not None else False
+    return None
+
+
+def _header_size(source: Path | io.BytesIO) -> tuple[str | None, tuple[int, int]]:
+    """(format, upright (width, height)) from the image header, or (None, (0, 0)) when it is not an image.
+
+    Upright: an EXIF tag turning the image by 90 degrees swaps the stored size, since `datasets` decodes images
+    upright and their boxes are drawn on what it decodes (`finetune.pixels` tells the two frames apart by size).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: the loader applies inference's limit
+            with Image.open(source, formats=_FORMATS) as image:
+                width, height = image.size
+                turned = image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+                return image.format, (height, width) if turned else (width, height)
+    except Exception:  # noqa: BLE001 - any failure of a header parse means "not an image"
         return None, (0, 0)
 
 

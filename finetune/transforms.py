@@ -17,11 +17,15 @@ and under accelerate (which wraps the sampler, not the collate function):
 
 Call `train.set_epoch(epoch)` at the start of every epoch: the augmentation of item i is drawn from
 (seed, epoch, i), reproducible whatever the number of workers.
+
+An image that was fine when the data was checked but cannot be decoded any more (deleted, truncated) does not
+stop a run: it is reported once, as one warning line naming it, and skipped (see `DetectionDataset`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -32,7 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from finetune.data import DetectionSplit, train_targets
+from finetune.data import DetectionRecord, DetectionSplit, train_targets
+from finetune.errors import DataError
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -50,6 +55,11 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Stands in for an image that cannot be decoded during evaluation: a small grey square without boxes.
+_BLANK_SIDE = 32
+_BLANK_GREY = 114
+
+_logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------------- sizes
@@ -153,6 +163,11 @@ class DetectionDataset(torch.utils.data.Dataset):
     `DetectionSplit.to_coco_gt`).
 
     `train=True` draws the random augmentation of item i from (seed, epoch, i) (see `set_epoch`).
+
+    An image that cannot be decoded is reported once (a warning line naming it, whichever worker meets it first)
+    and skipped: in training, item i becomes the next decodable record after it (in index order, so a resumed run
+    sees the same substitute); in evaluation, a blank grey image without boxes keeps the item's image id, so its
+    ground truth counts as missed rather than shifting onto another image.
     """
 
     def __init__(self, split: DetectionSplit, transform: A.Compose, *, train: bool, seed: int = 0) -> None:
@@ -162,6 +177,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.seed = seed
         # In shared memory, so that set_epoch in the main process reaches DataLoader workers, persistent ones too.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        # Records found undecodable, shared the same way: each is reported once per run, not once per worker.
+        self._bad = torch.zeros(len(split), dtype=torch.bool).share_memory_()
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the augmentations of this epoch (call it before iterating)."""
@@ -171,11 +188,15 @@ class DetectionDataset(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        record = self.split.records[index]
-        boxes, labels = train_targets(record)
+        record, image = self._decodable(index)
+        if image is None:  # evaluation of an undecodable image
+            image = np.full((_BLANK_SIDE, _BLANK_SIDE, 3), _BLANK_GREY, dtype=np.uint8)
+            boxes, labels = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+        else:
+            boxes, labels = train_targets(record)
         if self.train:
             self._seed_transform(index)
-        out = self.transform(image=np.asarray(record.load_image()), bboxes=boxes, labels=labels)
+        out = self.transform(image=image, bboxes=boxes, labels=labels)
         height, width = out["image"].shape[:2]
         target = {
             "class_labels": torch.as_tensor(np.asarray(out["labels"]), dtype=torch.int64).reshape(-1),
@@ -184,6 +205,27 @@ class DetectionDataset(torch.utils.data.Dataset):
             "orig_size": (record.height, record.width),
         }
         return normalize_image(out["image"]), target
+
+    def _decodable(self, index: int) -> tuple[DetectionRecord, np.ndarray | None]:
+        """(record, its pixels [H, W, 3] uint8) for item `index`, skipping undecodable images (see the class)."""
+        count = len(self.split)
+        for step in range(count if self.train else 1):
+            position = (index + step) % count
+            record = self.split.records[position]
+            if bool(self._bad[position]):
+                continue
+            try:
+                return record, np.asarray(record.load_image())
+            except DataError as error:
+                self._report_bad(position, error)
+        if not self.train:
+            return self.split.records[index], None
+        raise DataError(f"{self.split.name} split: none of its {count} images can be decoded any more")
+
+    def _report_bad(self, position: int, error: DataError) -> None:
+        if not bool(self._bad[position]):
+            self._bad[position] = True
+            _logger.warning("warning: %s; image skipped", error)
 
     def _seed_transform(self, index: int) -> None:
         # One generator per item makes an item's augmentation independent of worker count and order. All transforms
