@@ -616,9 +616,14 @@ class _LossLog:
         """The mean losses of the steps since the last read when it is time to read them, else {}."""
         if self.sums is None:
             return {}
-        if host_sync.reads_are_free(self.sums) or self.run.progress.step % _DEVICE_READ_EVERY == 0:
-            return self.read()
-        return {}
+        progress, plan = self.run.progress, self.run.plan
+        due = (
+            host_sync.reads_are_free(self.sums)
+            or progress.step % _DEVICE_READ_EVERY == 0
+            or progress.step >= plan.total_steps
+            or progress.batch_in_epoch >= plan.batches_per_epoch
+        )
+        return self.read() if due else {}
 
     def read(self) -> dict[str, float]:
         if self.sums is None:
