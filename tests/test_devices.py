@@ -9,7 +9,11 @@ reads (on the CPU, with the GPU code paths taken: see `lwdetr.host_sync`).
 from __future__ import annotations
 
 import collections
+import importlib.util
+import json
 import math
+import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -256,9 +260,10 @@ def test_training_steps_read_little_more_than_the_matching_costs(
     shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Three steps with the GPU code paths (`reads_are_free` says no): per step, the matcher's one cost matrix per
-    output level, the pixel mask and the labels' range check (both on the host: the data loader's tensors), and one
-    read of the logged losses at the end of each epoch (2 steps here). Before: 28 per step (a bool per level and kind of saturated sigmoid, an
-    item per logged loss, blocking copies of every label tensor, the mask tested on the device...)."""
+    output level, the pixel mask and the labels' range check (both on the host: the data loader's tensors); and
+    one read of the logged losses at the end of each epoch (2 steps here). Before: 28 per step (a bool per level
+    and kind of saturated sigmoid, an item per logged loss, blocking copies of every label, the mask tested on the
+    device...)."""
     monkeypatch.setattr(host_sync, "reads_are_free", lambda tensor: False)
     reads = _DeviceReads(monkeypatch)
     train_epoch = train_module._train_epoch
@@ -369,3 +374,37 @@ def test_logged_losses_are_read_every_few_steps_off_the_host(monkeypatch: pytest
     log.add(torch.tensor([math.nan, 0.0, 0.0, 0.0], dtype=torch.float64))
     with pytest.raises(FloatingPointError, match="the loss became nan"):
         log.read()
+
+
+# ---------------------------------------------------------------------------------------- benchmark and GPU check
+
+
+def test_the_benchmark_says_what_it_runs_on_without_avx512(tmp_path: Path) -> None:
+    """An AVX2-only machine, as far as our kernels, PyTorch and oneDNN can tell: the benchmark still starts, and
+    says that no compiled kernel is active and which capability PyTorch uses."""
+    env = {**os.environ, "LWDETR_CPU_KERNELS": "0", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    output = tmp_path / "machine.json"
+    command = [sys.executable, str(REPOSITORY / "benchmarks" / "bench.py"), "--machine", "--json", str(output)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    machine = json.loads(output.read_text())["machine"]
+    assert machine["cpu"] and machine["device"] == "cpu"
+    assert machine["kernels"] and not any(machine["kernels"].values())
+    if "avx2" in machine["isa"]:
+        assert machine["torch_cpu_capability"] == "AVX2"
+    assert machine["environment"]["LWDETR_CPU_KERNELS"] == "0"
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"CPU: {machine['cpu']}"
+    assert "compiled kernels active: none (PyTorch fallbacks)" in lines
+
+
+def test_the_gpu_check_says_clearly_when_there_is_no_gpu(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    spec = importlib.util.spec_from_file_location("gpu_check", REPOSITORY / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py"])
+    assert gpu_check.main() == 2
+    out = capsys.readouterr().out
+    assert out.startswith("gpu_check: no CUDA device visible to torch") and "nothing was checked" in out
+    assert gpu_check.table(["a", "bb"], [["xyz", "1"]]).splitlines() == ["a   | bb", "----+---", "xyz | 1 "]
