@@ -144,11 +144,12 @@ def _autocast():
     return torch.autocast(DEVICE.type, dtype=AUTOCAST)
 
 
-def _on_device(fn: Callable[[], object]) -> Callable[[], object]:
-    """`fn` under the autocast, finished on the device when it returns (a GPU runs asynchronously)."""
+def _on_device(fn: Callable[[], object], autocast: bool = True) -> Callable[[], object]:
+    """`fn` under the `--autocast` (when `autocast`), finished on the device when it returns (a GPU runs
+    asynchronously)."""
 
     def run() -> object:
-        with _autocast():
+        with _autocast() if autocast else contextlib.nullcontext():
             result = fn()
         _synchronize()
         return result
@@ -171,14 +172,16 @@ def build_pair(preset: str, seed: int = 0) -> tuple[torch.nn.Module, LwDetrForOb
     return reference.to(DEVICE).eval(), ours.to(DEVICE).eval()
 
 
-def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved_times(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, autocast: bool = True
+) -> dict[str, list[float]]:
     """Seconds per call of each function, calls interleaved round-robin: one list per function, one entry per round.
 
     Every other round runs the functions in reverse order, so that neither side always runs right after the other
     (a training step, for one, starts on whatever memory the previous step's allocations left behind). Each call
-    runs under the `--autocast` and, on a GPU, is timed until the device has finished it.
+    runs under the `--autocast` (unless `autocast` is False) and, on a GPU, is timed until the device has finished.
     """
-    fns = {name: _on_device(fn) for name, fn in fns.items()}
+    fns = {name: _on_device(fn, autocast) for name, fn in fns.items()}
     _synchronize()
     for _ in range(warmup):
         for fn in fns.values():
@@ -410,8 +413,13 @@ def bench_flops(report: Report, preset: str, repeats: int, size: int = 640) -> N
     flops = {"reference": forward_flops(reference, pixels), "ours": forward_flops(ours, pixels)}
     a, b = torch.randn(2048, 2048, device=DEVICE), torch.randn(2048, 2048, device=DEVICE)
     fns = {"reference": lambda: reference(pixel_values=pixels), "ours": lambda: ours(pixel_values=pixels)}
+
+    def matmul() -> torch.Tensor:
+        with torch.autocast(DEVICE.type, enabled=False):  # the float32 peak, whatever the --autocast
+            return a @ b
+
     with torch.inference_mode():
-        times = interleaved_times({**fns, "matmul": lambda: a @ b}, repeats)
+        times = interleaved_times({**fns, "matmul": matmul}, repeats)
     peak = 2 * 2048**3 / min(times["matmul"])
     median = medians(times)
     report.add(f"forward GFLOPs {preset} b1", flops["reference"] / 1e9, flops["ours"] / 1e9, "GFLOP")
@@ -509,7 +517,7 @@ def bench_end_to_end(report: Report, preset: str, repeats: int, num_images: int,
         fns = {"reference": lambda: pipe(images, threshold=0.0)}
         for name, detector in detectors.items():
             fns[name] = lambda d=detector: d.predict(images, threshold=0.0, max_detections=100)
-        times = interleaved_times(fns, repeats)
+        times = interleaved_times(fns, repeats, autocast=False)  # each side in its own precision, as named
         median = medians(times)
         theirs = pipe(images, threshold=0.0)
         for name in detectors:

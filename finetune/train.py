@@ -685,8 +685,10 @@ def _optimizer_step(run: _Run, micro_batches: list) -> tuple[torch.Tensor, float
             acc.backward(out.loss / len(micro_batches))
         parts = [out.loss, *(out.loss_dict[k] for k in LOGGED_LOSSES[1:])]
         losses += torch.stack(parts).detach().double() / len(micro_batches)
-    if host_sync.reads_are_free(losses) and not math.isfinite(losses[0]):  # on a GPU, `_LossLog` checks when it reads
-        raise FloatingPointError(f"the loss became {losses[0]} at step {run.progress.step}; try a lower --lr")
+    # Stop before a non-finite loss reaches the weights. On a GPU that check would wait for the device: `_LossLog`
+    # makes it when it reads the losses.
+    if host_sync.reads_are_free(losses) and not math.isfinite(loss := losses[0].item()):
+        raise FloatingPointError(f"the loss became {loss} at step {run.progress.step}; try a lower --lr")
     if config.clip_grad > 0:
         acc.clip_grad_norm_(model.parameters(), config.clip_grad)
     run.optimizer.step()
