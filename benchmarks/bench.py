@@ -511,7 +511,9 @@ def bench_end_to_end(report: Report, preset: str, repeats: int, num_images: int,
         detectors = {}
         for dtype in dtypes:  # a precision this machine cannot run loses its own row only
             try:
-                detectors[dtype] = Detector.from_pretrained(folder, device=DEVICE, dtype=dtype)
+                detector = Detector.from_pretrained(folder, device=DEVICE, dtype=dtype)
+                detector.predict(images[0])  # some kernels are chosen (and may fail) on the first call
+                detectors[dtype] = detector
             except Exception as error:
                 print(f"  detector {dtype}: {type(error).__name__}: {error}", flush=True)
         fns = {"reference": lambda: pipe(images, threshold=0.0)}
