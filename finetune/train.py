@@ -55,6 +55,7 @@ from finetune.export import (
     write_metrics_jsonl,
 )
 from finetune.optim import OptimizerSettings, build_optimizer, lr_factor, set_lr
+from lwdetr import host_sync
 
 __all__ = [
     "ConfigError",
@@ -68,6 +69,8 @@ __all__ = [
 ]
 
 LOGGED_LOSSES = ("loss", "loss_ce", "loss_bbox", "loss_giou")
+# On a GPU the logged losses are read (one wait for the device) every this many steps; on the CPU every step.
+_DEVICE_READ_EVERY = 20
 # Fields a resumed run takes from the config passed to `train` rather than from the saved run: to extend or re-pace
 # it. Everything else comes from the saved configuration; build the config with `resume_config(output)`.
 RESUME_OVERRIDES = ("epochs", "max_steps", "eval_every", "num_workers", "threads", "dry_run")
@@ -394,7 +397,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # a run saved on another machine may have had more (or fewer) GPUs than this one
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def _save_state(run: _Run) -> None:
@@ -425,13 +430,16 @@ def _load_state(run: _Run, state_dir: Path) -> None:
     trainer = json.loads((state_dir / "trainer.json").read_text())
     names = {f.name for f in dataclasses.fields(_Progress)}
     run.progress = _Progress(**{k: v for k, v in trainer.items() if k in names})
-    run.optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
+    # The run may have been saved on another device (a GPU run resumed on a CPU, or the reverse): its tensors load
+    # where this run trains, and a CUDA file loads at all on a machine without CUDA.
+    device = run.accelerator.device
+    run.optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", map_location=device, weights_only=True))
     if run.ema is not None and (state_dir / "ema.safetensors").is_file():
         with safe_open(str(state_dir / "ema.safetensors"), framework="pt") as handle:
             updates = int(handle.metadata()["updates"])
         tensors = load_file(str(state_dir / "ema.safetensors"), device=str(run.accelerator.device))
         run.ema.load_state_dict(tensors, updates)
-    rng_states = torch.load(state_dir / "rng.pt", weights_only=True)
+    rng_states = torch.load(state_dir / "rng.pt", map_location="cpu", weights_only=True)  # RNG states are host bytes
     _set_rng_state(rng_states[min(run.accelerator.process_index, len(rng_states) - 1)])
 
 
@@ -571,18 +579,64 @@ def _train_epoch(run: _Run, stop_event: threading.Event | None) -> bool:
         pin_memory=acc.device.type == "cuda",
         persistent_workers=False,
     )
+    log = _LossLog(run)
     for micro_batches in _chunks(loader, config.grad_accum):
-        losses = _optimizer_step(run, micro_batches)
+        losses, lr = _optimizer_step(run, micro_batches)
         progress.batch_in_epoch += len(micro_batches)
-        progress.loss_steps += 1
-        for name in LOGGED_LOSSES:
-            progress.loss_sums[name] = progress.loss_sums.get(name, 0.0) + losses[name]
-        run.emit("step", losses)
+        log.add(losses)
+        run.emit("step", {**log.read_if_due(), "lr": lr})
         if progress.step >= run.plan.total_steps:
             break
         if _stop_requested(stop_event, acc):
+            log.read()
             return False
+    log.read()
     return True
+
+
+class _LossLog:
+    """The logged losses of the steps not yet read, summed where they were computed.
+
+    Reading them (`tolist`) is free on the CPU, so there every step is read and reported. On a GPU it would wait
+    for the device after every step, so they are read every `_DEVICE_READ_EVERY` steps and at the end of the epoch
+    (and before a stop), and a step event in between reports the learning rate only. `read` adds the steps to the
+    epoch's sums in `progress` and raises `FloatingPointError` on a non-finite loss.
+    """
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self.sums: torch.Tensor | None = None  # float64 [len(LOGGED_LOSSES)]
+        self.steps = 0
+
+    def add(self, losses: torch.Tensor) -> None:
+        self.sums = losses if self.sums is None else self.sums + losses
+        self.steps += 1
+
+    def read_if_due(self) -> dict[str, float]:
+        """The mean losses of the steps since the last read when it is time to read them, else {}."""
+        if self.sums is None:
+            return {}
+        progress, plan = self.run.progress, self.run.plan
+        due = (
+            host_sync.reads_are_free(self.sums)
+            or progress.step % _DEVICE_READ_EVERY == 0
+            or progress.step >= plan.total_steps
+            or progress.batch_in_epoch >= plan.batches_per_epoch
+        )
+        return self.read() if due else {}
+
+    def read(self) -> dict[str, float]:
+        if self.sums is None:
+            return {}
+        sums, steps = self.sums.tolist(), self.steps
+        self.sums, self.steps = None, 0
+        progress = self.run.progress
+        if not math.isfinite(sums[0]):
+            raise FloatingPointError(f"the loss became {sums[0]} by step {progress.step}; try a lower --lr")
+        progress.loss_steps += steps
+        for name, value in zip(LOGGED_LOSSES, sums):
+            progress.loss_sums[name] = progress.loss_sums.get(name, 0.0) + value
+        return {name: value / steps for name, value in zip(LOGGED_LOSSES, sums)}
 
 
 def _chunks(loader: Iterable, size: int) -> Iterable[list]:
@@ -606,29 +660,35 @@ def _stop_requested(stop_event: threading.Event | None, accelerator) -> bool:
     return bool(votes.item() > 0)
 
 
-def _optimizer_step(run: _Run, micro_batches: list) -> dict[str, float]:
-    """One optimizer step over `micro_batches` (gradient accumulation); returns the mean logged losses."""
+def _optimizer_step(run: _Run, micro_batches: list) -> tuple[torch.Tensor, float]:
+    """One optimizer step over `micro_batches` (gradient accumulation); returns the logged losses (float64
+    [len(LOGGED_LOSSES)], means over the micro-batches, on the training device) and the learning rate.
+
+    The host reads no device value here: the batch is copied without waiting, the pixel mask and the labels are
+    checked on the host (the labels by the loss), and the losses stay on the device until `_LossLog` reads them.
+    """
     acc, model, config = run.accelerator, run.model, run.config
     plan = run.plan
     factor = lr_factor(
         run.progress.step, plan.total_steps, plan.warmup_steps, config.schedule, config.min_lr_ratio, plan.drop_step
     )
     set_lr(run.optimizer, factor)
-    losses = dict.fromkeys(LOGGED_LOSSES, 0.0)
+    losses = torch.zeros(len(LOGGED_LOSSES), dtype=torch.float64, device=acc.device)
     for index, (pixel_values, pixel_mask, targets) in enumerate(micro_batches):
-        labels = [
-            {"class_labels": t["class_labels"].to(acc.device), "boxes": t["boxes"].to(acc.device)} for t in targets
-        ]
+        labels = [{"class_labels": t["class_labels"], "boxes": t["boxes"]} for t in targets]
+        # Nothing padded: no mask, which the model then needs not test on the device.
+        mask = None if bool(pixel_mask.all()) else pixel_mask.to(acc.device, non_blocking=True)
         last = index == len(micro_batches) - 1
         # Gradients are all-reduced only on the last micro-batch of the step; earlier ones just accumulate.
         with contextlib.nullcontext() if last else acc.no_sync(model):
-            out = model(pixel_values.to(acc.device), pixel_mask.to(acc.device), labels=labels)
+            out = model(pixel_values.to(acc.device, non_blocking=True), mask, labels=labels)
             acc.backward(out.loss / len(micro_batches))
-        parts = {"loss": out.loss, **{k: out.loss_dict[k] for k in LOGGED_LOSSES[1:]}}
-        for name, value in parts.items():
-            losses[name] += value.item() / len(micro_batches)
-    if not math.isfinite(losses["loss"]):
-        raise FloatingPointError(f"the loss became {losses['loss']} at step {run.progress.step}; try a lower --lr")
+        parts = [out.loss, *(out.loss_dict[k] for k in LOGGED_LOSSES[1:])]
+        losses += torch.stack(parts).detach().double() / len(micro_batches)
+    # Stop before a non-finite loss reaches the weights. On a GPU that check would wait for the device: `_LossLog`
+    # makes it when it reads the losses.
+    if host_sync.reads_are_free(losses) and not math.isfinite(loss := losses[0].item()):
+        raise FloatingPointError(f"the loss became {loss} at step {run.progress.step}; try a lower --lr")
     if config.clip_grad > 0:
         acc.clip_grad_norm_(model.parameters(), config.clip_grad)
     run.optimizer.step()
@@ -636,7 +696,7 @@ def _optimizer_step(run: _Run, micro_batches: list) -> dict[str, float]:
     if run.ema is not None:
         run.ema.update(run.unwrapped)
     run.progress.step += 1
-    return {**losses, "lr": config.lr * factor}
+    return losses, config.lr * factor
 
 
 # -------------------------------------------------------------------------------------------- epoch end, saving

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import host_sync
 from .box_ops import box_cxcywh_to_xyxy, paired_box_iou, paired_generalized_box_iou
 from .matcher import HungarianMatcher, at_least_float32
 
@@ -161,28 +162,37 @@ def _output_levels(
 def _prepare_targets(
     labels: Sequence[Mapping[str, Any]], batch_size: int, num_labels: int, device: torch.device
 ) -> _Targets:
-    """Check the ground truth and lay it out for the matcher and the losses (see `_Targets`)."""
+    """Check the ground truth and lay it out for the matcher and the losses (see `_Targets`).
+
+    The values are checked where they are: labels the data loader gives on the host are checked there, for free,
+    and then copied to `device` without waiting for it; labels already on a GPU cost one device read.
+    """
     if len(labels) != batch_size:
         raise ValueError(f"got {len(labels)} label dicts for a batch of {batch_size} images")
-    per_image = [_check_image_target(i, target, device) for i, target in enumerate(labels)]
-    classes = torch.cat([target["class_labels"] for target in per_image])
-    boxes = torch.cat([target["boxes"] for target in per_image])
-    # One device sync for all range checks; the slow search for the culprit only runs on failure.
+    given = [_check_image_target(i, target) for i, target in enumerate(labels)]
+    on_host = all(host_sync.reads_are_free(t) for target in given for t in target.values())
+    if not on_host:
+        given = [{k: v.to(device, non_blocking=True) for k, v in target.items()} for target in given]
+    # One read for all range checks; the slow search for the culprit only runs on failure.
+    classes = torch.cat([target["class_labels"] for target in given])
+    boxes = torch.cat([target["boxes"] for target in given])
     in_range = ((boxes >= 0) & (boxes <= 1)).all() & ((classes >= 0) & (classes < num_labels)).all()
     if not bool(in_range):
-        _raise_range_error(per_image, num_labels)
+        _raise_range_error(given, num_labels)
+    per_image = [{k: v.to(device, non_blocking=True) for k, v in target.items()} for target in given]
     sizes = [len(target["boxes"]) for target in per_image]
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    counts = torch.tensor(sizes, dtype=torch.float32, device=device)
+    counts = torch.tensor(sizes, dtype=torch.float32).to(device, non_blocking=True)
+    classes, boxes = classes.to(device, non_blocking=True), boxes.to(device, non_blocking=True)
     return _Targets(per_image=per_image, classes=classes, boxes=boxes, offsets=offsets, counts=counts)
 
 
-def _check_image_target(index: int, target: Mapping[str, Any], device: torch.device) -> dict[str, Tensor]:
-    """Shapes and dtypes of one image's target; returns it as tensors on `device`."""
+def _check_image_target(index: int, target: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Shapes and dtypes of one image's target; returns it as tensors where they were (lists: on the host)."""
     if not isinstance(target, Mapping) or "class_labels" not in target or "boxes" not in target:
         raise ValueError(f"labels[{index}] must be a dict with 'class_labels' and 'boxes'")
-    classes = torch.as_tensor(target["class_labels"], device=device)
-    boxes = torch.as_tensor(target["boxes"], device=device)
+    classes = torch.as_tensor(target["class_labels"])
+    boxes = torch.as_tensor(target["boxes"])
     # An image without objects may come as [] lists, which become 1-D float tensors.
     if boxes.numel() == 0:
         boxes = boxes.reshape(0, 4) if boxes.is_floating_point() else boxes.reshape(0, 4).float()
@@ -253,8 +263,8 @@ def _matched_pairs(
     image_idx = torch.cat([torch.full_like(pred, i) for i, (pred, _) in enumerate(indices)])
     query_idx = torch.cat([pred for pred, _ in indices])
     target_idx = torch.cat([target + offset for (_, target), offset in zip(indices, offsets)])
-    # The matcher works on the CPU: one host -> device copy for all three.
-    return torch.stack([image_idx, query_idx, target_idx]).to(device).unbind(0)
+    # The matcher works on the CPU: one host -> device copy for all three, queued without waiting for the device.
+    return torch.stack([image_idx, query_idx, target_idx]).to(device, non_blocking=True).unbind(0)
 
 
 def _iou_aware_bce(
@@ -319,13 +329,15 @@ def _log_probs(logits: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
     Taken as probs.log() and (1 - probs).log(), like the reference, so values match it bit for bit. That form
     breaks where the sigmoid rounds to exactly 0 or 1 (logits below about -104 or above about 17 in float32, far
     less in half precision): log gives -inf, and inf * weight or 0 * -inf poison the loss and the gradients. Only
-    there, and only when there are such elements, we use logsigmoid, which is exact.
+    there we use logsigmoid, which is exact. On the host we first test whether there are such elements (free, and
+    it saves two passes); on a GPU the test would wait for the device, twice per output level, so we always select.
     """
     log_p, log_not_p = probs.log(), (1 - probs).log()
     zero, one = probs == 0, probs == 1
-    if bool(zero.any()):
+    test_first = host_sync.reads_are_free(probs)
+    if not test_first or bool(zero.any()):
         log_p = torch.where(zero, F.logsigmoid(logits), log_p)
-    if bool(one.any()):
+    if not test_first or bool(one.any()):
         log_not_p = torch.where(one, F.logsigmoid(-logits), log_not_p)
     return log_p, log_not_p
 

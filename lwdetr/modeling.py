@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import host_sync
 from .checkpoint import load_pretrained, save_pretrained
 from .config import LwDetrConfig
 from .decoder import Decoder
@@ -123,10 +124,14 @@ class LwDetrModel(nn.Module):
         self.backbone.backbone.check_input(pixel_values)
         batch, _, height, width = pixel_values.shape
         # with nothing padded all masking is a no-op: an all-ones mask is treated as none, so no full-resolution mask
-        # is resampled per level and the decoder masks no values (the data-dependent test stays out of traced and
-        # compiled graphs, which keep the masking)
+        # is resampled per level and the decoder masks no values. The data-dependent test stays out of traced and
+        # compiled graphs, which keep the masking, and off a GPU mask, where it would wait for the device (callers
+        # that know nothing is padded pass None)
         padded = pixel_mask is not None and (
-            torch.jit.is_tracing() or torch.compiler.is_compiling() or not bool(pixel_mask.all())
+            torch.jit.is_tracing()
+            or torch.compiler.is_compiling()
+            or not host_sync.reads_are_free(pixel_mask)
+            or not bool(pixel_mask.all())
         )
         if pixel_mask is not None and pixel_mask.shape != (batch, height, width):
             raise ValueError(f"pixel_mask has shape {tuple(pixel_mask.shape)}; expected {(batch, height, width)}")
