@@ -33,6 +33,7 @@ import math
 import os
 import random
 import shlex
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -218,6 +219,10 @@ def _make_accelerator(config: TrainConfig):
     AcceleratorState._reset_state()
     # On a machine without CUDA, cpu=True makes several processes use gloo; otherwise each would train alone.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
+    if accelerator.device.type == "cpu" and config.mixed_precision == "fp16" and accelerator.is_main_process:
+        # accelerate ignores fp16 on the CPU without a word
+        print("finetune: --mixed-precision fp16 needs a CUDA GPU; on the CPU this run trains in float32 (bf16 is "
+              "the CPU's mixed precision)", file=sys.stderr)  # fmt: skip
     if accelerator.device.type == "cpu":
         # torch gives every process a thread per core; K processes on the same cores then fight over them, and
         # oversubscribed OpenMP threads spin-wait each other (we measured steps 10x slower).

@@ -147,7 +147,12 @@ def _record_head_dtypes(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_a_mixed_precision_training_step_on(
-    device: torch.device, precision: str, shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    device: torch.device,
+    precision: str,
+    shapes: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     """One optimizer step under Accelerate's autocast, finite losses, saved weights on the host. On the CPU,
     Accelerate autocasts bf16 only: its fp16 setting trains in float32 there (fp16 autocast is a GPU feature)."""
@@ -160,6 +165,8 @@ def test_a_mixed_precision_training_step_on(
     row = result.history[-1]
     assert all(math.isfinite(row[name]) for name in LOGGED_LOSSES), row
     assert (result.last_dir / "model.safetensors").is_file()
+    said = "fp16 needs a CUDA GPU" in capsys.readouterr().err  # float32 in place of fp16 is said, not silent
+    assert said == (precision == "fp16" and device.type == "cpu")
 
 
 def _to_device(value, device: str):
