@@ -26,6 +26,7 @@ needs_amx = pytest.mark.skipif(
 def fresh_library(monkeypatch, tmp_path):
     """Forget the loaded library before and after the test; build into a private cache folder."""
     monkeypatch.setenv("LWDETR_CACHE", str(tmp_path))
+    monkeypatch.delenv("LWDETR_CPU_KERNELS", raising=False)  # each test says what it plays
     cpu_kernels.forget_loaded()
     yield tmp_path
     cpu_kernels.forget_loaded()
