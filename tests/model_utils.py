@@ -87,3 +87,18 @@ def random_labels(batch: int, num_labels: int, counts: list[int], seed: int = 0)
             }
         )
     return labels
+
+
+def missing_detections(
+    found: list, reference: list, score_tolerance: float | None = 0.05, min_iou: float = 0.9
+) -> list:
+    """The detections of `reference` (one list per image) that `found` lacks: none of its detections of the same
+    image has the same label, IoU >= `min_iou` and (unless `score_tolerance` is None) a score that close."""
+    from lwdetr.box_ops import box_iou
+
+    def matches(ours, expected) -> bool:
+        close_score = score_tolerance is None or abs(ours.score - expected.score) <= score_tolerance
+        iou = box_iou(torch.tensor([ours.box]), torch.tensor([expected.box]))[0].item()
+        return ours.label_id == expected.label_id and close_score and iou >= min_iou
+
+    return [e for ours, wanted in zip(found, reference) for e in wanted if not any(matches(d, e) for d in ours)]

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_utils import missing_detections
 
 from lwdetr.__main__ import main
-from lwdetr.box_ops import box_iou
 from lwdetr.config import preset_config
 from lwdetr.detector import Detector
 from lwdetr.layers import ConvBnAct
@@ -67,28 +67,15 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    return box_iou(torch.tensor([a]), torch.tensor([b]))[0].item()
-
-
 def test_bfloat16_detector_finds_the_float32_detections() -> None:
     """On the bundled trained model (random weights have near-tied proposals that any rounding reorders)."""
     images = sorted((EXAMPLES / "images").glob("*.jpg"))
     full = Detector.from_pretrained(DEMO_MODEL, device="cpu").predict(images, threshold=0.5)
     half = Detector.from_pretrained(DEMO_MODEL, device="cpu", dtype="bfloat16").predict(images, threshold=0.3)
     assert sum(map(len, full)) >= 5
-    for ours, reference in zip(half, full):
-        for expected in reference:
-            # measured: every detection above 0.3 found with its score within 0.026 (the issue asks 0.02 of the top
-            # 100; 88-100 % of each image's top 100 meet that, the rest are low scores on a 1M-parameter nano)
-            close = [
-                d
-                for d in ours
-                if d.label_id == expected.label_id
-                and abs(d.score - expected.score) <= 0.05
-                and _iou(d.box, expected.box) >= 0.9
-            ]
-            assert close, expected
+    # measured: every detection above 0.3 found with its score within 0.026 (the issue asks 0.02 of the top 100;
+    # 88-100 % of each image's top 100 meet that, the rest are low scores on a 1M-parameter nano)
+    assert not missing_detections(half, full, score_tolerance=0.05)
 
 
 @pytest.fixture
@@ -126,9 +113,7 @@ def test_bfloat16_detector_without_native_bfloat16_runs_float32(avx2_only_cpu, c
     assert "bfloat16" in caplog.records[0].message and "float32" in caplog.records[0].message
     half = detector.predict(images, threshold=0.3)
     assert sum(map(len, full)) >= 5
-    for ours, reference in zip(half, full):
-        for expected in reference:
-            assert any(d.label_id == expected.label_id and _iou(d.box, expected.box) >= 0.9 for d in ours), expected
+    assert not missing_detections(half, full, score_tolerance=None)
 
 
 def test_mixed_precision_model_without_native_bfloat16_uses_plain_ops(avx2_only_cpu) -> None:
