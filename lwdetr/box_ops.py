@@ -46,15 +46,18 @@ def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     return torch.stack([(x_min + x_max) / 2, (y_min + y_max) / 2, x_max - x_min, y_max - y_min], dim=-1)
 
 
-def _widen(boxes: Tensor) -> Tensor:
-    # Areas are products of two coordinates: in half precision they lose most of their digits (and overflow for
-    # pixel coordinates), so they are taken in float32, as detr and torchvision do.
-    return boxes.float() if boxes.dtype in (torch.float16, torch.bfloat16) else boxes
+def at_least_float32(x: Tensor) -> Tensor:
+    """`x` in float32 when it is in a half-precision dtype (float16, bfloat16), else `x` itself (float64 stays).
+
+    For areas (products of two coordinates: in half precision they lose most of their digits and overflow for pixel
+    coordinates, hence float32 as in detr and torchvision), and for scores and costs that must not saturate.
+    """
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def box_area(boxes: Tensor) -> Tensor:
     """Area of xyxy boxes [..., 4] -> [...]; float32 for half-precision inputs."""
-    boxes = _widen(boxes)
+    boxes = at_least_float32(boxes)
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import host_sync
-from .box_ops import box_cxcywh_to_xyxy, paired_box_iou, paired_generalized_box_iou
-from .matcher import HungarianMatcher, at_least_float32
+from .box_ops import at_least_float32, box_cxcywh_to_xyxy, paired_box_iou, paired_generalized_box_iou
+from .matcher import HungarianMatcher
 
 if TYPE_CHECKING:
     from transformers import LwDetrConfig

@@ -14,9 +14,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .box_ops import at_least_float32, box_cxcywh_to_xyxy, generalized_box_iou
 
-__all__ = ["HungarianMatcher", "at_least_float32"]
+__all__ = ["HungarianMatcher"]
 
 
 class HungarianMatcher:
@@ -122,11 +122,6 @@ class HungarianMatcher:
         if_present = alpha * ((1 - probs) ** gamma) * (-(probs + 1e-8).log())
         # Subtracting before gathering the target columns gives the same numbers and works on [P, C], not [P, T].
         return if_present - if_absent
-
-
-def at_least_float32(x: Tensor) -> Tensor:
-    """`x` in float32 when it is in a half-precision dtype (float16, bfloat16), else `x` itself (float64 stays)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _assign_groups(cost: np.ndarray, group_size: int, group_detr: int) -> tuple[Tensor, Tensor]:

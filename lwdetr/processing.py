@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .box_ops import box_cxcywh_to_xyxy
+from .box_ops import at_least_float32, box_cxcywh_to_xyxy
 from .images import DEFAULT_MAX_PIXELS, ImageSource, load_image
 
 __all__ = ["CONFIG_NAME", "LwDetrImageProcessor", "ProcessorOutput", "output_size"]
@@ -341,6 +341,9 @@ class LwDetrImageProcessor:
             One dict per image with `scores` `[N]`, `labels` `[N]` (int64) and `boxes` `[N, 4]` (x0, y0, x1, y1).
         """
         logits, pred_boxes = _outputs_fields(outputs)
+        # scores and boxes in float32 even from a half-precision model: float16 scores tie in the top-k and boxes
+        # would be rounded to ~0.3 px at 640
+        logits, pred_boxes = at_least_float32(logits), at_least_float32(pred_boxes)
         batch, _, num_classes = logits.shape
         if target_sizes is not None and len(target_sizes) != batch:
             raise ValueError(f"got {len(target_sizes)} target sizes for a batch of {batch}")

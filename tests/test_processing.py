@@ -220,3 +220,22 @@ def _png_bytes(width: int, height: int) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (width, height)).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_post_processing_of_half_precision_outputs_is_float32(dtype):
+    """A half-precision model's outputs (autocast on a GPU) give float32 scores and boxes: ranked and scaled as the
+    float32 outputs they round to, not in half precision (where scores tie and boxes lose pixels)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 30, 4, generator=generator) * 3).to(dtype)
+    boxes = (0.2 + 0.6 * torch.rand(2, 30, 4, generator=generator)).to(dtype)
+    processor = LwDetrImageProcessor()
+    sizes = [(480, 640), (1000, 1333)]
+    outputs = SimpleNamespace(logits=logits, pred_boxes=boxes)
+    widened = SimpleNamespace(logits=logits.float(), pred_boxes=boxes.float())
+    half = processor.post_process_object_detection(outputs, 0.1, sizes, top_k=50)
+    full = processor.post_process_object_detection(widened, 0.1, sizes, top_k=50)
+    for got, expected in zip(half, full):
+        assert got["scores"].dtype == got["boxes"].dtype == torch.float32
+        for key in ("scores", "labels", "boxes"):
+            assert torch.equal(got[key], expected[key]), key
