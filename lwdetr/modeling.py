@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_pretrained, save_pretrained
+from .checkpoint import PretrainedMixin
 from .config import LwDetrConfig
 from .decoder import Decoder
 from .deformable import MultiScaleDeformableAttention
@@ -78,7 +77,7 @@ class BackboneWithProjector(nn.Module):
         """pixel_mask None: nothing is padded (every map's mask is all True)."""
         # the encoder may run in a lower precision than the rest (see `LwDetrForObjectDetection.to_mixed_precision`)
         pixel_values = pixel_values.to(self.backbone.embeddings.projection.weight.dtype)
-        maps = self.projector(self.backbone(pixel_values).feature_maps)
+        maps = self.projector(self.backbone(pixel_values, return_dict=True).feature_maps)
         if pixel_mask is None:
             return [(m, m.new_ones((m.shape[0], *m.shape[-2:]), dtype=torch.bool)) for m in maps]
         mask = pixel_mask[:, None].float()
@@ -93,8 +92,10 @@ def _valid_ratio(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.stack((cols, rows), -1)
 
 
-class LwDetrModel(nn.Module):
+class LwDetrModel(PretrainedMixin, nn.Module):
     """Backbone, projector, query selection and decoder; no final heads."""
+
+    main_input_name = "pixel_values"
 
     def __init__(self, config: LwDetrConfig):
         super().__init__()
@@ -191,7 +192,7 @@ class LwDetrModel(nn.Module):
         return hidden, (inputs[0], *layer_outputs[:-1], hidden[-1])
 
 
-class LwDetrForObjectDetection(nn.Module):
+class LwDetrForObjectDetection(PretrainedMixin, nn.Module):
     """LW-DETR with class and box heads, the Group DETR training loss, and HF-format load/save."""
 
     # tells `transformers.Trainer` that the loss is already normalised (by the number of target boxes), so it does
@@ -207,19 +208,6 @@ class LwDetrForObjectDetection(nn.Module):
         self.bbox_embed = MLP(config.d_model, config.d_model, 4, num_layers=3)
         self.init_weights()
 
-    @classmethod
-    def from_pretrained(
-        cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, **kwargs: Any
-    ) -> LwDetrForObjectDetection:
-        """Load an HF-format folder (config.json + model.safetensors) or a hub id, in eval mode.
-
-        kwargs go to `checkpoint.load_pretrained` (config overrides, `ignore_mismatched_sizes`).
-        """
-        model = load_pretrained(cls, name_or_path, **kwargs)
-        if dtype is not None:
-            model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-        return model.eval()
-
     def to_mixed_precision(self, dtype: torch.dtype | str = torch.bfloat16) -> LwDetrForObjectDetection:
         """Put the ViT encoder and projector (nearly all the FLOPs) in `dtype` and everything after them in fp32.
 
@@ -231,18 +219,6 @@ class LwDetrForObjectDetection(nn.Module):
         self.float()
         self.model.backbone.to(dtype)
         return self
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config.json and model.safetensors with the reference's parameter names."""
-        save_pretrained(self, self.config, directory)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
     @torch.no_grad()
     def init_weights(self) -> None:

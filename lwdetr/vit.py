@@ -9,15 +9,19 @@ has no positional bias, so the unusual token order does not change its result.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import PretrainedMixin
 from .config import LwDetrViTConfig
 from .cpu_kernels import attention_kernel
 from .feedforward import buffer_reusing_mlp, buffer_reusing_mlp_applies
 from .layers import activation_layer, derived_weights, onednn_usable, outside_tracing_on_cpu, pack_linear_weight
+from .outputs import ModelOutput, finish_output, forward_options
 
 __all__ = ["LwDetrViTBackbone", "ViTOutput"]
 
@@ -210,21 +214,23 @@ class ViTEncoder(nn.Module):
         self.layer = nn.ModuleList(ViTBlock(config, i in windowed) for i in range(config.num_hidden_layers))
 
 
-class ViTOutput:
-    """What the backbone returns: `feature_maps`, a tuple of [batch, dim, H/patch, W/patch] tensors."""
+@dataclass
+class ViTOutput(ModelOutput):
+    """What the backbone returns, as the reference's `BackboneOutput`: `feature_maps`, a tuple of
+    [batch, dim, H/patch, W/patch] tensors; with `output_hidden_states`, `hidden_states`: the patch embedding and
+    every block's output in the window-major layout, num_hidden_layers + 1 tensors [batch * windows, tokens, dim]."""
 
-    def __init__(self, feature_maps: tuple[torch.Tensor, ...]):
-        self.feature_maps = feature_maps
-
-    def __getitem__(self, index: int):
-        return (self.feature_maps,)[index]
+    feature_maps: tuple[torch.Tensor, ...] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
-class LwDetrViTBackbone(nn.Module):
+class LwDetrViTBackbone(PretrainedMixin, nn.Module):
     """ViT encoder returning the feature maps after the blocks named by `config.out_indices`.
 
     Stage 0 is the patch embedding and stage i the output of block i, as in transformers' backbones.
     """
+
+    main_input_name = "pixel_values"
 
     def __init__(self, config: LwDetrViTConfig):
         super().__init__()
@@ -279,15 +285,30 @@ class LwDetrViTBackbone(nn.Module):
         tokens = tokens.reshape(-1, s, s, height // s, width // s, dim).permute(0, 1, 3, 2, 4, 5)
         return tokens.reshape(-1, height, width, dim).permute(0, 3, 1, 2)
 
-    def forward(self, pixel_values: torch.Tensor) -> ViTOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> ViTOutput | tuple:
+        """pixel_values: [batch, 3, H, W]. The options are transformers' (see `outputs.forward_options`)."""
+        hidden_wanted, as_dict = forward_options(
+            type(self).__name__, self.config, output_hidden_states, output_attentions, return_dict, kwargs
+        )
         self.check_input(pixel_values)
         tokens = self.embeddings(pixel_values)
         height, width = tokens.shape[1:3]
         hidden = self.to_windows(tokens)
         wanted = set(self.out_indices)
-        stages = {0: hidden} if 0 in wanted else {}
+        stages = {0: hidden} if 0 in wanted or hidden_wanted else {}
         for index, block in enumerate(self.encoder.layer, start=1):
             hidden = block(hidden)
-            if index in wanted:
+            if index in wanted or hidden_wanted:
                 stages[index] = hidden
-        return ViTOutput(tuple(self.from_windows(stages[i], height, width) for i in self.out_indices))
+        output = ViTOutput(
+            feature_maps=tuple(self.from_windows(stages[i], height, width) for i in self.out_indices),
+            hidden_states=tuple(stages[i] for i in range(len(self.encoder.layer) + 1)) if hidden_wanted else None,
+        )
+        return finish_output(output, as_dict)

@@ -13,6 +13,7 @@ from model_utils import relative_error, twin_models
 from PIL import Image
 
 from finetune.synthetic import make_synthetic_dataset
+from lwdetr import LwDetrModel, LwDetrViTBackbone, ModelLoadError
 from lwdetr.config import preset_config
 from lwdetr.modeling import LwDetrForObjectDetection
 
@@ -137,3 +138,107 @@ def test_trainer_fine_tunes_and_the_loss_falls(tmp_path):
     after = fixed_loss()
     assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses
     assert after < 0.9 * before, (before, after)
+
+
+# ---------------------------------------------------------------- item 2: every class loads and saves; options
+
+
+def _saved_reference(twins, tmp_path: Path) -> dict[str, Path]:
+    reference, _ = twins
+    folders = {name: tmp_path / name for name in ("detector", "base", "vit")}
+    reference.save_pretrained(folders["detector"])
+    reference.model.save_pretrained(folders["base"])
+    reference.model.backbone.backbone.save_pretrained(folders["vit"])
+    return folders
+
+
+def test_base_model_and_backbone_load_the_references_folders(twins, tmp_path):
+    reference, _ = twins
+    folders = _saved_reference(twins, tmp_path)
+    pixels = _pixels(1)
+    base = LwDetrModel.from_pretrained(folders["base"])
+    vit = LwDetrViTBackbone.from_pretrained(folders["vit"])
+    assert not base.training and not vit.training
+    with torch.no_grad():
+        expected = reference.model(pixel_values=pixels)
+        got = base(pixels)
+        expected_maps = reference.model.backbone.backbone(pixels).feature_maps
+        got_maps = vit(pixels).feature_maps
+    assert relative_error(got.enc_outputs_coord_logits, expected.enc_outputs_coord_logits) < 1e-4
+    assert relative_error(got.last_hidden_state, expected.last_hidden_state) < 1e-4
+    assert len(got_maps) == len(expected_maps)
+    for own, theirs in zip(got_maps, expected_maps):
+        assert relative_error(own, theirs) < 1e-4
+
+
+def test_parts_load_from_a_detector_folder(twins, tmp_path):
+    _, ours = twins
+    folders = _saved_reference(twins, tmp_path)
+    base = LwDetrModel.from_pretrained(folders["detector"])
+    vit = LwDetrViTBackbone.from_pretrained(folders["detector"])
+    assert vit.config.hidden_size == ours.config.backbone_config.hidden_size
+    for name, tensor in base.state_dict().items():
+        assert torch.equal(tensor, ours.model.state_dict()[name]), name
+    for name, tensor in vit.state_dict().items():
+        assert torch.equal(tensor, ours.model.backbone.backbone.state_dict()[name]), name
+
+
+def test_detector_from_a_base_model_folder_gets_fresh_heads(twins, tmp_path):
+    _, ours = twins
+    folders = _saved_reference(twins, tmp_path)
+    with pytest.warns(UserWarning, match="class_embed, bbox_embed heads are newly initialised"):
+        detector = LwDetrForObjectDetection.from_pretrained(folders["base"])
+    assert torch.equal(detector.model.query_feat.weight, ours.model.query_feat.weight)
+
+
+def test_a_backbone_folder_is_not_a_base_model(twins, tmp_path):
+    folders = _saved_reference(twins, tmp_path)
+    with pytest.raises(ModelLoadError, match="config.json: holds an LW-DETR ViT backbone") as caught:
+        LwDetrModel.from_pretrained(folders["vit"])
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("part", ["base", "vit"])
+def test_saved_parts_load_in_transformers(twins, tmp_path, part):
+    _, ours = twins
+    model = ours.model if part == "base" else ours.model.backbone.backbone
+    model.save_pretrained(tmp_path)
+    theirs_class = transformers.LwDetrModel if part == "base" else transformers.LwDetrViTBackbone
+    theirs, info = theirs_class.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [theirs_class.__name__]
+    pixels = _pixels(2)
+    with torch.no_grad():
+        if part == "base":
+            got, expected = model(pixels).enc_outputs_coord_logits, theirs.eval()(pixel_values=pixels)[5]
+        else:
+            got, expected = model(pixels).feature_maps[-1], theirs.eval()(pixels).feature_maps[-1]
+    assert relative_error(got, expected) < 1e-4
+
+
+def test_hidden_states_are_the_references(twins):
+    reference, ours = twins
+    pixels = _pixels(3)
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels, output_hidden_states=True)
+        got = ours(pixels, output_hidden_states=True)
+        expected_vit = reference.model.backbone.backbone(pixels, output_hidden_states=True)
+        got_vit = ours.model.backbone.backbone(pixels, output_hidden_states=True)
+        plain = ours(pixels)
+    assert "hidden_states" not in plain
+    assert len(got.hidden_states) == len(expected.hidden_states) == ours.config.decoder_layers + 1
+    for own, theirs in zip(got.hidden_states, expected.hidden_states):
+        assert own.shape == theirs.shape and relative_error(own, theirs) < 1e-4
+    assert len(got_vit.hidden_states) == len(expected_vit.hidden_states)
+    for own, theirs in zip(got_vit.hidden_states, expected_vit.hidden_states):
+        assert own.shape == theirs.shape and relative_error(own, theirs) < 1e-4
+
+
+@pytest.mark.parametrize("part", ["detector", "base", "vit"])
+def test_unsupported_options_are_refused_clearly(twins, part):
+    _, ours = twins
+    model = {"detector": ours, "base": ours.model, "vit": ours.model.backbone.backbone}[part]
+    with pytest.raises(ValueError, match="output_attentions=True is not supported"):
+        model(_pixels(), output_attentions=True)
+    with pytest.raises(ValueError, match="unsupported argument.*use_cache"):
+        model(_pixels(), use_cache=True)
