@@ -414,18 +414,29 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, **kwargs: Any
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device_map: int | str | torch.device | dict | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        **kwargs: Any,
     ) -> Any:
         """Load an HF-format folder (config.json + model.safetensors) or a hub id, in eval mode.
 
         Any LW-DETR folder fits a class it contains (a base model or backbone from a detector's folder); a detector
-        from a base model's folder gets fresh heads, with a warning. kwargs go to `load_pretrained` (config
-        overrides, `ignore_mismatched_sizes`).
+        from a base model's folder gets fresh heads, with a warning. `dtype` (or its older name `torch_dtype`;
+        "auto" keeps the config's `dtype`, else float32) and `device_map` (one device: an index, "cpu", "cuda:1",
+        "auto", or a dict mapping every module to the same device) are honoured as in transformers; a map over
+        several devices is refused. Other kwargs go to `load_pretrained` (config overrides,
+        `ignore_mismatched_sizes`).
         """
+        if dtype is not None and torch_dtype is not None:
+            raise ValueError("pass dtype or torch_dtype (its older name), not both")
+        device = placement_device(device_map)
         model = load_pretrained(cls, name_or_path, **kwargs)
-        if dtype is not None:
-            model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-        return model.eval()
+        wanted = model_dtype(dtype if dtype is not None else torch_dtype, model.config)
+        return model.to(device=device, dtype=wanted).eval()
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json and model.safetensors with the reference's parameter names."""
@@ -438,3 +449,50 @@ class PretrainedMixin:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+
+def model_dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype | None:
+    """`from_pretrained`'s dtype argument as a torch dtype: None keeps float32, "auto" the config's `dtype`."""
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype {dtype!r} is not a floating-point torch dtype; use e.g. 'float32' or 'bfloat16'")
+    return resolved
+
+
+def placement_device(device_map: int | str | torch.device | dict | None) -> torch.device | None:
+    """The one device `device_map` names (None: leave the model on the CPU).
+
+    "auto" is the first GPU when there is one, else the CPU: LW-DETR models fit one device, so nothing is split.
+
+    Raises:
+        ValueError: a map over several devices (or onto disk), an unknown device, or a device this machine lacks.
+    """
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        devices = {str(v) for v in device_map.values()}
+        if len(devices) != 1:
+            raise ValueError(
+                f"device_map spreads the model over {sorted(devices)}; lwdetr loads a model onto one device "
+                "(pass e.g. device_map='cuda:0')"
+            )
+        device_map = next(iter(device_map.values()))
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, int) and not isinstance(device_map, bool):
+        device_map = f"cuda:{device_map}"  # an index names an accelerator, as in transformers
+    if device_map in ("balanced", "balanced_low_0", "sequential", "disk", "meta"):
+        raise ValueError(f"device_map={device_map!r} is not supported: lwdetr loads a model onto one device")
+    try:
+        device = torch.device(device_map)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device_map={device_map!r} is not a device ({_one_line(error)})") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device_map={device_map!r}: no such CUDA device on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device_map={device_map!r}: MPS is not available on this machine")
+    return device

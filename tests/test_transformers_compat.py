@@ -242,3 +242,52 @@ def test_unsupported_options_are_refused_clearly(twins, part):
         model(_pixels(), output_attentions=True)
     with pytest.raises(ValueError, match="unsupported argument.*use_cache"):
         model(_pixels(), use_cache=True)
+
+
+# ---------------------------------------------------------------- item 3: device_map and dtype
+
+
+@pytest.fixture(scope="module")
+def detector_folder(twins, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("detector")
+    twins[1].save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("options", "dtype"),
+    [
+        ({"dtype": torch.bfloat16}, torch.bfloat16),
+        ({"dtype": "float16"}, torch.float16),
+        ({"torch_dtype": torch.bfloat16}, torch.bfloat16),
+        ({"dtype": "auto"}, torch.float32),
+        ({"device_map": "cpu"}, torch.float32),
+        ({"device_map": "auto", "dtype": "bfloat16"}, torch.bfloat16),
+        ({"device_map": {"": "cpu"}}, torch.float32),
+    ],
+)
+def test_dtype_and_single_device_maps_are_honoured(detector_folder, options, dtype):
+    model = LwDetrForObjectDetection.from_pretrained(detector_folder, **options)
+    expected_device = "cuda" if options.get("device_map") == "auto" and torch.cuda.is_available() else "cpu"
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert {p.device.type for p in model.parameters()} == {expected_device}
+    assert not hasattr(model.config, "device_map")  # once stored there and ignored
+    vit = LwDetrViTBackbone.from_pretrained(detector_folder, **options)
+    assert vit.dtype == dtype
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"device_map": {"model.backbone": "cpu", "model.decoder": "cuda:0"}}, "spreads the model over"),
+        ({"device_map": "balanced"}, "onto one device"),
+        ({"device_map": "nowhere"}, "not a device"),
+        ({"device_map": 99}, "no such CUDA device"),
+        ({"dtype": "int8"}, "not a floating-point"),
+        ({"dtype": "bfloat16", "torch_dtype": "float16"}, "not both"),
+    ],
+)
+def test_unsupported_placements_are_refused(detector_folder, options, message):
+    with pytest.raises(ValueError, match=message) as caught:
+        LwDetrModel.from_pretrained(detector_folder, **options)
+    assert "\n" not in str(caught.value)
