@@ -27,11 +27,14 @@ __all__ = ["LwDetrViTBackbone", "ViTOutput"]
 
 
 class ViTAttention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection; the key has no bias (as in CAE/BEiT)."""
+    """Multi-head self-attention with one fused qkv projection; the key has no bias (as in CAE/BEiT).
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+    `dropout` applies to the attention weights in training, as the reference's `dropout_prob` does."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, dropout: float = 0.0):
         super().__init__()
         self.num_heads = num_heads
+        self.dropout = dropout
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
         self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
@@ -48,10 +51,13 @@ class ViTAttention(nn.Module):
         batch, tokens, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         head_dim = dim // self.num_heads
         needs_grad = torch.is_grad_enabled() and qkv.requires_grad
-        if outside_tracing_on_cpu(qkv) and (kernel := attention_kernel(head_dim, qkv.dtype, needs_grad=needs_grad)):
+        dropout = self.dropout if self.training else 0.0
+        usable = dropout == 0.0 and outside_tracing_on_cpu(qkv)  # our kernel has no dropout
+        if usable and (kernel := attention_kernel(head_dim, qkv.dtype, needs_grad=needs_grad)):
             return kernel(qkv, self.num_heads)
         q, k, v = qkv.view(batch, tokens, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        return out.transpose(1, 2).reshape(batch, tokens, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch, tokens, dim] -> [batch, tokens, dim]."""
@@ -59,13 +65,19 @@ class ViTAttention(nn.Module):
 
 
 class ViTMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, activation: str):
+    """fc1 -> activation -> fc2, with dropout after the activation and after fc2 in training (as the reference)."""
+
+    def __init__(self, dim: int, hidden: int, activation: str, dropout: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = activation_layer(activation)
         self.fc2 = nn.Linear(hidden, dim)
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout > 0:
+            hidden = F.dropout(self.act(self.fc1(x)), self.dropout, training=True)
+            return F.dropout(self.fc2(hidden), self.dropout, training=True)
         if buffer_reusing_mlp_applies(x, self.fc1, self.act):
             return buffer_reusing_mlp(x.reshape(-1, x.shape[-1]), self.fc1, self.act, self.fc2).view(x.shape)
         return self.fc2(self.act(self.fc1(x)))
@@ -80,10 +92,11 @@ class ViTBlock(nn.Module):
         self.windowed = windowed
         self.num_windows = config.num_windows
         self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.attn = ViTAttention(dim, config.num_attention_heads, config.qkv_bias)
+        self.attn = ViTAttention(dim, config.num_attention_heads, config.qkv_bias, config.dropout_prob)
         self.gamma_1 = nn.Parameter(torch.full((dim,), config.cae_init_values))
         self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.mlp = ViTMlp(dim, int(dim * config.mlp_ratio), config.hidden_act)
+        self.mlp = ViTMlp(dim, int(dim * config.mlp_ratio), config.hidden_act, config.dropout_prob)
+        self.dropout = config.dropout_prob
         self.gamma_2 = nn.Parameter(torch.full((dim,), config.cae_init_values))
 
     def attention_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +108,8 @@ class ViTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch * windows, tokens_per_window, dim] in window-major order."""
-        if onednn_usable(x, self.attn.qkv.weight):
+        # the fused path has no dropout: a training-mode model with dropout takes the plain one even without autograd
+        if onednn_usable(x, self.attn.qkv.weight) and not (self.training and self.dropout > 0):
             return self.fused_forward(x)
         x = x + self.attn(self.attention_input(x)).reshape(x.shape) * self.gamma_1
         return x + self.mlp(self.norm2(x)) * self.gamma_2

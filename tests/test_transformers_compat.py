@@ -291,3 +291,28 @@ def test_unsupported_placements_are_refused(detector_folder, options, message):
     with pytest.raises(ValueError, match=message) as caught:
         LwDetrModel.from_pretrained(detector_folder, **options)
     assert "\n" not in str(caught.value)
+
+
+# ---------------------------------------------------------------- item 4: config fields the reference honours
+
+
+def _run_to_run_difference(model: torch.nn.Module, grad: bool) -> float:
+    pixels = _pixels(4)
+    with torch.set_grad_enabled(grad):
+        first, second = (model(pixels).feature_maps[-1] for _ in range(2))
+    return relative_error(first, second)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_vit_dropout_prob_applies_in_training_only(grad, tmp_path):
+    config = preset_config("nano", backbone={"dropout_prob": 0.3}).backbone_config
+    torch.manual_seed(0)
+    reference = transformers.LwDetrViTBackbone(config).train()
+    reference.save_pretrained(tmp_path)
+    ours = LwDetrViTBackbone.from_pretrained(tmp_path).train()
+    reference_difference = _run_to_run_difference(reference, grad)
+    difference = _run_to_run_difference(ours, grad)
+    assert reference_difference > 1e-3 and 0.2 * reference_difference < difference < 5 * reference_difference
+    assert _run_to_run_difference(ours.eval(), grad) == 0.0
+    without = LwDetrViTBackbone(preset_config("nano").backbone_config).train()
+    assert _run_to_run_difference(without, grad) == 0.0
