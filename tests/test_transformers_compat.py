@@ -16,6 +16,7 @@ from finetune.synthetic import make_synthetic_dataset
 from lwdetr import LwDetrModel, LwDetrViTBackbone, ModelLoadError
 from lwdetr.config import preset_config
 from lwdetr.modeling import LwDetrForObjectDetection
+from lwdetr.processing import LwDetrImageProcessor
 
 # transformers' deformable attention warns about non-power-of-two head sizes of the nano test model.
 pytestmark = pytest.mark.filterwarnings("ignore:You'd better set embed_dim")
@@ -316,3 +317,93 @@ def test_vit_dropout_prob_applies_in_training_only(grad, tmp_path):
     assert _run_to_run_difference(ours.eval(), grad) == 0.0
     without = LwDetrViTBackbone(preset_config("nano").backbone_config).train()
     assert _run_to_run_difference(without, grad) == 0.0
+
+
+# ---------------------------------------------------------------- item 5: the processor for training
+
+
+_ANNOTATIONS = [
+    {
+        "image_id": 3,
+        "annotations": [
+            {"bbox": [10, 20, 30, 40], "category_id": 2, "area": 1200, "iscrowd": 0},
+            {"bbox": [190, 90, 30, 40], "category_id": 1, "area": 100, "iscrowd": 0},  # clipped by the image
+            {"bbox": [5, 5, 10, 10], "category_id": 4, "area": 100, "iscrowd": 1},  # crowd: dropped
+            {"bbox": [50, 50, 0, 10], "category_id": 0, "area": 0, "iscrowd": 0},  # empty: dropped
+        ],
+    },
+    {"image_id": 4, "annotations": []},
+    {"image_id": 5, "annotations": [{"bbox": [1.5, 2.5, 20, 30.5], "category_id": 0, "area": 610, "iscrowd": 0}]},
+]
+
+
+def _annotated_images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(100, 200), (90, 60), (64, 64)]
+    ]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"size": {"height": 128, "width": 160}},
+        {"size": {"shortest_edge": 64, "longest_edge": 100}},
+        {"size": {"shortest_edge": 64, "longest_edge": 100}, "do_pad": False},
+    ],
+)
+def test_annotations_give_the_references_labels(options):
+    images = _annotated_images() if options.get("do_pad", True) else _annotated_images()[2:]
+    annotations = _ANNOTATIONS if options.get("do_pad", True) else _ANNOTATIONS[2:]
+    reference = transformers.DeformableDetrImageProcessor(**options)
+    expected = reference(images=images, annotations=annotations, return_tensors="pt")
+    got = LwDetrImageProcessor(**options)(images, annotations=annotations)
+    assert torch.equal(got["pixel_values"], expected["pixel_values"])
+    assert len(got["labels"]) == len(expected["labels"])
+    for own, theirs in zip(got["labels"], expected["labels"]):
+        assert list(own) == list(theirs)
+        for key, value in theirs.items():
+            assert own[key].dtype == value.dtype and own[key].shape == value.shape, key
+            assert torch.allclose(own[key], value, rtol=1e-5, atol=1e-6), key
+    if "height" in options["size"]:  # a size the nano model takes: the labels train it as the guide's Trainer does
+        model = LwDetrForObjectDetection(preset_config("nano", num_labels=5)).train()
+        assert torch.isfinite(model(got["pixel_values"], got["pixel_mask"], labels=got["labels"]).loss)
+
+
+@pytest.mark.parametrize("return_tensors", ["np", None])
+def test_numpy_and_list_outputs_as_the_reference(return_tensors):
+    images = _annotated_images()
+    options = {"size": {"height": 64, "width": 96}}
+    expected = transformers.DeformableDetrImageProcessor(**options)(
+        images=images, annotations=_ANNOTATIONS, return_tensors=return_tensors
+    )
+    got = LwDetrImageProcessor(**options)(images, annotations=_ANNOTATIONS, return_tensors=return_tensors)
+    for key in ("pixel_values", "pixel_mask"):
+        assert type(got[key]) is type(expected[key])
+        assert np.array_equal(np.asarray(got[key]), np.asarray(expected[key])), key
+    assert type(got["labels"][0]["boxes"]) is type(expected["labels"][0]["boxes"]) is np.ndarray
+    assert np.allclose(got["labels"][0]["boxes"], expected["labels"][0]["boxes"], atol=1e-6)
+
+
+def test_pad_to_the_batch_and_its_labels():
+    processor = LwDetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 100}, do_pad=False)
+    images = _annotated_images()
+    singles = [processor(image, annotations=a) for image, a in zip(images, _ANNOTATIONS)]
+    padded = processor.pad([s["pixel_values"][0] for s in singles], annotations=[s["labels"][0] for s in singles])
+    expected = LwDetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 100})(images, annotations=_ANNOTATIONS)
+    assert torch.equal(padded["pixel_values"], expected["pixel_values"])
+    assert torch.equal(padded["pixel_mask"], expected["pixel_mask"])
+    for own, theirs in zip(padded["labels"], expected["labels"]):
+        assert torch.allclose(own["boxes"], theirs["boxes"]) and torch.equal(own["size"], theirs["size"])
+
+
+def test_processor_json_and_bad_annotations(tmp_path):
+    processor = LwDetrImageProcessor(size={"height": 64, "width": 64})
+    text = processor.to_json_string()
+    assert json.loads(text) == processor.to_dict()
+    assert processor.save_pretrained(tmp_path).read_text() == text
+    with pytest.raises(ValueError, match=r"annotations\[0\]: not a COCO detection annotation") as caught:
+        processor(_annotated_images()[:1], annotations=[{"image_id": 1, "annotations": [{"box": [1, 2, 3, 4]}]}])
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ValueError, match="return_tensors must be"):
+        processor(_annotated_images()[:1], return_tensors="tf")
