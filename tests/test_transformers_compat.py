@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
+import socket
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +17,11 @@ from model_utils import relative_error, twin_models
 from PIL import Image
 
 from finetune.synthetic import make_synthetic_dataset
-from lwdetr import LwDetrModel, LwDetrViTBackbone, ModelLoadError
+from lwdetr import Detector, ImageLoadError, LwDetrModel, LwDetrViTBackbone, ModelLoadError, images
 from lwdetr.config import preset_config
 from lwdetr.modeling import LwDetrForObjectDetection
 from lwdetr.processing import LwDetrImageProcessor
+from lwdetr.remote import fetch_url
 
 # transformers' deformable attention warns about non-power-of-two head sizes of the nano test model.
 pytestmark = pytest.mark.filterwarnings("ignore:You'd better set embed_dim")
@@ -407,3 +412,81 @@ def test_processor_json_and_bad_annotations(tmp_path):
     assert "\n" not in str(caught.value)
     with pytest.raises(ValueError, match="return_tensors must be"):
         processor(_annotated_images()[:1], return_tensors="tf")
+
+
+# ---------------------------------------------------------------- item 6: URLs and the pipeline's shape
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    """A local http server over examples/images on 127.0.0.1 (no network), and its base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(EXAMPLES / "images"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def demo_detector() -> Detector:
+    return Detector.from_pretrained(EXAMPLES / "demo_model", device="cpu")
+
+
+def test_predict_takes_an_http_url(demo_detector, image_server):
+    path = EXAMPLES / "images" / "shapes_1.jpg"
+    from_url = demo_detector.predict(f"{image_server}/shapes_1.jpg", threshold=0.3)
+    assert from_url and from_url == demo_detector.predict(path, threshold=0.3)
+    both = demo_detector.predict([f"{image_server}/shapes_2.jpg", path], threshold=0.3)
+    assert both[1] == from_url
+
+
+def test_bad_urls_give_one_line_errors(demo_detector, image_server):
+    with socket.socket() as probe:  # a port nothing listens on: the same failure as being offline
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/x.jpg"
+    cases = [
+        (closed, "cannot download"),
+        (f"{image_server}/missing.jpg", "HTTP 404"),
+        (f"{image_server}/", "not a recognised image file"),  # the folder listing
+    ]
+    for url, message in cases:
+        with pytest.raises(ImageLoadError, match=message) as caught:
+            demo_detector.predict(url)
+        assert str(caught.value).startswith(url) and "\n" not in str(caught.value)
+    with pytest.raises(ImageLoadError, match="18,565 bytes, more than the limit of 1,000"):
+        fetch_url(f"{image_server}/shapes_1.jpg", max_bytes=1000)
+    with pytest.raises(ImageLoadError, match="only http and https"):
+        fetch_url("ftp://127.0.0.1/x.jpg")
+    with pytest.raises(ImageLoadError, match="no such file"):  # not fetched: any other scheme is a path
+        demo_detector.predict("file:///etc/hostname")
+
+
+def test_url_downloads_respect_the_image_byte_cap(demo_detector, image_server, monkeypatch):
+    monkeypatch.setattr(images, "DEFAULT_MAX_IMAGE_BYTES", 1000)
+    with pytest.raises(ImageLoadError, match="bytes, more than the limit of 1,000"):
+        demo_detector.predict(f"{image_server}/shapes_1.jpg")
+
+
+def test_pipeline_output_matches_transformers_pipeline(demo_detector, image_server):
+    paths = [str(p) for p in sorted((EXAMPLES / "images").glob("*.jpg"))]
+    pipe = transformers.pipeline("object-detection", model=str(EXAMPLES / "demo_model"), device="cpu")
+    expected = pipe(paths, threshold=0.5)
+    got = demo_detector.predict(paths, threshold=0.5, output="pipeline")
+    assert sum(map(len, expected)) >= 3, "the demo model should find shapes"
+    for mine, theirs in zip(got, expected):
+        assert [d["label"] for d in mine] == [d["label"] for d in theirs]
+        for own, reference in zip(mine, theirs):
+            assert set(own) == set(reference) and set(own["box"]) == set(reference["box"])
+            assert abs(own["score"] - reference["score"]) < 1e-3
+            assert all(abs(own["box"][k] - reference["box"][k]) <= 1 for k in reference["box"])
+    single = demo_detector.predict(f"{image_server}/shapes_1.jpg", threshold=0.5, output="pipeline")
+    assert single == got[0]
