@@ -19,16 +19,19 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import LwDetrConfig
+from .config import LwDetrConfig, LwDetrViTConfig
 from .hub import ModelNotFoundError, resolve_model_dir
 
 __all__ = [
     "ModelLoadError",
+    "PretrainedMixin",
+    "checkpoint_prefix",
     "from_reference_state_dict",
     "load_config",
     "load_pretrained",
@@ -68,6 +71,31 @@ _REFERENCE_ALIASES = {
     "attention.v_proj.": "attention.attention.value.",
 }
 _ENCODER_HEADS = ("enc_output.", "enc_output_norm.", "enc_out_class_embed.", "enc_out_bbox_embed.")
+# Where each public model's parameters sit inside LwDetrForObjectDetection: the translation works on those full
+# names, and a folder holds its model's names without the prefix (as transformers saves a base model).
+_PREFIXES = {
+    "LwDetrForObjectDetection": "",
+    "LwDetrModel": "model.",
+    "LwDetrViTBackbone": "model.backbone.backbone.",
+}
+
+
+def checkpoint_prefix(model_class: type) -> str:
+    """The prefix of `model_class`'s parameter names within the full detector (a public class of ours)."""
+    for cls in model_class.__mro__:
+        if cls.__name__ in _PREFIXES:
+            return _PREFIXES[cls.__name__]
+    raise TypeError(f"{model_class.__name__} is not an LW-DETR model class")
+
+
+def _folder_prefix(names: list[str]) -> str:
+    """Which model a checkpoint's (reference) names belong to, as the prefix its names lack: a detector's start with
+    `model.`, a base model's with `backbone.backbone.`, a ViT backbone's with `embeddings.` or `encoder.`."""
+    if any(name.startswith("model.") for name in names):
+        return ""
+    if any(name.startswith("backbone.backbone.") for name in names):
+        return "model."
+    return "model.backbone.backbone."
 
 
 def to_reference_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -148,13 +176,24 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_pretrained(model: torch.nn.Module, config: LwDetrConfig, directory: str | os.PathLike) -> Path:
-    """Write `config.json` and `model.safetensors` (reference key names, fp32 unless the model is otherwise)."""
+def save_pretrained(
+    model: torch.nn.Module, config: LwDetrConfig | LwDetrViTConfig, directory: str | os.PathLike
+) -> Path:
+    """Write `config.json` and `model.safetensors` (reference key names, fp32 unless the model is otherwise).
+
+    Any public model class: a base model or ViT backbone is written as transformers writes it (its own names
+    without the detector's prefix, its class in `architectures`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in to_reference_state_dict(model.state_dict()).items()}
+    prefix = checkpoint_prefix(type(model))
+    full = to_reference_state_dict({prefix + k: v for k, v in model.state_dict().items()})
+    tensors = {k[len(prefix) :]: v.detach().contiguous().cpu() for k, v in full.items()}
+    if prefix == _PREFIXES["LwDetrViTBackbone"]:
+        # transformers converts the legacy attention names for the detector's checkpoints only: its backbone
+        # folders hold (and need) the current `attention.{q,k,v,o}_proj` names
+        tensors = {_current_attention_name(k): v for k, v in tensors.items()}
     config_dict = config.to_dict()
-    config_dict["architectures"] = ["LwDetrForObjectDetection"]
+    config_dict["architectures"] = [checkpoint_class_name(type(model))]
     _atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=2)))
     return directory
@@ -171,6 +210,10 @@ def load_config(name_or_path: str | os.PathLike) -> tuple[LwDetrConfig, Path]:
     directory = resolve_model_dir(name_or_path)
     path = directory / "config.json"
     fields = _read_json_object(path)
+    if fields.get("model_type") == "lw_detr_vit":
+        raise ModelLoadError(
+            f"{path}: holds an LW-DETR ViT backbone (model_type 'lw_detr_vit'); load it with LwDetrViTBackbone"
+        )
     if fields.get("model_type", "lw_detr") != "lw_detr":
         raise ModelLoadError(f"{path}: a config for model_type {str(fields['model_type'])[:40]!r}, not 'lw_detr'")
     try:
@@ -178,6 +221,41 @@ def load_config(name_or_path: str | os.PathLike) -> tuple[LwDetrConfig, Path]:
     except Exception as error:  # noqa: BLE001 - transformers validates fields with many exception types
         raise ModelLoadError(f"{path}: not a usable LW-DETR config ({_one_line(error)})") from None
     _check_counts(config, path)
+    return config, directory
+
+
+def _current_attention_name(name: str) -> str:
+    for current, legacy in _REFERENCE_ALIASES.items():
+        if legacy in name:
+            return name.replace(legacy, current)
+    return name
+
+
+def checkpoint_class_name(model_class: type) -> str:
+    """The public class name a folder's `architectures` records for `model_class` (or its subclass)."""
+    return next(cls.__name__ for cls in model_class.__mro__ if cls.__name__ in _PREFIXES)
+
+
+def load_config_for(model_class: type, name_or_path: str | os.PathLike) -> tuple[LwDetrConfig | LwDetrViTConfig, Path]:
+    """`load_config` for any public model class: a ViT backbone reads a backbone folder's config or the
+    `backbone_config` of a detector's; the others need a detector's (`lw_detr`) config.
+
+    Raises:
+        ModelNotFoundError, ModelLoadError: as `load_config`.
+    """
+    if checkpoint_class_name(model_class) != "LwDetrViTBackbone":
+        return load_config(name_or_path)
+    directory = resolve_model_dir(name_or_path)
+    path = directory / "config.json"
+    fields = _read_json_object(path)
+    if fields.get("model_type") != "lw_detr_vit":
+        config, _ = load_config(directory)
+        return config.backbone_config, directory
+    try:
+        config = LwDetrViTConfig.from_dict(fields)
+    except Exception as error:  # noqa: BLE001 - transformers validates fields with many exception types
+        raise ModelLoadError(f"{path}: not a usable LW-DETR ViT config ({_one_line(error)})") from None
+    _check_limits(config, _MAX_BACKBONE_COUNTS, path)
     return config, directory
 
 
@@ -216,11 +294,15 @@ def _read_json_object(path: Path) -> dict:
 
 
 def _check_counts(config: LwDetrConfig, path: Path) -> None:
-    for owner, limits in ((config, _MAX_COUNTS), (config.backbone_config, _MAX_BACKBONE_COUNTS)):
-        for name, limit in limits.items():
-            value = getattr(owner, name, None)
-            if isinstance(value, int) and not 0 <= value <= limit:
-                raise ModelLoadError(f"{path}: {name} = {value} is outside 0..{limit}")
+    _check_limits(config, _MAX_COUNTS, path)
+    _check_limits(config.backbone_config, _MAX_BACKBONE_COUNTS, path)
+
+
+def _check_limits(owner: object, limits: dict[str, int], path: Path) -> None:
+    for name, limit in limits.items():
+        value = getattr(owner, name, None)
+        if isinstance(value, int) and not 0 <= value <= limit:
+            raise ModelLoadError(f"{path}: {name} = {value} is outside 0..{limit}")
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -265,16 +347,12 @@ def load_pretrained(
         ModelNotFoundError: no such folder or hub id.
         ModelLoadError: a file of the folder is missing or unusable, or the weights do not fit the config.
     """
-    config, directory = load_config(name_or_path)
+    config, directory = load_config_for(model_class, name_or_path)
     for key, value in overrides.items():
         setattr(config, key, value)
     weights = directory / "model.safetensors"
     own = _skeleton(model_class, config, directory, _check_file(weights, "the weights")).state_dict()
-    state = _read_weights(weights)
-    try:
-        state = from_reference_state_dict(state)
-    except ValueError as error:
-        raise ModelLoadError(f"{weights}: {_one_line(error)}") from None
+    state, absent = _state_for(model_class, _read_weights(weights), weights)
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if ignore_mismatched_sizes:
         state = {k: v for k, v in state.items() if k not in mismatched}
@@ -287,10 +365,134 @@ def load_pretrained(
     model = model_class(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    mismatched_ok = ignore_mismatched_sizes and all(k in own for k in missing)
-    if unexpected or (missing and not mismatched_ok):
+    fresh = [k for k in missing if k in mismatched or k.startswith(absent)]
+    missing = [k for k in missing if k not in fresh]
+    if unexpected or missing:
         raise ModelLoadError(
             f"{weights}: does not fit the LW-DETR architecture of its config.json: "
             f"missing {missing[:3]} ({len(missing)} in all), unexpected {unexpected[:3]} ({len(unexpected)} in all)"
         )
+    if absent:
+        heads = ", ".join(part.rstrip(".") for part in absent)
+        warnings.warn(
+            f"{directory.name}: holds a base LwDetrModel; the {heads} heads are newly initialised (train them first)",
+            stacklevel=3,
+        )
     return model
+
+
+def _state_for(model_class: type, reference: dict[str, torch.Tensor], weights: Path):
+    """A folder's (reference-layout) tensors -> `model_class`'s state dict, and the name prefixes of the parts the
+    folder cannot hold (a detector's heads when it holds a base model; the reference also initialises them afresh).
+
+    Tensors of a larger model are dropped (a base model or backbone from a detector's folder)."""
+    source = _folder_prefix(list(reference))
+    target = checkpoint_prefix(model_class)
+    absent = _ABSENT_PARTS.get((source, target), ())
+    if not target.startswith(source) and not absent:
+        held = {"model.": "a base LwDetrModel", "model.backbone.backbone.": "a ViT backbone"}[source]
+        raise ModelLoadError(f"{weights}: holds only {held}, not a whole {model_class.__name__}")
+    try:
+        full = from_reference_state_dict({source + k: v for k, v in reference.items()})
+    except ValueError as error:
+        raise ModelLoadError(f"{weights}: {_one_line(error)}") from None
+    state = {k[len(target) :]: v for k, v in full.items() if k.startswith(target)}
+    return state, absent
+
+
+# What a detector loaded from a base model's folder lacks.
+_ABSENT_PARTS = {("model.", ""): ("class_embed.", "bbox_embed.")}
+
+
+class PretrainedMixin:
+    """`from_pretrained` / `save_pretrained` and the `device` / `dtype` properties of every public model class.
+
+    A class using it has a `config` attribute and is one of (or derives from) the classes in `_PREFIXES`.
+    """
+
+    config: LwDetrConfig | LwDetrViTConfig
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device_map: int | str | torch.device | dict | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Load an HF-format folder (config.json + model.safetensors) or a hub id, in eval mode.
+
+        Any LW-DETR folder fits a class it contains (a base model or backbone from a detector's folder); a detector
+        from a base model's folder gets fresh heads, with a warning. `dtype` (or its older name `torch_dtype`;
+        "auto" keeps the config's `dtype`, else float32) and `device_map` (one device: an index, "cpu", "cuda:1",
+        "auto", or a dict mapping every module to the same device) are honoured as in transformers; a map over
+        several devices is refused. Other kwargs go to `load_pretrained` (config overrides,
+        `ignore_mismatched_sizes`).
+        """
+        if dtype is not None and torch_dtype is not None:
+            raise ValueError("pass dtype or torch_dtype (its older name), not both")
+        device = placement_device(device_map)
+        model = load_pretrained(cls, name_or_path, **kwargs)
+        wanted = model_dtype(dtype if dtype is not None else torch_dtype, model.config)
+        return model.to(device=device, dtype=wanted).eval()
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config.json and model.safetensors with the reference's parameter names."""
+        save_pretrained(self, self.config, directory)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+def model_dtype(dtype: torch.dtype | str | None, config: Any) -> torch.dtype | None:
+    """`from_pretrained`'s dtype argument as a torch dtype: None keeps float32, "auto" the config's `dtype`."""
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype {dtype!r} is not a floating-point torch dtype; use e.g. 'float32' or 'bfloat16'")
+    return resolved
+
+
+def placement_device(device_map: int | str | torch.device | dict | None) -> torch.device | None:
+    """The one device `device_map` names (None: leave the model on the CPU).
+
+    "auto" is the first GPU when there is one, else the CPU: LW-DETR models fit one device, so nothing is split.
+
+    Raises:
+        ValueError: a map over several devices (or onto disk), an unknown device, or a device this machine lacks.
+    """
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        devices = {str(v) for v in device_map.values()}
+        if len(devices) != 1:
+            raise ValueError(
+                f"device_map spreads the model over {sorted(devices)}; lwdetr loads a model onto one device "
+                "(pass e.g. device_map='cuda:0')"
+            )
+        device_map = next(iter(device_map.values()))
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, int) and not isinstance(device_map, bool):
+        device_map = f"cuda:{device_map}"  # an index names an accelerator, as in transformers
+    if device_map in ("balanced", "balanced_low_0", "sequential", "disk", "meta"):
+        raise ValueError(f"device_map={device_map!r} is not supported: lwdetr loads a model onto one device")
+    try:
+        device = torch.device(device_map)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device_map={device_map!r} is not a device ({_one_line(error)})") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device_map={device_map!r}: no such CUDA device on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device_map={device_map!r}: MPS is not available on this machine")
+    return device

@@ -26,6 +26,7 @@ from PIL import Image
 from .cpu_features import reduced_precision_fallback
 from .images import ImageLoadError, ImageSource, load_image, source_name
 from .processing import LwDetrImageProcessor, output_size
+from .remote import DEFAULT_TIMEOUT, fetch_url, is_url
 
 __all__ = ["Detection", "Detector", "Prediction", "resolve_device"]
 
@@ -47,6 +48,16 @@ class Detection:
         """The box as COCO's (x, y, width, height)."""
         x0, y0, x1, y1 = self.box
         return (x0, y0, x1 - x0, y1 - y0)
+
+    def as_pipeline_dict(self) -> dict[str, Any]:
+        """The shape `transformers.pipeline("object-detection")` returns: score, label and an integer box
+        (truncated, as the pipeline does) with xmin, ymin, xmax, ymax."""
+        xmin, ymin, xmax, ymax = (int(value) for value in self.box)
+        return {
+            "score": self.score,
+            "label": self.label,
+            "box": {"xmin": xmin, "ymin": ymin, "xmax": xmax, "ymax": ymax},
+        }
 
 
 @dataclass
@@ -132,7 +143,10 @@ class Detector:
         processor: the `LwDetrImageProcessor` matching the model.
         id2label: class id -> name.
         device: where the model runs.
+        url_timeout: seconds allowed per connection and read when an input is an http(s) URL.
     """
+
+    url_timeout: float = DEFAULT_TIMEOUT
 
     def __init__(
         self,
@@ -189,25 +203,34 @@ class Detector:
         max_detections: int = 100,
         batch_size: int = 8,
         on_error: Literal["raise", "none"] = "raise",
-    ) -> list[Detection] | list[list[Detection] | None]:
+        output: Literal["detections", "pipeline"] = "detections",
+    ) -> list[Detection] | list[list[Detection] | None] | list[dict] | list[list[dict] | None]:
         """Detect objects in one image (returns `list[Detection]`) or a list of images (one list per image).
 
         Args:
-            images: anything `load_image` accepts, or a list/tuple of such.
+            images: anything `load_image` accepts or an http(s) URL (downloaded with `url_timeout` seconds per
+                read and the image byte cap), or a list/tuple of such.
             threshold: keep detections scoring strictly above it.
             max_detections: at most this many detections per image (the top-k before thresholding).
             batch_size: images per forward pass.
             on_error: for a list, `"raise"` raises the first `ImageLoadError`; `"none"` puts `None` in its place.
                 A single image always raises.
+            output: `"pipeline"` gives the dicts of `transformers.pipeline("object-detection")` (see
+                `Detection.as_pipeline_dict`) in place of `Detection`s, so code written for the pipeline works as is.
         """
         if on_error not in ("raise", "none"):
             raise ValueError(f"on_error must be 'raise' or 'none'; got {on_error!r}")
+        if output not in ("detections", "pipeline"):
+            raise ValueError(f"output must be 'detections' or 'pipeline'; got {output!r}")
         single = not isinstance(images, (list, tuple))
         results: list[list[Detection] | None] = []
         for prediction in self.predict_many([images] if single else images, threshold, max_detections, batch_size):
             if prediction.error is not None and (single or on_error == "raise"):
                 raise prediction.error
-            results.append(prediction.detections)
+            detections = prediction.detections
+            if output == "pipeline" and detections is not None:
+                detections = [d.as_pipeline_dict() for d in detections]
+            results.append(detections)
         return results[0] if single else results
 
     __call__ = predict
@@ -236,7 +259,9 @@ class Detector:
 
     def _load(self, index: int, source: ImageSource) -> Prediction:
         try:
-            image = load_image(source, max_pixels=self.processor.max_pixels)
+            image = (
+                self._load_url(source) if is_url(source) else load_image(source, max_pixels=self.processor.max_pixels)
+            )
             height, width = (image.height, image.width)
             if self.processor.do_resize:
                 height, width = output_size(height, width, self.processor.size)
@@ -250,6 +275,14 @@ class Detector:
             return Prediction(index, source, error=error)
         except Exception as error:  # noqa: BLE001 - whatever goes wrong with one input is that input's error
             return Prediction(index, source, error=_item_error(source, "cannot load", error))
+
+    def _load_url(self, url: str) -> Image.Image:
+        """Download and decode an http(s) image; errors name the URL (see `lwdetr.remote`)."""
+        data = fetch_url(url, timeout=self.url_timeout)
+        try:
+            return load_image(data, max_pixels=self.processor.max_pixels)
+        except ImageLoadError as error:
+            raise ImageLoadError(str(error).replace(source_name(data), source_name(url), 1)) from None
 
     def _run(self, batch: list[Prediction], threshold: float, max_detections: int) -> list[Prediction]:
         """Fill in the detections of the loaded items of `batch` with one forward pass.

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,11 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import host_sync
-from .checkpoint import load_pretrained, save_pretrained
+from .checkpoint import PretrainedMixin
 from .config import LwDetrConfig
 from .decoder import Decoder
 from .deformable import MultiScaleDeformableAttention
 from .layers import MLP, refine_boxes
+from .outputs import ModelOutput, finish_output, forward_options
 from .projector import MultiScaleProjector
 from .query_selection import EncoderHeads, token_proposals
 from .vit import LwDetrViTBackbone, ViTBlock, ViTEmbeddings
@@ -24,26 +24,15 @@ from .vit import LwDetrViTBackbone, ViTBlock, ViTEmbeddings
 __all__ = ["LwDetrModel", "LwDetrForObjectDetection", "LwDetrModelOutput", "LwDetrObjectDetectionOutput"]
 
 
-class _Output:
-    """Dataclass outputs that also read like dicts (`out["logits"]`), as transformers' outputs do."""
-
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
-
-    def keys(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.keys()
-
-
 @dataclass
-class LwDetrModelOutput(_Output):
-    """Shapes: Q = num_queries (x group_detr in training), L = decoder layers.
+class LwDetrModelOutput(ModelOutput):
+    """Shapes: Q = num_queries (x group_detr in training), L = decoder layers. Fields in the reference's order.
 
     init_reference_points [B, Q, 4]; last_hidden_state [B, Q, D]; intermediate_hidden_states [L, B, Q, D];
     intermediate_reference_points [1, B, Q, 4] (LW-DETR keeps one set of reference boxes for all layers);
-    enc_outputs_class [B, Q, D] (the selected encoder tokens); enc_outputs_coord_logits [B, Q, 4].
+    enc_outputs_class [B, Q, D] (the selected encoder tokens); enc_outputs_coord_logits [B, Q, 4]; with
+    `output_hidden_states`, hidden_states: L + 1 tensors [B, Q, D], the decoder's input queries, each layer's output
+    and, last, `last_hidden_state` (the final layer norm applied) as the reference returns them.
     """
 
     init_reference_points: torch.Tensor | None = None
@@ -52,11 +41,12 @@ class LwDetrModelOutput(_Output):
     intermediate_reference_points: torch.Tensor | None = None
     enc_outputs_class: torch.Tensor | None = None
     enc_outputs_coord_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
     enc_outputs_logits: torch.Tensor | None = None  # ours: the class logits of the selected tokens [B, Q, C]
 
 
 @dataclass
-class LwDetrObjectDetectionOutput(_Output):
+class LwDetrObjectDetectionOutput(ModelOutput):
     """As `LwDetrModelOutput`, plus logits [B, Q, C], pred_boxes [B, Q, 4] (cxcywh in [0, 1]), enc_outputs_class
     [B, Q, C] and, with labels, the loss, its named parts and the per-layer auxiliary predictions."""
 
@@ -71,6 +61,7 @@ class LwDetrObjectDetectionOutput(_Output):
     intermediate_reference_points: torch.Tensor | None = None
     enc_outputs_class: torch.Tensor | None = None
     enc_outputs_coord_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class BackboneWithProjector(nn.Module):
@@ -87,7 +78,7 @@ class BackboneWithProjector(nn.Module):
         """pixel_mask None: nothing is padded (every map's mask is all True)."""
         # the encoder may run in a lower precision than the rest (see `LwDetrForObjectDetection.to_mixed_precision`)
         pixel_values = pixel_values.to(self.backbone.embeddings.projection.weight.dtype)
-        maps = self.projector(self.backbone(pixel_values).feature_maps)
+        maps = self.projector(self.backbone(pixel_values, return_dict=True).feature_maps)
         if pixel_mask is None:
             return [(m, m.new_ones((m.shape[0], *m.shape[-2:]), dtype=torch.bool)) for m in maps]
         mask = pixel_mask[:, None].float()
@@ -102,8 +93,10 @@ def _valid_ratio(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.stack((cols, rows), -1)
 
 
-class LwDetrModel(nn.Module):
+class LwDetrModel(PretrainedMixin, nn.Module):
     """Backbone, projector, query selection and decoder; no final heads."""
+
+    main_input_name = "pixel_values"
 
     def __init__(self, config: LwDetrConfig):
         super().__init__()
@@ -120,7 +113,20 @@ class LwDetrModel(nn.Module):
         """Group DETR groups in use: all in training, only the first at inference."""
         return self.config.group_detr if self.training else 1
 
-    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> LwDetrModelOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> LwDetrModelOutput | tuple:
+        """pixel_values: [B, 3, H, W] normalised; pixel_mask: [B, H, W] 1 on real pixels. The options are
+        transformers' (see `outputs.forward_options`); `return_dict=False` gives the output's non-None fields."""
+        hidden_wanted, as_dict = forward_options(
+            type(self).__name__, self.config, output_hidden_states, output_attentions, return_dict, kwargs
+        )
         self.backbone.backbone.check_input(pixel_values)
         batch, _, height, width = pixel_values.shape
         # with nothing padded all masking is a no-op: an all-ones mask is treated as none, so no full-resolution mask
@@ -159,20 +165,45 @@ class LwDetrModel(nn.Module):
         reference_boxes = refine_boxes(enc_boxes.detach(), self.reference_point_embed.weight[:used][None])
         queries = self.query_feat.weight[:used][None].expand(batch, -1, -1)
         value_mask = memory_mask if padded else None
-        hidden = self.decoder(queries, reference_boxes, valid_ratios, memory, value_mask, spatial_shapes, groups)
-        return LwDetrModelOutput(
+        decoder_inputs = (queries, reference_boxes, valid_ratios, memory, value_mask, spatial_shapes, groups)
+        hidden, hidden_states = self._decode(decoder_inputs, hidden_wanted)
+        output = LwDetrModelOutput(
             init_reference_points=reference_boxes,
             last_hidden_state=hidden[-1],
             intermediate_hidden_states=hidden,
             intermediate_reference_points=reference_boxes[None],
             enc_outputs_class=enc_queries,
             enc_outputs_coord_logits=enc_boxes,
+            hidden_states=hidden_states,
             enc_outputs_logits=torch.cat([s[1] for s in selected], 1),
         )
+        return finish_output(output, as_dict)
+
+    def _decode(self, inputs: tuple, hidden_wanted: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The decoder's [L, B, Q, D] output and, if wanted, the hidden states in the reference's layout: the input
+        queries, each layer's output before the shared final norm, and the last one after it."""
+        if not hidden_wanted:
+            return self.decoder(*inputs), None
+        layer_outputs: list[torch.Tensor] = []
+        # hooks rather than a second code path in the decoder: the layers' outputs are only read
+        hooks = [
+            layer.register_forward_hook(lambda _, __, out: layer_outputs.append(out)) for layer in self.decoder.layers
+        ]
+        try:
+            hidden = self.decoder(*inputs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return hidden, (inputs[0], *layer_outputs[:-1], hidden[-1])
 
 
-class LwDetrForObjectDetection(nn.Module):
+class LwDetrForObjectDetection(PretrainedMixin, nn.Module):
     """LW-DETR with class and box heads, the Group DETR training loss, and HF-format load/save."""
+
+    # tells `transformers.Trainer` that the loss is already normalised (by the number of target boxes), so it does
+    # not pass `num_items_in_batch` and scales the loss for gradient accumulation itself
+    accepts_loss_kwargs = False
+    main_input_name = "pixel_values"
 
     def __init__(self, config: LwDetrConfig):
         super().__init__()
@@ -181,19 +212,6 @@ class LwDetrForObjectDetection(nn.Module):
         self.class_embed = nn.Linear(config.d_model, config.num_labels)
         self.bbox_embed = MLP(config.d_model, config.d_model, 4, num_layers=3)
         self.init_weights()
-
-    @classmethod
-    def from_pretrained(
-        cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, **kwargs: Any
-    ) -> LwDetrForObjectDetection:
-        """Load an HF-format folder (config.json + model.safetensors) or a hub id, in eval mode.
-
-        kwargs go to `checkpoint.load_pretrained` (config overrides, `ignore_mismatched_sizes`).
-        """
-        model = load_pretrained(cls, name_or_path, **kwargs)
-        if dtype is not None:
-            model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-        return model.eval()
 
     def to_mixed_precision(self, dtype: torch.dtype | str = torch.bfloat16) -> LwDetrForObjectDetection:
         """Put the ViT encoder and projector (nearly all the FLOPs) in `dtype` and everything after them in fp32.
@@ -206,18 +224,6 @@ class LwDetrForObjectDetection(nn.Module):
         self.float()
         self.model.backbone.to(dtype)
         return self
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config.json and model.safetensors with the reference's parameter names."""
-        save_pretrained(self, self.config, directory)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -268,12 +274,20 @@ class LwDetrForObjectDetection(nn.Module):
         pixel_values: torch.Tensor,
         pixel_mask: torch.Tensor | None = None,
         labels: list[dict[str, torch.Tensor]] | None = None,
-    ) -> LwDetrObjectDetectionOutput:
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> LwDetrObjectDetectionOutput | tuple:
         """pixel_values: [B, 3, H, W] normalised; pixel_mask: [B, H, W] 1 on real pixels; labels: per image
-        {"class_labels": int64 [n], "boxes": float [n, 4] cxcywh in [0, 1]}."""
+        {"class_labels": int64 [n], "boxes": float [n, 4] cxcywh in [0, 1]}. The options are transformers' (see
+        `outputs.forward_options`); `return_dict=False` gives the output's non-None fields, the loss first."""
+        hidden_wanted, as_dict = forward_options(
+            type(self).__name__, self.config, output_hidden_states, output_attentions, return_dict, kwargs
+        )
         if labels is not None and len(labels) != pixel_values.shape[0]:
             raise ValueError(f"got {len(labels)} label dicts for a batch of {pixel_values.shape[0]} images")
-        out = self.model(pixel_values, pixel_mask)
+        out = self.model(pixel_values, pixel_mask, output_hidden_states=hidden_wanted, return_dict=True)
         enc_logits = out.enc_outputs_logits
         anchors = out.init_reference_points
         with_auxiliary = labels is not None and self.config.auxiliary_loss
@@ -289,7 +303,7 @@ class LwDetrForObjectDetection(nn.Module):
             auxiliary = [{"logits": c, "pred_boxes": b} for c, b in zip(aux_logits, aux_boxes)]
         if labels is not None:
             loss, loss_dict = self._loss(out, logits, pred_boxes, enc_logits, labels, aux_logits, aux_boxes)
-        return LwDetrObjectDetectionOutput(
+        output = LwDetrObjectDetectionOutput(
             loss=loss,
             loss_dict=loss_dict,
             logits=logits,
@@ -301,7 +315,9 @@ class LwDetrForObjectDetection(nn.Module):
             intermediate_reference_points=out.intermediate_reference_points,
             enc_outputs_class=enc_logits,
             enc_outputs_coord_logits=out.enc_outputs_coord_logits,
+            hidden_states=out.hidden_states,
         )
+        return finish_output(output, as_dict)
 
     def _loss(self, out: LwDetrModelOutput, logits, pred_boxes, enc_logits, labels, aux_logits, aux_boxes):
         from .loss import detection_loss

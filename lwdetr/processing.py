@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .annotations import coco_detection_label, rescale_label_to_canvas
 from .box_ops import at_least_float32, box_cxcywh_to_xyxy
 from .images import DEFAULT_MAX_PIXELS, ImageSource, load_image
 
@@ -232,22 +233,88 @@ class LwDetrImageProcessor:
             return cls(**overrides)
         return cls.from_dict(json.loads(config_path.read_text(encoding="utf-8")), **overrides)
 
+    def to_json_string(self) -> str:
+        """`to_dict()` as the JSON text `save_pretrained` writes."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
     # ------------------------------------------------------------------ pre-processing
     def __call__(
-        self, images: ImageSource | Sequence[ImageSource], return_tensors: str | None = "pt"
+        self,
+        images: ImageSource | Sequence[ImageSource],
+        annotations: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+        return_tensors: str | None = "pt",
     ) -> ProcessorOutput:
         """Pre-process one image or a list of images (anything `load_image` accepts).
 
+        `annotations` (one COCO detection annotation per image, see `lwdetr.annotations`) adds `labels`: per image a
+        dict with class_labels, boxes (cxcywh normalised by the padded input size), area, iscrowd, size, orig_size
+        and image_id, as the reference returns them for training.
+
         Returns:
             `ProcessorOutput` with `pixel_values` float32 `[B, 3, H, W]` and `pixel_mask` int64 `[B, H, W]`, where
-            `H, W` are the largest resized height and width in the batch (or `pad_size`).
+            `H, W` are the largest resized height and width in the batch (or `pad_size`): torch tensors for
+            `return_tensors="pt"`, numpy arrays for "np", lists of per-image numpy arrays for None (as the reference).
         """
-        if return_tensors not in ("pt", None):
-            raise ValueError(f"return_tensors must be 'pt' (or None, the same); got {return_tensors!r}")
+        _check_return_tensors(return_tensors)
         batch = list(images) if isinstance(images, (list, tuple)) else [images]
-        return self.process_loaded([load_image(image, max_pixels=self.max_pixels) for image in batch])
+        if annotations is not None:
+            annotations = [annotations] if isinstance(annotations, Mapping) else list(annotations)
+            if len(annotations) != len(batch):
+                raise ValueError(f"got {len(annotations)} annotations for {len(batch)} images")
+        output = self.process_loaded([load_image(image, max_pixels=self.max_pixels) for image in batch])
+        if annotations is not None:
+            output["labels"] = self._labels(annotations, output)
+        return _converted(output, return_tensors)
 
     preprocess = __call__
+
+    def _labels(self, annotations: Sequence[Mapping[str, Any]], output: ProcessorOutput) -> list[dict]:
+        normalise = bool(self.extra.get("do_convert_annotations", True))
+        canvas = tuple(output["pixel_values"].shape[-2:])
+        labels = []
+        for index, (annotation, (height, width)) in enumerate(zip(annotations, output.original_sizes)):
+            resized = output_size(height, width, self.size) if self.do_resize else (height, width)
+            label = coco_detection_label(annotation, (height, width), resized, normalise, f"annotations[{index}]")
+            labels.append(rescale_label_to_canvas(label, canvas, normalise) if self.do_pad else label)
+        return labels
+
+    def pad(
+        self,
+        images: Sequence[np.ndarray | torch.Tensor],
+        annotations: Sequence[Mapping[str, Any]] | None = None,
+        return_pixel_mask: bool = True,
+        return_tensors: str | None = "pt",
+    ) -> ProcessorOutput:
+        """Pad already processed `[3, h, w]` images bottom/right with zeros to the batch's largest (or `pad_size`).
+
+        `annotations` are labels as `__call__` returns them (before padding); their normalised boxes are rescaled
+        to the padded size. Returns pixel_values `[B, 3, H, W]`, pixel_mask `[B, H, W]` (1 on image pixels) and,
+        with annotations, labels.
+        """
+        _check_return_tensors(return_tensors)
+        arrays = [np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image) for image in images]
+        if not arrays or any(a.ndim != 3 for a in arrays):
+            raise ValueError("pad expects a non-empty list of [channels, height, width] images")
+        heights, widths = [a.shape[1] for a in arrays], [a.shape[2] for a in arrays]
+        height, width = (max(heights), max(widths)) if self.pad_size is None else tuple(self.pad_size.values())
+        if max(heights) > height or max(widths) > width:
+            raise ValueError(f"pad_size {self.pad_size} is smaller than an image")
+        values = np.zeros((len(arrays), arrays[0].shape[0], height, width), dtype=np.float32)
+        mask = np.zeros((len(arrays), height, width), dtype=np.int64)
+        for index, array in enumerate(arrays):
+            values[index, :, : array.shape[1], : array.shape[2]] = array
+            mask[index, : array.shape[1], : array.shape[2]] = 1
+        output = ProcessorOutput(pixel_values=torch.from_numpy(values))
+        if return_pixel_mask:
+            output["pixel_mask"] = torch.from_numpy(mask)
+        if annotations is not None:
+            normalise = bool(self.extra.get("do_convert_annotations", True))
+            output["labels"] = [
+                rescale_label_to_canvas({k: _as_numpy(v) for k, v in a.items()}, (height, width), normalise)
+                for a in annotations
+            ]
+        output.original_sizes = list(zip(heights, widths))
+        return _converted(output, return_tensors)
 
     def process_loaded(self, images: Sequence[Image.Image]) -> ProcessorOutput:
         """`__call__` for images already loaded as RGB by `load_image` (skips loading them again)."""
@@ -369,6 +436,31 @@ def _per_channel(value: float | Sequence[float], name: str) -> tuple[float, floa
     if len(values) != 3:
         raise ValueError(f"{name} needs 1 or 3 values (RGB); got {len(values)}")
     return tuple(values)
+
+
+def _check_return_tensors(return_tensors: str | None) -> None:
+    if return_tensors not in ("pt", "np", None):
+        raise ValueError(f"return_tensors must be 'pt', 'np' or None; got {return_tensors!r}")
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def _converted(output: ProcessorOutput, return_tensors: str | None) -> ProcessorOutput:
+    """`output` (torch pixels, numpy labels) with every array as `return_tensors` asks: torch tensors ("pt"),
+    numpy arrays ("np"), or per-image lists of numpy arrays for the batched pixels and mask (None)."""
+    convert = torch.as_tensor if return_tensors == "pt" else _as_numpy
+    result = ProcessorOutput()
+    for key, value in output.items():
+        if key == "labels":
+            result[key] = [{k: convert(v) for k, v in label.items()} for label in value]
+        elif return_tensors is None:
+            result[key] = list(_as_numpy(value))
+        else:
+            result[key] = convert(value)
+    result.original_sizes = output.original_sizes
+    return result
 
 
 def _outputs_fields(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,25 +9,32 @@ has no positional bias, so the unusual token order does not change its result.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import PretrainedMixin
 from .config import LwDetrViTConfig
 from .cpu_kernels import attention_kernel
 from .feedforward import buffer_reusing_mlp, buffer_reusing_mlp_applies
 from .layers import activation_layer, derived_weights, onednn_usable, outside_tracing_on_cpu, pack_linear_weight
+from .outputs import ModelOutput, finish_output, forward_options
 
 __all__ = ["LwDetrViTBackbone", "ViTOutput"]
 
 
 class ViTAttention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection; the key has no bias (as in CAE/BEiT)."""
+    """Multi-head self-attention with one fused qkv projection; the key has no bias (as in CAE/BEiT).
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+    `dropout` applies to the attention weights in training, as the reference's `dropout_prob` does."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, dropout: float = 0.0):
         super().__init__()
         self.num_heads = num_heads
+        self.dropout = dropout
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
         self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
@@ -44,10 +51,13 @@ class ViTAttention(nn.Module):
         batch, tokens, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         head_dim = dim // self.num_heads
         needs_grad = torch.is_grad_enabled() and qkv.requires_grad
-        if outside_tracing_on_cpu(qkv) and (kernel := attention_kernel(head_dim, qkv.dtype, needs_grad=needs_grad)):
+        dropout = self.dropout if self.training else 0.0
+        usable = dropout == 0.0 and outside_tracing_on_cpu(qkv)  # our kernel has no dropout
+        if usable and (kernel := attention_kernel(head_dim, qkv.dtype, needs_grad=needs_grad)):
             return kernel(qkv, self.num_heads)
         q, k, v = qkv.view(batch, tokens, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        return out.transpose(1, 2).reshape(batch, tokens, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch, tokens, dim] -> [batch, tokens, dim]."""
@@ -55,13 +65,19 @@ class ViTAttention(nn.Module):
 
 
 class ViTMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, activation: str):
+    """fc1 -> activation -> fc2, with dropout after the activation and after fc2 in training (as the reference)."""
+
+    def __init__(self, dim: int, hidden: int, activation: str, dropout: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = activation_layer(activation)
         self.fc2 = nn.Linear(hidden, dim)
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout > 0:
+            hidden = F.dropout(self.act(self.fc1(x)), self.dropout, training=True)
+            return F.dropout(self.fc2(hidden), self.dropout, training=True)
         if buffer_reusing_mlp_applies(x, self.fc1, self.act):
             return buffer_reusing_mlp(x.reshape(-1, x.shape[-1]), self.fc1, self.act, self.fc2).view(x.shape)
         return self.fc2(self.act(self.fc1(x)))
@@ -76,10 +92,11 @@ class ViTBlock(nn.Module):
         self.windowed = windowed
         self.num_windows = config.num_windows
         self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.attn = ViTAttention(dim, config.num_attention_heads, config.qkv_bias)
+        self.attn = ViTAttention(dim, config.num_attention_heads, config.qkv_bias, config.dropout_prob)
         self.gamma_1 = nn.Parameter(torch.full((dim,), config.cae_init_values))
         self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.mlp = ViTMlp(dim, int(dim * config.mlp_ratio), config.hidden_act)
+        self.mlp = ViTMlp(dim, int(dim * config.mlp_ratio), config.hidden_act, config.dropout_prob)
+        self.dropout = config.dropout_prob
         self.gamma_2 = nn.Parameter(torch.full((dim,), config.cae_init_values))
 
     def attention_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +108,8 @@ class ViTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch * windows, tokens_per_window, dim] in window-major order."""
-        if onednn_usable(x, self.attn.qkv.weight):
+        # the fused path has no dropout: a training-mode model with dropout takes the plain one even without autograd
+        if onednn_usable(x, self.attn.qkv.weight) and not (self.training and self.dropout > 0):
             return self.fused_forward(x)
         x = x + self.attn(self.attention_input(x)).reshape(x.shape) * self.gamma_1
         return x + self.mlp(self.norm2(x)) * self.gamma_2
@@ -210,21 +228,23 @@ class ViTEncoder(nn.Module):
         self.layer = nn.ModuleList(ViTBlock(config, i in windowed) for i in range(config.num_hidden_layers))
 
 
-class ViTOutput:
-    """What the backbone returns: `feature_maps`, a tuple of [batch, dim, H/patch, W/patch] tensors."""
+@dataclass
+class ViTOutput(ModelOutput):
+    """What the backbone returns, as the reference's `BackboneOutput`: `feature_maps`, a tuple of
+    [batch, dim, H/patch, W/patch] tensors; with `output_hidden_states`, `hidden_states`: the patch embedding and
+    every block's output in the window-major layout, num_hidden_layers + 1 tensors [batch * windows, tokens, dim]."""
 
-    def __init__(self, feature_maps: tuple[torch.Tensor, ...]):
-        self.feature_maps = feature_maps
-
-    def __getitem__(self, index: int):
-        return (self.feature_maps,)[index]
+    feature_maps: tuple[torch.Tensor, ...] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
-class LwDetrViTBackbone(nn.Module):
+class LwDetrViTBackbone(PretrainedMixin, nn.Module):
     """ViT encoder returning the feature maps after the blocks named by `config.out_indices`.
 
     Stage 0 is the patch embedding and stage i the output of block i, as in transformers' backbones.
     """
+
+    main_input_name = "pixel_values"
 
     def __init__(self, config: LwDetrViTConfig):
         super().__init__()
@@ -279,15 +299,30 @@ class LwDetrViTBackbone(nn.Module):
         tokens = tokens.reshape(-1, s, s, height // s, width // s, dim).permute(0, 1, 3, 2, 4, 5)
         return tokens.reshape(-1, height, width, dim).permute(0, 3, 1, 2)
 
-    def forward(self, pixel_values: torch.Tensor) -> ViTOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> ViTOutput | tuple:
+        """pixel_values: [batch, 3, H, W]. The options are transformers' (see `outputs.forward_options`)."""
+        hidden_wanted, as_dict = forward_options(
+            type(self).__name__, self.config, output_hidden_states, output_attentions, return_dict, kwargs
+        )
         self.check_input(pixel_values)
         tokens = self.embeddings(pixel_values)
         height, width = tokens.shape[1:3]
         hidden = self.to_windows(tokens)
         wanted = set(self.out_indices)
-        stages = {0: hidden} if 0 in wanted else {}
+        stages = {0: hidden} if 0 in wanted or hidden_wanted else {}
         for index, block in enumerate(self.encoder.layer, start=1):
             hidden = block(hidden)
-            if index in wanted:
+            if index in wanted or hidden_wanted:
                 stages[index] = hidden
-        return ViTOutput(tuple(self.from_windows(stages[i], height, width) for i in self.out_indices))
+        output = ViTOutput(
+            feature_maps=tuple(self.from_windows(stages[i], height, width) for i in self.out_indices),
+            hidden_states=tuple(stages[i] for i in range(len(self.encoder.layer) + 1)) if hidden_wanted else None,
+        )
+        return finish_output(output, as_dict)
