@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> None:
         run_history=False,
         show_error=False,  # only gr.Error messages (ours: one line, no server path) reach visitors
         max_file_size=settings.max_upload_bytes,
-        # Files the app hands out (weights zips, detection JSON, example images); datasets and caches are not.
-        allowed_paths=[str(settings.paths.runs), str(settings.paths.results), str(settings.examples_dir)],
+        # Files served by path: detection JSON (under random ids) and the example images. runs/ is not: a weights zip
+        # reaches its owner only as a copy in Gradio's cache (lwdetr_app.handlers.AppContext._handout).
+        allowed_paths=[str(settings.paths.results), str(settings.examples_dir)],
     )
 
 
