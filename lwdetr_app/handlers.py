@@ -40,7 +40,7 @@ from .datasets import ZipLimits, dataset_entry, inspect_dataset, prepare_synthet
 from .models import PUBLISHED_MODELS, ModelChoice, ModelRegistry, display_path, model_choices
 from .public_text import one_line, public_text
 from .runs import new_token, owned_runs, owner_key, valid_token
-from .settings import REPO_ROOT, AppSettings, parse_size
+from .settings import PERSISTENT_STORAGE, REPO_ROOT, AppSettings, parse_size
 from .storage import enforce_budget, touch
 from .training import (
     JOB,
@@ -122,6 +122,20 @@ class AppContext:
         for name in which:
             budget = parse_size(getattr(self.settings, f"{name}_budget"))
             enforce_budget(getattr(self.paths, name), budget, in_use)
+
+    def storage_note(self) -> str:
+        """Where runs are kept and for how long, in words a visitor can use (no server path)."""
+        root = self.paths.root
+        persistent = root.is_relative_to(PERSISTENT_STORAGE) and bool(os.environ.get("SPACE_ID"))
+        where = (
+            "on the Space's persistent storage: they survive restarts"
+            if persistent
+            else "on the app's own disk: on a Space without persistent storage they are lost when it restarts"
+        )
+        return (
+            f"Runs are kept {where}. When runs take more than {self.settings.runs_budget}, the oldest are deleted "
+            "(download the weights you want to keep)."
+        )
 
     # ------------------------------------------------------------------ shared helpers
     def model_choices(self, owner: str | None = None) -> list[tuple[str, str]]:

@@ -208,8 +208,11 @@ def _train_tab(ctx: AppContext) -> dict[str, Any]:
     with gr.Row():
         c["weights"] = gr.DownloadButton("Download weights", interactive=False, elem_id="download-weights")
         c["use"] = gr.Button("Use in Detect", interactive=False, elem_id="use-in-detect")
-    gr.Markdown("### Your runs\nOnly you see your runs, their logs and weights; other visitors see only that the "
-                "trainer is busy.")  # fmt: skip
+    gr.Markdown(
+        "### Your runs\nOnly you see your runs, their logs and weights; other visitors see only that the trainer is "
+        f"busy. {ctx.storage_note()}",
+        elem_id="runs-note",
+    )
     c["runs"] = gr.Dataframe(runs_frame([]), label="Your runs", interactive=False, elem_id="your-runs", max_height=240)
     with gr.Row():
         c["resume_pick"] = gr.Dropdown([], label="Run to resume", elem_id="resume-pick", scale=3)

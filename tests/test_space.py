@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +143,90 @@ def test_restarted_app_lists_earlier_runs_to_their_owner_and_resumes_them(tmp_pa
     assert again.job.wait(30)
     assert again.job.snapshot().state == "done"
     assert json.loads((first.paths.runs / name / "app_run.json").read_text())["state"] == "done"
+
+
+# --------------------------------------------------------------------------------------------- deployment
+
+
+def test_binaries_are_stored_with_git_lfs():
+    """A Space refuses plain binary files: the bundled model and the example images must go through LFS."""
+    paths = ["examples/demo_model/model.safetensors", "examples/images/a.jpg", "x/y.png", "w.onnx", "app.py"]
+    output = subprocess.run(
+        ["git", "check-attr", "filter", "--", *paths], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    filters = dict(line.rsplit(": filter: ", 1) for line in output.splitlines())
+    assert [filters[path] for path in paths] == ["lfs", "lfs", "lfs", "lfs", "unspecified"]
+
+
+def test_a_busy_port_gives_one_line_naming_the_port_option(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, str(REPO / "app.py"), "--port", str(port), "--data-dir", str(tmp_path / "data")],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"},
+        )  # fmt: skip
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--port" in lines[0] and str(port) in lines[0], result.stderr
+    assert "Traceback" not in result.stderr and "GRADIO_SERVER_PORT" not in result.stderr
+
+
+def test_reload_mode_finds_a_module_level_demo_and_loads_the_model_once(tmp_path, assets, monkeypatch):
+    """`gradio app.py` runs the file, then after each edit runs its source again in the same namespace and serves
+    that namespace's `demo`."""
+    import tempfile
+
+    import gradio as gr
+
+    import lwdetr.cpu_kernels
+    from lwdetr_app import models
+
+    for name in ("GRADIO_TEMP_DIR", "GRADIO_EXAMPLES_CACHE", "MPLCONFIGDIR", "TMPDIR"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))  # the app sets them: restored after the test
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+    monkeypatch.setenv("LWDETR_APP_DEMO_MODEL", str(assets[0]))
+    monkeypatch.setenv("LWDETR_APP_HUB_TIMEOUT", "1")
+    monkeypatch.setattr(lwdetr.cpu_kernels, "start_background_build", lambda: None)
+    launched, loads = [], []
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.append(self))
+    real_load = models.Detector.__dict__["from_pretrained"].__func__
+
+    def counted_load(cls, ref, **kwargs):
+        loads.append(str(ref))
+        return real_load(cls, ref, **kwargs)
+
+    monkeypatch.setattr(models.Detector, "from_pretrained", classmethod(counted_load))
+    monkeypatch.setattr(sys, "argv", ["app.py", "--data-dir", str(tmp_path / "data"), "--port", "0"])
+    code = compile((REPO / "app.py").read_text(), str(REPO / "app.py"), "exec")
+    namespace = {"__name__": "__main__", "__file__": str(REPO / "app.py")}
+    exec(code, namespace)  # python app.py
+    first = namespace["demo"]
+    exec(code, namespace)  # the reload after an edit
+    assert isinstance(first, gr.Blocks) and isinstance(namespace["demo"], gr.Blocks)
+    assert namespace["demo"] is not first and launched == [first, namespace["demo"]]
+    assert loads == [str(assets[0].resolve())]  # loaded by the first run only
+
+
+def test_data_folder_defaults_to_persistent_storage_on_a_space(tmp_path, monkeypatch):
+    from lwdetr_app.settings import AppSettings, default_data_dir
+
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert default_data_dir(tmp_path) == Path("app_data")  # not a Space
+    monkeypatch.setenv("SPACE_ID", "someone/lwdetr")
+    assert default_data_dir(tmp_path / "missing") == Path("app_data")  # a Space without persistent storage
+    assert default_data_dir(tmp_path) == tmp_path / "lwdetr_app"
+    monkeypatch.setenv("LWDETR_APP_DATA", str(tmp_path / "mine"))
+    assert AppSettings.from_env().data_dir == (tmp_path / "mine").resolve()  # the env still wins
+
+
+def test_the_ui_says_where_runs_are_kept(tmp_path, assets, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "data" / "gradio"))
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    note = make_ctx(tmp_path / "data", assets).storage_note()
+    assert "lost when it restarts" in note and "20gb" in note and str(tmp_path) not in note
+    monkeypatch.setattr("lwdetr_app.handlers.PERSISTENT_STORAGE", tmp_path)
+    monkeypatch.setenv("SPACE_ID", "someone/lwdetr")
+    assert "survive restarts" in make_ctx(tmp_path / "data", assets).storage_note()
