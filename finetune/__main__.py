@@ -8,10 +8,15 @@ Data problems print one line and exit with status 2; `--dry-run` prints the data
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import shlex
+import signal
 import sys
+import threading
 import typing
+from collections.abc import Iterator
+from pathlib import Path
 
 from finetune.train import TrainConfig
 
@@ -22,7 +27,7 @@ HELP = {
     "share of train (--val-fraction)",
     "model": "starting point: a preset name (nano, tiny, small, medium, large, xlarge; random init), a local "
     "HF-format folder or a hub id (heads re-initialised for your classes)",
-    "output": "run folder: best/, last/, state/, metrics.jsonl, plots, README.md",
+    "output": "run folder: best/, last/, state/, metrics.jsonl, events.jsonl, plots, README.md",
     "epochs": "number of epochs (with --resume: the total to reach)",
     "batch_size": "images per process and micro-batch",
     "image_size": "square training/eval size in pixels; a multiple of the model's size divisor (32 for nano, 64 for "
@@ -117,16 +122,39 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(argv)
         if config.data is None and not config.resume:
             raise ConfigError("--data is required (or --resume with --output of an earlier run)")
-        from finetune.callbacks import TqdmProgress
+        from finetune.callbacks import EventLog, TqdmProgress, fan_out
 
         _prepare_cpu_kernels(config)
-        result = train(config, callback=TqdmProgress())
+        progress = fan_out(TqdmProgress(), EventLog(Path(config.output) / "events.jsonl"))
+        with _stop_on_signals() as stop:
+            result = train(config, callback=progress, stop_event=stop)
     except (DataError, ConfigError, ModelNotFoundError) as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     if config.dry_run:
         print(result.report)
     return 0
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """SIGTERM (how the app, a scheduler or `accelerate launch` stops a job) and a first Ctrl-C stop the run at the
+    next optimizer step with last/ and state/ saved, so `--resume` continues it; a second Ctrl-C interrupts at once."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread
+        yield stop
+        return
+
+    def handle(signum, frame) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, previous[signal.SIGINT])
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _one_line(error: BaseException) -> str:

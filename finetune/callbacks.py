@@ -3,17 +3,21 @@
 `finetune.train.train` calls `callback(event)` on the main process only, after every optimizer step (`"step"`),
 after every evaluation (`"epoch"`), once at the start and once at the end (`"done"`, or `"stopped"` when a
 `stop_event` ended the run early). A program (the Gradio app) passes its own callable; the CLI passes
-`TqdmProgress()`. A callback should return quickly: it runs inside the training loop.
+`TqdmProgress()` and an `EventLog` (the run folder's events.jsonl, which the app's job monitor reads). A callback
+should return quickly: it runs inside the training loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
-__all__ = ["Callback", "EtaClock", "EventKind", "TqdmProgress", "TrainEvent"]
+__all__ = ["Callback", "EtaClock", "EventKind", "EventLog", "TqdmProgress", "TrainEvent", "fan_out"]
 
 EventKind = Literal["start", "step", "epoch", "done", "stopped"]
 
@@ -99,3 +103,36 @@ class TqdmProgress:
             self.bar.update(event.step - self.bar.n)
             self.bar.close()
             print(event.message)
+
+
+class EventLog:
+    """A callback appending each event to a JSON-lines file (the `TrainEvent` fields and `time`, seconds since the
+    epoch), flushed per line so another process can follow the run. A resumed run appends to the same file.
+
+    The file is opened at the first event, so a run that never starts (bad data, `--dry-run`) leaves none.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.handle = None
+
+    def __call__(self, event: TrainEvent) -> None:
+        if self.handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the whole run
+        record = {**dataclasses.asdict(event), "time": round(time.time(), 3)}
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+        if event.kind in ("done", "stopped"):
+            self.handle.close()
+            self.handle = None
+
+
+def fan_out(*callbacks: Callback) -> Callback:
+    """One callback calling each of `callbacks` in turn."""
+
+    def call(event: TrainEvent) -> None:
+        for callback in callbacks:
+            callback(event)
+
+    return call

@@ -39,14 +39,24 @@ from . import detection
 from .datasets import ZipLimits, dataset_entry, inspect_dataset, prepare_synthetic, prepare_zip
 from .models import PUBLISHED_MODELS, ModelChoice, ModelRegistry, display_path, model_choices
 from .public_text import one_line, public_text
-from .settings import REPO_ROOT, AppSettings, parse_size
+from .runs import new_token, owned_runs, owner_key, valid_token
+from .settings import PERSISTENT_STORAGE, REPO_ROOT, AppSettings, parse_size
 from .storage import enforce_budget, touch
-from .training import JOB, JobBusyError, JobSnapshot, TrainingJob, TrainRequest
+from .training import (
+    JOB,
+    JobBusyError,
+    JobSnapshot,
+    TrainingJob,
+    TrainRequest,
+    mark_interrupted_runs,
+    snapshot_from_disk,
+)
 
-__all__ = ["AppContext", "empty_table", "metrics_frame"]
+__all__ = ["AppContext", "empty_table", "metrics_frame", "runs_frame"]
 
 _DISPLAY_MAX_SIDE = 1600  # the drawn image is shown at most this large; the table keeps original pixels
 _LOSS_COLUMNS = ["epoch", "series", "value"]
+_RUN_COLUMNS = ["run", "state", "best AP", "ended"]
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _RESULT_ID = re.compile(r"[0-9a-f]{32}")
 _RESULTS_CHECK_SECONDS = 10.0  # the results/ budget is checked at most this often (a slider drag writes a lot)
@@ -93,6 +103,8 @@ class AppContext:
         self._images: OrderedDict[str, tuple[Image.Image, float]] = OrderedDict()
         self._images_lock = threading.Lock()
         self._results_checked = 0.0
+        self._owned_cache: dict[str | None, tuple[Any, list]] = {}
+        mark_interrupted_runs(self.paths.runs, self.job)  # runs whose child is gone (an app restart) can resume
 
     # ------------------------------------------------------------------ what visitors see
     def public(self, text: Any, names: dict | None = None) -> str:
@@ -111,23 +123,38 @@ class AppContext:
             budget = parse_size(getattr(self.settings, f"{name}_budget"))
             enforce_budget(getattr(self.paths, name), budget, in_use)
 
+    def storage_note(self) -> str:
+        """Where runs are kept and for how long, in words a visitor can use (no server path)."""
+        root = self.paths.root
+        persistent = root.is_relative_to(PERSISTENT_STORAGE) and bool(os.environ.get("SPACE_ID"))
+        where = (
+            "on the Space's persistent storage: they survive restarts"
+            if persistent
+            else "on the app's own disk: on a Space without persistent storage they are lost when it restarts"
+        )
+        return (
+            f"Runs are kept {where}. When runs take more than {self.settings.runs_budget}, the oldest are deleted "
+            "(download the weights you want to keep)."
+        )
+
     # ------------------------------------------------------------------ shared helpers
-    def model_choices(self) -> list[tuple[str, str]]:
-        choices = model_choices(self.paths.runs, self.settings.demo_model_dir)
+    def model_choices(self, owner: str | None = None) -> list[tuple[str, str]]:
+        """The models `owner` may pick: the demo model, their own runs, the published checkpoints."""
+        choices = model_choices(self.paths.runs, self.settings.demo_model_dir, owner)
         if self.default.ref and self.default.ref not in [value for _, value in choices]:
             choices.insert(0, (self.default.ref, self.default.ref))
         return choices
 
-    def base_model_choices(self) -> list[tuple[str, str]]:
+    def base_model_choices(self, owner: str | None = None) -> list[tuple[str, str]]:
         presets = [(f"Preset {name} (random init)", name) for name in PRESETS]
-        return self.model_choices() + presets
+        return self.model_choices(owner) + presets
 
-    def allowed_model(self, ref: str, base: bool = False) -> bool:
+    def allowed_model(self, ref: str, base: bool = False, owner: str | None = None) -> bool:
         """Whether a visitor may load `ref`: a choice the app offers (or a preset for a base model), or anything when
         `custom_models` is on. Otherwise a typed server folder or arbitrary hub repository would be loaded."""
         if self.settings.custom_models or ref == self.default.ref or (base and ref in PRESETS):
             return True
-        return ref in [value for _, value in self.model_choices()]
+        return ref in [value for _, value in self.model_choices(owner)]
 
     def default_base_model(self) -> str:
         if self.default.ref in PUBLISHED_MODELS:
@@ -214,18 +241,20 @@ class AppContext:
                 self._images.popitem(last=False)
         return image, scale
 
-    def model_label(self, ref: str | None) -> str:
-        for label, value in self.model_choices():
+    def model_label(self, ref: str | None, owner: str | None = None) -> str:
+        for label, value in self.model_choices(owner):
             if value == ref:
                 return label
         return self.public(display_path(Path(ref)) if ref and Path(ref).is_dir() else str(ref))
 
-    def model_status(self, ref: str | None, reason: str | None = None) -> str:
+    def model_status(self, ref: str | None, reason: str | None = None, owner: str | None = None) -> str:
         if ref is None:
             return f"**Active model:** none. {self.public(self.default.reason)}"
         if reason is None:
             reason = (
-                self.default.reason if ref == self.default.ref else f"{self.model_label(ref)}: chosen in the picker"
+                self.default.reason
+                if ref == self.default.ref
+                else f"{self.model_label(ref, owner)}: chosen in the picker"
             )
         return f"**Active model:** {self.public(reason)}"
 
@@ -317,13 +346,15 @@ class AppContext:
     def refilter(self, raw, threshold, max_detections, classes):
         return self.render(raw, threshold, max_detections, classes)
 
-    def select_model(self, model_ref, active_ref, payload, threshold, max_detections, *_ignored):
+    def select_model(self, model_ref, active_ref, payload, threshold, max_detections, token=None,
+                     request: gr.Request = None):  # fmt: skip
         """A model picked (or typed): load it, reset the class filter, re-run on the current image."""
+        owner = owner_key(token, request)
         model_ref = str(model_ref or "").strip()
         if not model_ref or model_ref == active_ref:
             return (gr.skip(),) * 10
         try:
-            if not self.allowed_model(model_ref):
+            if not self.allowed_model(model_ref, owner=owner):
                 raise ValueError("not offered here: pick a published checkpoint, the demo model or a run made here")
             self.registry.get(model_ref)
         except Exception as error:  # noqa: BLE001 - any load failure keeps the previous model
@@ -333,7 +364,7 @@ class AppContext:
             return (gr.skip(), status, *(gr.skip(),) * 8)
         classes = gr.update(choices=self.class_names(model_ref), value=[])
         outputs = self.detect(payload, model_ref, threshold, max_detections, [])
-        return (model_ref, self.model_status(model_ref), classes, *outputs)
+        return (model_ref, self.model_status(model_ref, owner=owner), classes, *outputs)
 
     def detect_api(self, image: Any, threshold: float = 0.4) -> list[dict[str, Any]]:
         """`/detect`: the default model's detections scoring at least `threshold` (at most 100), best first.
@@ -414,20 +445,28 @@ class AppContext:
         )
 
     # ------------------------------------------------------------------ Fine-tune tab: the job
-    def start_training(self, dataset, base_model, epochs, batch_size, image_size, lr, freeze):
-        """Start the job on the session's dataset (kept server-side) with the settings, each range-checked."""
-        summary = self.public(self.job.snapshot().summary())
+    def identify(self, token: Any, request: gr.Request = None):
+        """Page load: the browser's owner token (a new one when it has none or a malformed one) and the pickers
+        with this visitor's own runs."""
+        token = token if valid_token(token) else new_token()
+        owner = owner_key(token, request)
+        return token, gr.update(choices=self.model_choices(owner)), gr.update(choices=self.base_model_choices(owner))
+
+    def start_training(self, dataset, base_model, epochs, batch_size, image_size, lr, freeze, token=None,
+                       request: gr.Request = None):  # fmt: skip
+        """Start the visitor's job on their dataset (kept server-side) with the settings, each range-checked."""
+        owner = owner_key(token, request)
         entry = dataset_entry(Path(str(dataset)), self.paths.datasets) if dataset else None
         if not dataset or entry is None or not Path(str(dataset)).is_dir():
             gr.Warning(
                 "Choose a dataset first: upload a zip or use the synthetic sample (again, if it was cleaned up)."
             )
-            return summary
+            return self._status_line(owner)
         model = str(base_model or "nano").strip()
-        if not self.allowed_model(model, base=True):
+        if not self.allowed_model(model, base=True, owner=owner):
             gr.Warning(f"Base model {one_line(model, limit=100)} is not offered here: pick one from the list.")
-            return summary
-        request = TrainRequest(
+            return self._status_line(owner)
+        request_ = TrainRequest(
             data=str(dataset),
             model=model,
             epochs=int(_number(epochs, "Epochs", 1, 500)),
@@ -439,24 +478,42 @@ class AppContext:
         touch(entry)
         self.enforce_budgets(("runs",), keep=(entry,))
         try:
-            name = self.job.start(request, self.paths.runs)
-        except JobBusyError as error:
+            name = self.job.start(request_, self.paths.runs, owner)
+        except (JobBusyError, OSError) as error:
             gr.Warning(self.public_line(error))
             return self.public_line(error)
         gr.Info(f"Training {name} started.")
-        return self.public(self.job.snapshot().summary())
+        return self._status_line(owner)
 
-    def stop_training(self):
-        if self.job.stop():
+    def resume_training(self, run_name: Any, token=None, request: gr.Request = None):
+        """Continue one of the visitor's stopped, failed or interrupted runs (picked by name from their list)."""
+        owner = owner_key(token, request)
+        runs = {run_dir.name: run_dir for run_dir, record in self._owned(owner) if record.resumable}
+        run_dir = runs.get(str(run_name or ""))
+        if run_dir is None:
+            gr.Warning("Pick one of your runs that can be resumed.")
+            return self._status_line(owner)
+        try:
+            self.job.resume(run_dir, owner)
+        except (JobBusyError, PermissionError, ValueError, OSError) as error:
+            gr.Warning(self.public_line(error))
+            return self.public_line(error)
+        gr.Info(f"Resuming {run_dir.name}.")
+        return self._status_line(owner)
+
+    def stop_training(self, token=None, request: gr.Request = None):
+        owner = owner_key(token, request)
+        if self.job.stop(owner):
             gr.Info("Stopping: the last state will be saved.")
-        return self.public(self.job.snapshot().summary())
+        return self._status_line(owner)
 
-    async def follow_training(self, progress=gr.Progress()):  # noqa: B008 - how Gradio injects its tracker
-        """Shows Gradio's progress bar (with the ETA) while a job runs; any page may attach to the running job."""
+    async def follow_training(self, token=None, request: gr.Request = None, progress=gr.Progress()):  # noqa: B008
+        """Gradio's progress bar (with the ETA) while the visitor's own job runs; a reloaded page attaches again."""
+        owner = owner_key(token, request)
         while True:
-            snap = self.job.snapshot()
-            summary = self.public(snap.summary())
-            if not snap.running:
+            snap, mine = self._view(owner)
+            summary = self._status_line(owner, snap, mine)
+            if not (mine and snap.running):
                 return summary
             if snap.total_steps:
                 progress((snap.step, snap.total_steps), desc=summary, unit="steps")
@@ -464,37 +521,106 @@ class AppContext:
                 progress(0.0, desc=summary)
             await asyncio.sleep(0.5)
 
-    def poll(self, seen: dict | None):
-        """Timer tick: everything about the job, or `gr.skip()` for all outputs when nothing changed."""
+    def _owned(self, owner: str | None) -> list:
+        """`owned_runs` of `owner`, cached until a run starts or ends (the job's runs_version) or runs/ changes."""
+        try:
+            stamp = (self.job.runs_version, self.paths.runs.stat().st_mtime)
+        except OSError:
+            stamp = (self.job.runs_version, 0.0)
+        cached = self._owned_cache.get(owner)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, owned_runs(self.paths.runs, owner))
+            self._owned_cache[owner] = cached
+            while len(self._owned_cache) > 256:
+                self._owned_cache.pop(next(iter(self._owned_cache)))
+        return cached[1]
+
+    def _view(self, owner: str | None) -> tuple[JobSnapshot, bool]:
+        """(the snapshot this visitor may see, whether it is theirs): their job; else, while another visitor's job
+        runs, only that it runs; else their latest run as it was left (also after an app restart)."""
         snap = self.job.snapshot()
+        if owner is not None and snap.owner == owner:
+            return snap, True
+        if snap.running:
+            return snap, False
+        runs = self._owned(owner)
+        latest = snapshot_from_disk(runs[0][0]) if runs else None
+        return (latest, True) if latest else (JobSnapshot(version=0, runs_version=0, state="idle"), True)
+
+    def _status_line(self, owner: str | None, snap: JobSnapshot | None = None, mine: bool = True) -> str:
+        if snap is None:
+            snap, mine = self._view(owner)
+        return snap.busy_line() if not mine else self.public(snap.summary())
+
+    def poll(self, seen: dict | None, token=None, request: gr.Request = None):
+        """Timer tick: what this visitor may see of the job and their runs, or `gr.skip()` everywhere when nothing
+        changed. Another visitor's running job shows only as busy: no log, plots, weights or stop."""
+        owner = owner_key(token, request)
+        snap, mine = self._view(owner)
+        runs = self._owned(owner)
         seen = seen or {}
-        if seen.get("version") == snap.version and seen.get("runs") == snap.runs_version:
-            return (gr.skip(),) * 12
-        new_seen = {"version": snap.version, "runs": snap.runs_version}
-        finished = snap.state in ("done", "stopped") and snap.model_dir is not None
+        signature = repr((owner, mine, snap.version, snap.eta_seconds if not mine else None))
+        runs_signature = repr((owner, [(d.name, r.state, r.best_ap) for d, r in runs]))
+        if seen.get("view") == signature and seen.get("runs") == runs_signature:
+            return (gr.skip(),) * 15
         pickers = (gr.skip(), gr.skip())
-        if seen.get("runs") != snap.runs_version:
-            pickers = (gr.update(choices=self.model_choices()), gr.update(choices=self.base_model_choices()))
+        if seen.get("runs") != runs_signature:
+            pickers = (gr.update(choices=self.model_choices(owner)), gr.update(choices=self.base_model_choices(owner)))
+        resumable = [d.name for d, r in runs if r.resumable and not (mine and snap.running and snap.run_name == d.name)]
+        run_controls = (
+            runs_frame(runs),
+            gr.update(choices=resumable, value=resumable[0] if resumable else None),
+            gr.update(interactive=bool(resumable) and not snap.running),
+        )
+        if not mine:  # someone else's job: that the trainer is busy, and for about how long
+            return (
+                {"view": signature, "runs": runs_signature}, f"**Job:** {snap.busy_line()}", None, None, "",
+                metrics_frame({}), gr.update(value=None, interactive=False), gr.update(interactive=False),
+                gr.update(interactive=False), gr.update(interactive=False), *pickers, *run_controls,
+            )  # fmt: skip
+        finished = snap.state in ("done", "stopped") and snap.model_dir is not None
         return (
-            new_seen,
+            {"view": signature, "runs": runs_signature},
             self.public(_status_markdown(snap)),
             _plot_frame(snap.loss_points),
             _plot_frame(snap.ap_points),
             self.public("\n".join(snap.log)),
             metrics_frame(snap.metrics),
-            gr.update(value=snap.weights_zip, interactive=bool(snap.weights_zip)),
+            gr.update(value=self._handout(snap.weights_zip), interactive=bool(snap.weights_zip)),
             gr.update(interactive=finished),
             gr.update(interactive=not snap.running),
-            gr.update(interactive=snap.running),
+            gr.update(interactive=snap.running and snap.state != "stopping"),
             *pickers,
+            *run_controls,
         )
 
-    def use_in_detect(self):
-        snap = self.job.snapshot()
-        if not snap.model_dir:
+    def _handout(self, path: str | None) -> str | None:
+        """A copy of the owner's file in Gradio's cache, named by a keyed hash of its content: the only address it
+        is served at. runs/ itself is not served, so another visitor cannot fetch a run by guessing its name."""
+        if not path:
+            return None
+        from gradio.processing_utils import save_file_to_cache
+
+        return save_file_to_cache(path, str(self.paths.gradio))
+
+    def use_in_detect(self, token=None, request: gr.Request = None):
+        owner = owner_key(token, request)
+        snap, mine = self._view(owner)
+        if not mine or not snap.model_dir:
             gr.Warning("No fine-tuned model yet.")
             return gr.skip(), gr.skip()
-        return gr.update(choices=self.model_choices(), value=snap.model_dir), gr.Tabs(selected="detect")
+        return gr.update(choices=self.model_choices(owner), value=snap.model_dir), gr.Tabs(selected="detect")
+
+
+def runs_frame(runs: list) -> pd.DataFrame:
+    """The visitor's runs, newest first: name, state, best AP, when it ended."""
+    rows = []
+    for run_dir, record in runs:
+        ended = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.finished)) if record.finished else ""
+        ap = round(float(record.best_ap), 4) if isinstance(record.best_ap, (int, float)) else None
+        state = record.state + (" (resumable)" if record.resumable else "")
+        rows.append([run_dir.name, state, ap, ended])
+    return pd.DataFrame(rows, columns=_RUN_COLUMNS)
 
 
 def _status_markdown(snap: JobSnapshot) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from collections import OrderedDict
@@ -10,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lwdetr.detector import Detector
+
+from .runs import owned_runs
 
 __all__ = [
     "DEFAULT_HUB_MODEL",
@@ -27,7 +28,6 @@ PUBLISHED_MODELS: tuple[str, ...] = tuple(f"AnnaZhang/lwdetr_{size}_60e_coco" fo
     f"AnnaZhang/lwdetr_{size}_30e_objects365" for size in _SIZES
 )
 DEFAULT_HUB_MODEL = "AnnaZhang/lwdetr_small_60e_coco"
-RUN_INFO_FILE = "app_run.json"
 
 
 @dataclass(frozen=True)
@@ -55,21 +55,15 @@ def _is_model_dir(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
 
-def list_runs(runs_dir: Path) -> list[RunInfo]:
-    """Runs under `runs_dir` with a `best/` (or, for a run stopped early, `last/`) model folder; newest first."""
+def list_runs(runs_dir: Path, owner: str | None) -> list[RunInfo]:
+    """The runs of `owner` (see `lwdetr_app.runs`) with a `best/` (or, for a run stopped early, `last/`) model
+    folder; newest first. Other visitors' runs are not listed: a run belongs to whoever started it."""
     runs = []
-    if not runs_dir.is_dir():
-        return runs
-    for run in sorted(runs_dir.iterdir(), key=lambda p: p.name, reverse=True):
-        folder = next((run / name for name in ("best", "last") if _is_model_dir(run / name)), None)
-        if folder is None:
-            continue
-        ap = None
-        try:
-            ap = json.loads((run / RUN_INFO_FILE).read_text(encoding="utf-8")).get("best_ap")
-        except (OSError, ValueError, AttributeError):
-            pass
-        runs.append(RunInfo(run.name, folder.resolve(), ap if isinstance(ap, (int, float)) else None))
+    for run_dir, record in owned_runs(runs_dir, owner):
+        folder = next((run_dir / name for name in ("best", "last") if _is_model_dir(run_dir / name)), None)
+        if folder is not None:
+            ap = record.best_ap if isinstance(record.best_ap, (int, float)) else None
+            runs.append(RunInfo(run_dir.name, folder.resolve(), ap))
     return runs
 
 
@@ -83,12 +77,12 @@ def display_path(path: Path) -> str:
         return str(path.resolve())
 
 
-def model_choices(runs_dir: Path, demo_model_dir: Path) -> list[tuple[str, str]]:
-    """(label, value) pairs for a model picker: the bundled demo model, runs made here, the published checkpoints."""
+def model_choices(runs_dir: Path, demo_model_dir: Path, owner: str | None = None) -> list[tuple[str, str]]:
+    """(label, value) pairs for a model picker: the bundled demo model, `owner`'s runs, the published checkpoints."""
     choices = []
     if _is_model_dir(demo_model_dir):
         choices.append((f"Bundled demo model ({display_path(demo_model_dir)})", str(demo_model_dir.resolve())))
-    choices += [(run.label, str(run.model_dir)) for run in list_runs(runs_dir)]
+    choices += [(run.label, str(run.model_dir)) for run in list_runs(runs_dir, owner)]
     choices += [(model_id, model_id) for model_id in PUBLISHED_MODELS]
     return choices
 

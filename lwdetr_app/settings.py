@@ -1,6 +1,7 @@
 """Where the app keeps its files, which address it serves on, and the knobs tests turn (all from env or CLI).
 
-Everything the app writes goes under one data folder (`--data-dir`, env `LWDETR_APP_DATA`, default `./app_data`):
+Everything the app writes goes under one data folder (`--data-dir`, env `LWDETR_APP_DATA`, default `./app_data`;
+on a Hugging Face Space with persistent storage, a writable /data, `/data/lwdetr_app`, which survives restarts):
 
     app_data/
       gradio/          Gradio's uploads and output cache (GRADIO_TEMP_DIR)
@@ -28,12 +29,24 @@ __all__ = [
     "DEFAULT_PORT",
     "REPO_ROOT",
     "configure_environment",
+    "default_data_dir",
     "parse_size",
     "resolve_server",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PORT = 7860
+
+
+PERSISTENT_STORAGE = Path("/data")  # where a Space's persistent storage is mounted
+
+
+def default_data_dir(persistent: Path = PERSISTENT_STORAGE) -> Path:
+    """`/data/lwdetr_app` on a Space (SPACE_ID set) with persistent storage mounted at a writable /data, else
+    ./app_data (a Space's own disk is wiped at every restart)."""
+    if os.environ.get("SPACE_ID") and persistent.is_dir() and os.access(persistent, os.W_OK):
+        return persistent / "lwdetr_app"
+    return Path("app_data")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -130,7 +143,7 @@ class AppSettings:
     def from_env(cls, **overrides) -> AppSettings:
         env = os.environ
         values = {
-            "data_dir": Path(env.get("LWDETR_APP_DATA") or "app_data"),
+            "data_dir": Path(env.get("LWDETR_APP_DATA") or default_data_dir()),
             "model": env.get("LWDETR_APP_MODEL") or None,
             "demo_model_dir": Path(env.get("LWDETR_APP_DEMO_MODEL") or REPO_ROOT / "examples" / "demo_model"),
             "examples_dir": Path(env.get("LWDETR_APP_EXAMPLES") or REPO_ROOT / "examples" / "images"),

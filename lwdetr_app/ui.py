@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 
 from . import detection
-from .handlers import AppContext, empty_table, metrics_frame
+from .handlers import AppContext, empty_table, metrics_frame, runs_frame
 
 __all__ = ["AppContext", "build_demo"]
 
@@ -33,6 +33,10 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
         raw_state = gr.State(None)
         seen_state = gr.State(None)
         dataset_state = gr.State(None)
+        # The visitor's owner token in the browser's localStorage: their runs survive a reload and an app restart.
+        # Gradio encrypts it with `secret`, which it also sends to the page: a fixed one keeps it readable after a
+        # restart; the token is what must stay unguessable (`lwdetr_app.runs`).
+        owner = gr.BrowserState(None, storage_key="lwdetr-app-owner", secret="lwdetr-app-owner-token")
         with gr.Tabs() as tabs:
             with gr.Tab("Detect", id="detect"):
                 detect_ui = _detect_tab(ctx)
@@ -58,7 +62,7 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
                 show_progress="hidden", concurrency_limit=None, **private,
             )  # fmt: skip
         d["model"].change(
-            ctx.select_model, [d["model"], active_model, d["image"], d["threshold"], d["max_det"]],
+            ctx.select_model, [d["model"], active_model, d["image"], d["threshold"], d["max_det"], owner],
             [active_model, d["model_status"], d["classes"], *detect_outputs], preprocess=False,
             concurrency_id="inference", concurrency_limit=2, **private,
         )  # fmt: skip
@@ -70,17 +74,24 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
         t["zip"].upload(ctx.use_zip, t["zip"], [dataset_state, t["report"], t["gallery"]], **private)
         t["synthetic"].click(ctx.use_synthetic, None, [dataset_state, t["report"], t["gallery"]], **private)
         settings = [t["base_model"], t["epochs"], t["batch_size"], t["image_size"], t["lr"], t["freeze"]]
-        t["start"].click(ctx.start_training, [dataset_state, *settings], t["status"], preprocess=False, **private).then(
-            ctx.follow_training, None, t["progress"], concurrency_limit=None, **private
+        t["start"].click(
+            ctx.start_training, [dataset_state, *settings, owner], t["status"], preprocess=False, **private
+        ).then(ctx.follow_training, owner, t["progress"], concurrency_limit=None, **private)
+        t["resume"].click(ctx.resume_training, [t["resume_pick"], owner], t["status"], **private).then(
+            ctx.follow_training, owner, t["progress"], concurrency_limit=None, **private
         )
-        t["stop"].click(ctx.stop_training, None, t["status"], **private)
+        t["stop"].click(ctx.stop_training, owner, t["status"], **private)
         poll_outputs = [
             seen_state, t["status"], t["loss_plot"], t["ap_plot"], t["log"], t["metrics"],
             t["weights"], t["use"], t["start"], t["stop"], d["model"], t["base_model"],
+            t["runs"], t["resume_pick"], t["resume"],
         ]  # fmt: skip
-        timer.tick(ctx.poll, seen_state, poll_outputs, show_progress="hidden", concurrency_limit=None, **private)
-        t["use"].click(ctx.use_in_detect, None, [d["model"], tabs], **private)
-        demo.load(ctx.follow_training, None, t["progress"], concurrency_limit=None, **private)
+        timer.tick(
+            ctx.poll, [seen_state, owner], poll_outputs, show_progress="hidden", concurrency_limit=None, **private
+        )
+        t["use"].click(ctx.use_in_detect, owner, [d["model"], tabs], **private)
+        demo.load(ctx.identify, owner, [owner, d["model"], t["base_model"]], **private)
+        demo.load(ctx.follow_training, owner, t["progress"], concurrency_limit=None, **private)
     return demo
 
 
@@ -197,4 +208,13 @@ def _train_tab(ctx: AppContext) -> dict[str, Any]:
     with gr.Row():
         c["weights"] = gr.DownloadButton("Download weights", interactive=False, elem_id="download-weights")
         c["use"] = gr.Button("Use in Detect", interactive=False, elem_id="use-in-detect")
+    gr.Markdown(
+        "### Your runs\nOnly you see your runs, their logs and weights; other visitors see only that the trainer is "
+        f"busy. {ctx.storage_note()}",
+        elem_id="runs-note",
+    )
+    c["runs"] = gr.Dataframe(runs_frame([]), label="Your runs", interactive=False, elem_id="your-runs", max_height=240)
+    with gr.Row():
+        c["resume_pick"] = gr.Dropdown([], label="Run to resume", elem_id="resume-pick", scale=3)
+        c["resume"] = gr.Button("Resume", interactive=False, elem_id="resume-training", scale=1)
     return c

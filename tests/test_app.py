@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import warnings
@@ -32,7 +31,7 @@ from lwdetr_app import detection
 from lwdetr_app.handlers import AppContext
 from lwdetr_app.models import ModelChoice, ModelRegistry, choose_default_model, list_runs, model_choices
 from lwdetr_app.settings import AppSettings, configure_environment, resolve_server
-from lwdetr_app.training import JobBusyError, RunOutcome, TrainingJob, TrainRequest
+from lwdetr_app.training import TrainingJob, TrainRequest
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_MODEL = REPO / "examples" / "demo_model"
@@ -220,15 +219,17 @@ def test_default_model_offline_falls_back_to_bundled_demo(tmp_path, assets, monk
 def test_model_picker_lists_published_checkpoints_runs_and_demo(tmp_path, assets):
     runs = tmp_path / "runs"
     shutil.copytree(assets[0], runs / "20250101-000000-nano" / "best")
-    (runs / "20250101-000000-nano" / "app_run.json").write_text('{"best_ap": 0.5}')
+    record = {"name": "20250101-000000-nano", "owner": "user:a", "request": {}, "state": "done", "best_ap": 0.5}
+    (runs / "20250101-000000-nano" / "app_run.json").write_text(json.dumps(record))
     (runs / "20250102-000000-broken").mkdir()  # no model folder: not offered
-    choices = model_choices(runs, assets[0])
+    choices = model_choices(runs, assets[0], "user:a")
     values = [value for _, value in choices]
     sizes = ("tiny", "small", "medium", "large", "xlarge")
     assert all(f"AnnaZhang/lwdetr_{s}_60e_coco" in values for s in sizes)
     assert all(f"AnnaZhang/lwdetr_{s}_30e_objects365" in values for s in sizes)
     assert values[0] == str(assets[0].resolve()) and choices[0][0].startswith("Bundled demo model")
-    assert [r.name for r in list_runs(runs)] == ["20250101-000000-nano"]
+    assert [r.name for r in list_runs(runs, "user:a")] == ["20250101-000000-nano"]
+    assert list_runs(runs, "user:b") == list_runs(runs, None) == []  # a run is listed to its owner only
     assert (
         "Fine-tuned: 20250101-000000-nano (AP 0.500)",
         str((runs / "20250101-000000-nano/best").resolve()),
@@ -357,97 +358,110 @@ def test_synthetic_sample_and_bad_zips(ctx, tmp_path):
     assert not (tmp_path / "evil.txt").exists() and not (ctx.paths.root / "evil.txt").exists()
 
 
-def fake_runner(model_dir: Path, started: threading.Event, release: threading.Event):
-    """A stand-in for finetune's training: 4 steps, each waiting for `release` (or a stop)."""
-
-    def event(kind, step, **fields):
-        return SimpleNamespace(
-            kind=kind, step=step, total_steps=4, epoch=1, epochs=1, metrics=fields.get("metrics", {}),
-            message=fields.get("message", ""), eta_seconds=fields.get("eta"),
-        )  # fmt: skip
-
-    def run(config, callback, stop_event):
-        output = Path(config["output"])
-        callback(event("start", 0, message="starting"))
-        started.set()
-        for step in range(1, 5):
-            while not (release.is_set() or stop_event.is_set()):
-                time.sleep(0.01)
-            if stop_event.is_set():
-                shutil.copytree(model_dir, output / "last")
-                callback(event("stopped", step - 1, message="stopped"))
-                return RunOutcome(output, None, output / "last", {}, True)
-            callback(event("step", step, metrics={"loss": 10.0 - step}, eta=4.0 - step))
-        metrics = {"AP": 0.5, "AP50": 0.8, "AP75": 0.4, "AP/circle": 0.6}
-        callback(event("epoch", 4, metrics={"loss": 7.5, **metrics}, message="epoch 1/1"))
-        shutil.copytree(model_dir, output / "best")
-        return RunOutcome(output, output / "best", None, metrics, False)
-
-    return run
+FAKE_TRAINER = Path(__file__).resolve().parent / "fake_trainer.py"
+ALICE = SimpleNamespace(username=None, session_hash="alice-session")
+BOB = SimpleNamespace(username=None, session_hash="bob-session")
 
 
-def test_one_job_at_a_time_and_progress_survives_new_sessions(ctx, assets, tmp_path):
-    started, release = threading.Event(), threading.Event()
-    ctx.job.runner = fake_runner(assets[0], started, release)
-    request = TrainRequest(data=str(tmp_path), model="nano", epochs=1)
-    name = ctx.job.start(request, ctx.paths.runs)
-    assert started.wait(10)
+def fake_command(model_dir: Path, mode: str = "ok", launched: list | None = None):
+    """A `train_command` running tests/fake_trainer.py instead of finetune (the commands it builds go to `launched`)."""
+
+    def command(run_dir, request, gpus):
+        argv = [sys.executable, str(FAKE_TRAINER), str(run_dir), str(model_dir), mode]
+        argv += [] if request else ["--resume"]
+        if launched is not None:
+            launched.append(argv)
+        return argv
+
+    return command
+
+
+def wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_one_job_at_a_time_owned_by_the_visitor_who_started_it(ctx, assets, tmp_path):
+    ctx.job.command = fake_command(assets[0])
+    dataset = ctx.paths.datasets / "upload-0123"  # start_training takes only datasets made by the app
+    dataset.mkdir()
+    message = ctx.start_training(str(dataset), "nano", 1, 2, 256, 1e-4, False, None, ALICE)
+    run_dir = Path(ctx.job.snapshot().run_dir)
+    wait_for(lambda: ctx.job.snapshot().state == "running")
     assert isinstance(ctx.detect_api(str(assets[1][0]), 0.5), list)  # detection keeps working meanwhile
-    with pytest.raises(JobBusyError, match="already running"):
-        ctx.job.start(request, ctx.paths.runs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        dataset = ctx.paths.datasets / "upload-0123"  # start_training takes only datasets made by the app
-        dataset.mkdir()
-        message = ctx.start_training(str(dataset), "nano", 1, 2, 256, 1e-4, False)
-    assert "already running" in message and any("already running" in str(w.message) for w in caught)
+        message = ctx.start_training(str(dataset), "nano", 1, 2, 256, 1e-4, False, None, BOB)
+    assert "busy" in message and any("busy" in str(w.message) for w in caught)
+    assert not ctx.job.stop(None) and not ctx.stop_training(None, BOB).startswith("Stopping")
+    assert ctx.job.snapshot().state == "running"  # Bob cannot stop Alice's job
 
-    # A new page (no seen state) gets the running job's state; an unchanged one gets gr.skip() everywhere.
-    first = ctx.poll(None)
-    assert first[0]["version"] == ctx.job.snapshot().version and "Training" in first[1] and name in first[1]
-    assert all(item == gr.skip() for item in ctx.poll(first[0]))
+    # Alice (any page of hers) sees everything; an unchanged page gets gr.skip() everywhere.
+    first = ctx.poll(None, None, ALICE)
+    assert "Training" in first[1] and run_dir.name in first[1] and run_dir.name in first[4]
+    assert all(item == gr.skip() for item in ctx.poll(first[0], None, ALICE))
+    # Bob sees that the trainer is busy and for how long, nothing of the run itself.
+    seen_by_bob = ctx.poll(None, None, BOB)
+    assert "busy" in seen_by_bob[1] and run_dir.name not in repr(seen_by_bob)
+    assert seen_by_bob[4] == "" and seen_by_bob[6]["interactive"] is False and seen_by_bob[9]["interactive"] is False
 
-    release.set()
-    assert ctx.job.wait(10)
+    (run_dir / "release").touch()
+    assert ctx.job.wait(30)
     snap = ctx.job.snapshot()
     assert snap.state == "done" and snap.metrics["AP"] == 0.5 and Path(snap.weights_zip).is_file()
     assert [p[2] for p in snap.loss_points if p[1] == "loss (step)"] == [9.0, 8.0, 7.0, 6.0]
     assert ("AP", 0.5) in [(p[1], p[2]) for p in snap.ap_points]
-    outputs = ctx.poll(first[0])
+    outputs = ctx.poll(first[0], None, ALICE)
     assert "Finished" in outputs[1] and list(outputs[5]["metric"])[:3] == ["AP", "AP50", "AP75"]
-    assert outputs[6]["value"] == snap.weights_zip and outputs[7]["interactive"] is True
+    handed_out = Path(outputs[6]["value"])
+    assert handed_out.is_relative_to(ctx.paths.gradio)  # a copy in Gradio's cache: runs/ is not served
+    assert handed_out.read_bytes() == Path(snap.weights_zip).read_bytes()
+    assert outputs[7]["interactive"] is True and list(outputs[12]["run"]) == [run_dir.name]
+
+    # Finished runs are listed to their owner only: Bob's pickers and run list stay without it.
+    bob_after = ctx.poll(None, None, BOB)
+    assert "No training job yet" in bob_after[1] and bob_after[12].empty and bob_after[6]["value"] is None
+    assert not any(run_dir.name in label for label, _ in bob_after[10]["choices"])
+    assert any(run_dir.name in label for label, _ in outputs[10]["choices"])
+    assert ctx.use_in_detect(None, BOB) == (gr.skip(), gr.skip())
+    assert not ctx.allowed_model(snap.model_dir, owner="session:x") and ctx.allowed_model(
+        snap.model_dir, owner=snap.owner
+    )
 
     extracted = tmp_path / "weights"
     zipfile.ZipFile(snap.weights_zip).extractall(extracted)
     folder = next(p.parent for p in extracted.rglob("config.json"))
-    assert folder.name == name and Detector.from_pretrained(folder, device="cpu").id2label
-    model_update, tabs = ctx.use_in_detect()
+    assert folder.name == run_dir.name and Detector.from_pretrained(folder, device="cpu").id2label
+    model_update, tabs = ctx.use_in_detect(None, ALICE)
     assert model_update["value"] == snap.model_dir and any(v == snap.model_dir for _, v in model_update["choices"])
 
 
 def test_stop_saves_the_last_state(ctx, assets, tmp_path):
-    started, release = threading.Event(), threading.Event()
-    ctx.job.runner = fake_runner(assets[0], started, release)
-    ctx.job.start(TrainRequest(data=str(tmp_path), model="nano"), ctx.paths.runs)
-    assert started.wait(10)
-    assert ctx.job.stop() and ctx.job.wait(10)
+    ctx.job.command = fake_command(assets[0])
+    ctx.job.start(TrainRequest(data=str(tmp_path), model="nano"), ctx.paths.runs, "user:alice")
+    wait_for(lambda: ctx.job.snapshot().state == "running")
+    assert not ctx.job.stop("user:bob")
+    assert ctx.job.stop("user:alice") and ctx.job.wait(30)
     snap = ctx.job.snapshot()
     assert snap.state == "stopped" and snap.model_dir.endswith("last") and Path(snap.weights_zip).is_file()
-    assert not ctx.job.stop()  # nothing to stop any more
-    assert any(run.model_dir.name == "last" for run in list_runs(ctx.paths.runs))
+    assert snap.resumable and not ctx.job.stop("user:alice")  # nothing to stop any more
+    assert any(run.model_dir.name == "last" for run in list_runs(ctx.paths.runs, "user:alice"))
+    assert list_runs(ctx.paths.runs, "user:bob") == []
 
 
-def test_a_failing_run_is_reported_and_the_next_one_can_start(ctx, tmp_path):
-    def broken(config, callback, stop_event):
-        raise ValueError("image size 100 does not fit this model")
-
-    ctx.job.runner = broken
-    ctx.job.start(TrainRequest(data=str(tmp_path), model="nano"), ctx.paths.runs)
-    assert ctx.job.wait(10)
+def test_a_failing_run_is_reported_and_the_next_one_can_start(ctx, assets, tmp_path):
+    ctx.job.command = fake_command(assets[0], "fail")
+    ctx.job.start(TrainRequest(data=str(tmp_path), model="nano"), ctx.paths.runs, "user:alice")
+    assert ctx.job.wait(30)
     snap = ctx.job.snapshot()
     assert snap.state == "failed" and "does not fit" in snap.summary()
-    ctx.job.start(TrainRequest(data=str(tmp_path), model="nano"), ctx.paths.runs)  # not busy any more
-    assert ctx.job.wait(10)
+    outputs = ctx.poll(None, None, SimpleNamespace(username="alice", session_hash="s"))
+    assert "does not fit" in outputs[1] and str(tmp_path) not in outputs[1] + outputs[4]  # no server path shown
+    ctx.job.command = fake_command(assets[0])
+    ctx.job.start(TrainRequest(data=str(tmp_path), model="nano"), ctx.paths.runs, "user:alice")  # not busy any more
+    assert ctx.job.stop("user:alice") and ctx.job.wait(30)
 
 
 # ------------------------------------------------------------------------------------- the app, served for real

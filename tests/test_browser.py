@@ -72,16 +72,28 @@ def chromium_browser(playwright_api):
         chromium.close()
 
 
-@pytest.fixture
-def ui_page(chromium_browser, app):
-    context = chromium_browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
-    url = app["url"]
+def open_page(browser, url: str):
+    """A page in a new browser context: its own cookies and localStorage, so another visitor of the app."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(url) else route.abort())
     tab = context.new_page()
     tab.set_default_timeout(30_000)
     tab.goto(url)
+    return tab
+
+
+@pytest.fixture
+def ui_page(chromium_browser, app):
+    tab = open_page(chromium_browser, app["url"])
     yield tab
-    context.close()
+    tab.context.close()
+
+
+@pytest.fixture
+def other_visitor(chromium_browser, app):
+    tab = open_page(chromium_browser, app["url"])
+    yield tab
+    tab.context.close()
 
 
 def drop_file(page, target, path: Path, mime: str) -> None:
@@ -152,7 +164,7 @@ def test_detect_tab_drop_image_and_refilter_with_the_slider(ui_page, app, playwr
     page.screenshot(path=ARTIFACTS / "detect-tab.png", full_page=True)
 
 
-def test_finetune_tab_short_run_download_and_use_in_detect(ui_page, app, playwright_api):
+def test_finetune_tab_short_run_download_and_use_in_detect(ui_page, other_visitor, app, playwright_api):
     page, expect = ui_page, playwright_api.expect
     page.get_by_role("tab", name="Fine-tune").click()
     page.get_by_role("button", name="Use the built-in synthetic sample").click()
@@ -168,7 +180,18 @@ def test_finetune_tab_short_run_download_and_use_in_detect(ui_page, app, playwri
     page.get_by_role("button", name="Start").click()
     expect(page.locator("#train-status")).to_contain_text(re.compile("Starting|Training|Finished"))
 
-    # The job lives in the server, not in the page: a reload finds it again.
+    # Another visitor (another browser) sees only that the trainer is busy: no log, no stop, no weights.
+    other = other_visitor
+    other.get_by_role("tab", name="Fine-tune").click()
+    expect(other.locator("#train-status")).to_contain_text("The trainer is busy with another visitor's run")
+    expect(other.locator("#stop-training")).to_be_disabled()
+    expect(other.locator("#start-training")).to_be_disabled()
+    expect(other.locator("#download-weights")).to_be_disabled()
+    assert "Run " not in other.locator("#train-log textarea").input_value()
+    ARTIFACTS.mkdir(exist_ok=True)
+    other.screenshot(path=ARTIFACTS / "finetune-other-visitor.png", full_page=True)
+
+    # The job belongs to this browser, not to the page: a reload finds it again.
     page.reload()
     page.get_by_role("tab", name="Fine-tune").click()
     log = page.locator("#train-log textarea")
@@ -190,8 +213,19 @@ def test_finetune_tab_short_run_download_and_use_in_detect(ui_page, app, playwri
     assert sorted(detector.id2label.values()) == ["circle", "square", "triangle"]
     assert isinstance(detector.predict(str(app["examples"][0]), threshold=0.0), list)
 
+    expect(page.locator("#your-runs [role=row][data-index]")).to_have_count(1)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=ARTIFACTS / "finetune-tab.png", full_page=True)
+
+    # Once it is done, the other visitor still sees nothing of it: not in their runs, log or downloads.
+    expect(other.locator("#train-status")).to_contain_text("No training job yet")
+    expect(other.locator("#download-weights")).to_be_disabled()
+    expect(other.locator("#your-runs [role=row][data-index]")).to_have_count(0)
+    other.get_by_role("tab", name="Detect").click()
+    other.locator("#model-picker input").click()
+    expect(other.get_by_role("option", name=re.compile("Bundled demo model"))).to_have_count(1)
+    expect(other.get_by_role("option", name=re.compile("Fine-tuned"))).to_have_count(0)
+
     page.get_by_role("button", name="Use in Detect").click()
     expect(page.locator("#model-status")).to_contain_text(f"Fine-tuned: {folder.name}")
     expect(page.get_by_role("tab", name="Detect")).to_have_attribute("aria-selected", "true")
