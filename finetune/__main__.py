@@ -108,7 +108,7 @@ def _default_run_folder() -> str:
     """`--resume` without --output: the current folder when it is a run, else the default output."""
     here = Path.cwd()
     if any((here / name / "trainer.json").is_file() for name in ("state", "state.old", "state.prev")):
-        return "."
+        return str(here)
     return TrainConfig.output
 
 
@@ -126,19 +126,20 @@ def _prepare_cpu_kernels(config: TrainConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from finetune.callbacks import TqdmProgress
     from finetune.errors import DataError, DiskFullError
     from finetune.train import ConfigError, train
     from lwdetr.hub import ModelNotFoundError
 
+    progress = TqdmProgress()
     try:
         config = config_from_args(argv)
         if config.data is None and not config.resume:
             raise ConfigError("--data is required (or --resume with --output of an earlier run)")
-        from finetune.callbacks import TqdmProgress
-
         _prepare_cpu_kernels(config)
-        result = train(config, callback=TqdmProgress())
+        result = train(config, callback=progress)
     except (DataError, ConfigError, ModelNotFoundError, DiskFullError) as error:
+        progress.close()
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     if config.dry_run:

@@ -109,8 +109,14 @@ def _read_trainer(folder: Path) -> dict[str, Any]:
         if not isinstance(trainer.get("config"), dict) or not isinstance(trainer.get("epoch"), int):
             raise ValueError("no config or epoch")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError) as error:
-        raise ConfigError(f"{path}: unreadable ({' '.join(str(error).split())[:200]})") from None
+        raise ConfigError(f"{path}: unreadable ({_first_sentence(error)})") from None
     return trainer
+
+
+def _first_sentence(error: BaseException) -> str:
+    """The start of an error's message, on one line (torch's zip errors go on for a paragraph)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text.split(". ")[0][:200]
 
 
 def saved_config(output: str | Path) -> dict[str, Any]:
@@ -215,7 +221,7 @@ def read_state(folder: Path, device: torch.device | str = "cpu") -> SavedState:
         current = "rng.pt"
         rng = torch.load(folder / current, map_location="cpu", weights_only=True)  # RNG states are host bytes
     except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError) as error:
-        raise ConfigError(f"{folder / current}: damaged ({' '.join(str(error).split())[:200]})") from None
+        raise ConfigError(f"{folder / current}: damaged ({_first_sentence(error)})") from None
     return SavedState(folder, trainer, model, optimizer, ema, rng)
 
 
