@@ -14,14 +14,14 @@ Run folder (`config.output`):
 
     best/  last/          HF-format model folders (config.json, model.safetensors, preprocessor_config.json,
                           README.md) with the evaluated weights (the EMA when on); best = highest validation AP
-    state/                what `resume=True` continues from: model/ (raw weights), ema.safetensors, optimizer.pt,
-                          rng.pt (python, numpy and torch RNG states of every rank), trainer.json (config,
-                          epoch, step, position in the epoch, best AP, history)
+    state/  state.prev/   what `resume=True` continues from, and the checkpoint before it (see `finetune.state`);
+                          saved at epoch ends, on a stop and every `save_every_steps` steps
     metrics.jsonl         one line per finished epoch: epoch, step, mean train losses, lr, AP metrics, times
     loss.png  ap.png      curves
     README.md             the model card (data summary, command, hyperparameters, metrics)
 
-All writes are atomic (see `finetune.export`): a kill at any moment leaves the previous good version.
+All writes are atomic (see `finetune.export`): a kill at any moment leaves the previous good version, and a resume
+repairs the folder first. A new run refuses a folder that holds one (unless `force`).
 """
 
 from __future__ import annotations
