@@ -161,6 +161,25 @@ def test_kill_while_writing_a_step_checkpoint_then_resume_a_moved_run(data, refe
     assert not run.exists()
 
 
+def test_what_kills_leave_is_repaired_by_a_resume_through_the_python_api(reference, tmp_path):
+    """The leftovers of kills, laid out by hand in a copy of a finished run: state/ renamed aside, metrics.jsonl
+    one epoch behind, temporary files and a half-written folder. `train(resume_config(RUN))` repairs all of it,
+    in the folder given (not the one the run was saved from)."""
+    from finetune.train import resume_config, train
+
+    run = tmp_path / "copy"
+    shutil.copytree(reference, run)
+    (run / "state").rename(run / "state.old")
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    (run / ".metrics.jsonl.x1.tmp").write_text("")
+    (run / ".loss.png.x2.png").write_bytes(b"")
+    (run / ".last.x3.partial").mkdir()
+    result = train(resume_config(run))
+    assert result.output_dir == run and result.epochs_completed == 2 and result.step == 8
+    _assert_like_reference(run, reference)
+    assert _same_card(run, reference, str(run), str(reference))  # the command that started the run stays
+
+
 # ------------------------------------------------------------------------------------------ damaged checkpoints
 
 
@@ -231,3 +250,38 @@ def test_a_full_disk_is_one_line_and_keeps_the_saved_state(reference, tmp_path, 
     assert not list(run.glob(".*")) and not (run / "state.old").exists()
     monkeypatch.setattr(torch, "save", real_save)
     assert main(["--resume", "--output", str(run)]) == 0  # with room again, the run resumes from its state
+
+
+def test_step_checkpoints_default_to_about_every_ten_minutes(monkeypatch, capsys):
+    """Without --save-every-steps the interval is fixed from the steps this session timed (2 s each here: every
+    300 steps, 10 minutes); an explicit N or 0 (epoch ends only) is used as given; --help says so."""
+    from types import SimpleNamespace
+
+    import finetune.train as loop
+
+    clock = [100.0]
+    monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
+
+    def run_with(every):
+        accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+        config = SimpleNamespace(save_every_steps=every)
+        return SimpleNamespace(
+            config=config, accelerator=accelerator, progress=SimpleNamespace(step=0), save_every=None, timing_start=None
+        )
+
+    def saves(run, steps):
+        due = []
+        for _ in range(steps):
+            run.progress.step += 1
+            clock[0] += 2.0
+            if loop._step_save_due(run):
+                due.append(run.progress.step)
+        return due
+
+    auto = run_with(None)
+    assert saves(auto, 700) == [300, 600] and auto.save_every == loop.AUTO_SAVE_SECONDS / 2.0
+    assert saves(run_with(7), 21) == [7, 14, 21] and saves(run_with(0), 50) == []
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--save-every-steps" in text and "10 minutes" in text and "--force" in text
