@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,9 +227,11 @@ def read_state(folder: Path, device: torch.device | str = "cpu") -> SavedState:
     return SavedState(folder, trainer, model, optimizer, ema, rng)
 
 
-def open_state(output: str | Path, device: torch.device | str = "cpu", announce: bool = True) -> SavedState:
-    """The newest intact checkpoint of the run at `output` (repaired): state/, else state.prev/ (saying so on stderr
-    in one line when `announce`). Raises `ConfigError` (one line) when there is none."""
+def open_state(output: str | Path, device: torch.device | str = "cpu", primary: bool = True) -> SavedState:
+    """The newest intact checkpoint of the run at `output` (repaired): state/, else state.prev/. On a fallback the
+    `primary` process (the one that writes) says so on stderr in one line and puts the intact checkpoint in place of
+    the damaged one, so that the next save keeps an intact fallback. Raises `ConfigError` (one line) when there is
+    no intact checkpoint."""
     from lwdetr.checkpoint import ModelLoadError
 
     output = Path(output)
@@ -238,8 +242,11 @@ def open_state(output: str | Path, device: torch.device | str = "cpu", announce:
         except (ConfigError, ModelLoadError) as error:
             failures.append(str(error))
             continue
-        if failures and announce:
+        if failures and primary:
             print(f"finetune: {failures[0]}; resuming from the previous checkpoint {saved.describe()}", file=sys.stderr)
+            if folder.name != STATE:
+                shutil.rmtree(output / STATE, ignore_errors=True)
+                os.rename(folder, output / STATE)
         return saved
     if failures:
         raise ConfigError(f"{failures[0]}; no intact earlier checkpoint to resume from")

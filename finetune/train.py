@@ -231,14 +231,14 @@ def _claim_output(config: TrainConfig, accelerator) -> None:
     `force`, which deletes that run's files first (not its extracted data/)."""
     output = Path(config.output)
     held = [name for name in ("state", "state.prev", "state.old", "metrics.jsonl") if (output / name).exists()]
-    if not held:
-        return
-    if not config.force:
+    if held and not config.force:
         raise ConfigError(
             f"{output} already holds a run ({held[0]}): continue it with --resume, choose another --output, "
             "or pass --force to start over there (its checkpoints and metrics are deleted)"
         )
-    if accelerator.is_main_process:
+    if not config.force:
+        return
+    if accelerator.is_main_process:  # every rank gets here (force is the same on all), whatever it saw on disk
         for name in ("state", "state.prev", "state.old", "best", "last"):
             shutil.rmtree(output / name, ignore_errors=True)
         for name in ("metrics.jsonl", "loss.png", "ap.png", "README.md"):
@@ -444,7 +444,8 @@ def train(
         return TrainResult(output_dir=Path(config.output), report=data.report.to_text())
     run = _setup(config, accelerator, data, callback)
     if config.resume and accelerator.is_main_process and run.progress.history:
-        _write_run_files(run)  # a kill after state/ was saved may have left them one epoch behind
+        with disk_full_guard(run.output, _FILES_BYTES):
+            _write_run_files(run)  # a kill after state/ was saved may have left them one epoch behind
     run.emit("start", message=_start_message(run))
     while run.progress.epoch < config.epochs and run.progress.step < run.plan.total_steps:
         finished_epoch = _train_epoch(run, stop_event)
@@ -497,7 +498,7 @@ def _setup(config: TrainConfig, accelerator, data, callback: Callback | None) ->
         with accelerator.main_process_first():  # one process finishes interrupted saves, then all read
             if accelerator.is_main_process:
                 repair_run_folder(output)
-            saved = open_state(output, accelerator.device, announce=accelerator.is_main_process)
+            saved = open_state(output, accelerator.device, primary=accelerator.is_main_process)
         model = saved.model
         if config.freeze_backbone:
             model.model.backbone.backbone.requires_grad_(False)

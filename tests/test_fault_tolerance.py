@@ -193,6 +193,9 @@ def test_a_truncated_state_falls_back_to_the_previous_checkpoint(reference, tmp_
     line = next(line for line in err.splitlines() if "previous checkpoint" in line)
     assert str(weights) in line and "state.prev/ (saved at step 4)" in line and "Traceback" not in err
     _assert_like_reference(run, reference)
+    # the damaged checkpoint is gone: the fallback is now the intact epoch-1 state
+    assert _state_step(run, "state.prev") == 4
+    assert load_file(str(run / "state.prev" / "model" / "model.safetensors"))
 
 
 def test_no_intact_checkpoint_is_one_line_naming_the_file(reference, tmp_path, capsys):
