@@ -3,6 +3,9 @@
 Every `TrainConfig` field is an option (`field_name` -> `--field-name`; booleans also have `--no-...`). The same
 command runs unchanged under `accelerate launch` or `torchrun --nproc_per_node K` (K processes, data shared out).
 Data problems print one line and exit with status 2; `--dry-run` prints the data validation report and exits 0.
+
+Resuming: `--resume --output RUN`, or `--resume` alone inside the run folder (else the default --output). The run
+continues in the folder given, wherever it now is (moved or copied), with its saved settings.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ HELP = {
     "share of train (--val-fraction)",
     "model": "starting point: a preset name (nano, tiny, small, medium, large, xlarge; random init), a local "
     "HF-format folder or a hub id (heads re-initialised for your classes)",
-    "output": "run folder: best/, last/, state/, metrics.jsonl, events.jsonl, plots, README.md",
+    "output": "run folder: best/, last/, state/, metrics.jsonl, events.jsonl, plots, README.md (a new run refuses a "
+    "folder that holds one: see --resume and --force)",
     "epochs": "number of epochs (with --resume: the total to reach)",
     "batch_size": "images per process and micro-batch",
     "image_size": "square training/eval size in pixels; a multiple of the model's size divisor (32 for nano, 64 for "
@@ -52,8 +56,12 @@ HELP = {
     "freeze_backbone": "do not train the ViT encoder",
     "multi_scale": "random square size per batch in 0.7..1.4 x image size",
     "augment": "flip, box-safe random crop and colour jitter",
-    "resume": "continue the run in --output from its saved state (its saved settings are used; --epochs, "
-    "--max-steps, --eval-every and --num-workers may be changed)",
+    "resume": "continue the run in --output (default: the current folder when it holds a run) from its last "
+    "checkpoint, wherever the folder now is; its saved settings are used (--epochs, --max-steps, --eval-every, "
+    "--num-workers, --threads and --save-every-steps may be changed; other settings that differ are refused)",
+    "force": "start a new run in an --output folder that already holds one, deleting its checkpoints and metrics",
+    "save_every_steps": "also save the state every N optimizer steps within an epoch, so that a kill loses at most "
+    "N steps (resume is exact); default: about every 10 minutes, from the measured step time; 0: epoch ends only",
     "num_workers": "DataLoader worker processes per training process",
     "threads": "torch CPU threads per process (default: the cores shared among the local processes)",
     "seed": "random seed (weights, shuffling, augmentation, validation hold-out)",
@@ -96,8 +104,16 @@ def config_from_args(argv: list[str]) -> TrainConfig:
 
         given.pop("command")  # the model card keeps the command that started the run
         given.pop("resume")
-        return resume_config(given.get("output", TrainConfig.output), **given)
+        return resume_config(given.pop("output", None) or _default_run_folder(), **given)
     return TrainConfig(**given)
+
+
+def _default_run_folder() -> str:
+    """`--resume` without --output: the current folder when it is a run, else the default output."""
+    here = Path.cwd()
+    if any((here / name / "trainer.json").is_file() for name in ("state", "state.old", "state.prev")):
+        return str(here)
+    return TrainConfig.output
 
 
 def _prepare_cpu_kernels(config: TrainConfig) -> None:
@@ -114,21 +130,22 @@ def _prepare_cpu_kernels(config: TrainConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from finetune.errors import DataError
+    from finetune.callbacks import EventLog, TqdmProgress, fan_out
+    from finetune.errors import DataError, DiskFullError
     from finetune.train import ConfigError, train
     from lwdetr.hub import ModelNotFoundError
 
+    progress = TqdmProgress()
     try:
         config = config_from_args(argv)
         if config.data is None and not config.resume:
             raise ConfigError("--data is required (or --resume with --output of an earlier run)")
-        from finetune.callbacks import EventLog, TqdmProgress, fan_out
-
         _prepare_cpu_kernels(config)
-        progress = fan_out(TqdmProgress(), EventLog(Path(config.output) / "events.jsonl"))
+        callback = fan_out(progress, EventLog(Path(config.output) / "events.jsonl"))
         with _stop_on_signals() as stop:
-            result = train(config, callback=progress, stop_event=stop)
-    except (DataError, ConfigError, ModelNotFoundError) as error:
+            result = train(config, callback=callback, stop_event=stop)
+    except (DataError, ConfigError, ModelNotFoundError, DiskFullError) as error:
+        progress.close()
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     if config.dry_run:

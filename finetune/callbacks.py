@@ -101,8 +101,14 @@ class TqdmProgress:
             self.bar.write(event.message)
         else:  # done / stopped
             self.bar.update(event.step - self.bar.n)
-            self.bar.close()
+            self.close()
             print(event.message)
+
+    def close(self) -> None:
+        """End the bar's line (also when the run fails, so that the error starts a line of its own)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class EventLog:

@@ -2,13 +2,16 @@
 
 Every write is atomic. Files go through a temporary file and `os.replace`; folders are written whole under a
 temporary name beside the target and swapped in (`atomic_folder`): the old folder is renamed aside, the new one
-renamed into place, the old one deleted. A kill between the two renames leaves `NAME.old` and no `NAME`, which
-`recover_folder` puts back, so at every moment one complete version exists.
+renamed into place, the old one deleted (or, with `keep`, kept as the fallback `NAME.prev`). A kill between the two
+renames leaves `NAME.old` and no `NAME`, which `recover_folder` puts back, so at every moment one complete version
+exists; `remove_leftovers` deletes what a killed write leaves behind (temporary files and folders). A full disk
+becomes a `DiskFullError` naming the folder and the bytes needed (`disk_full_guard`); the earlier version stays.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -18,12 +21,17 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from finetune.errors import DiskFullError
+from finetune.faults import crash_point
+
 __all__ = [
     "atomic_folder",
     "atomic_write_text",
+    "disk_full_guard",
     "model_card",
     "plot_history",
     "recover_folder",
+    "remove_leftovers",
     "save_model_folder",
     "write_metrics_jsonl",
 ]
@@ -44,24 +52,41 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def recover_folder(path: str | os.PathLike) -> None:
-    """Finish an interrupted swap: bring `NAME.old` back when `NAME` is missing; drop stale temporary folders."""
+def recover_folder(path: str | os.PathLike, keep: str | None = None) -> None:
+    """Finish an interrupted swap of folder `path` (see `atomic_folder`): bring `NAME.old` back when `NAME` is
+    missing, else make it the fallback `keep` (or delete it); drop stale temporary folders."""
     path = Path(path)
     old = path.with_name(path.name + ".old")
     if old.is_dir() and not path.exists():
         os.rename(old, path)
+    elif old.is_dir() and keep is not None:
+        kept = path.with_name(keep)
+        shutil.rmtree(kept, ignore_errors=True)
+        os.rename(old, kept)
     elif old.is_dir():
         shutil.rmtree(old, ignore_errors=True)
     for stale in path.parent.glob(f".{path.name}.*.partial"):
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def remove_leftovers(folder: str | os.PathLike, names: Sequence[str]) -> list[Path]:
+    """Delete the temporary files that killed atomic writes of `names` (files in `folder`) left; returns them."""
+    folder = Path(folder)
+    stale = [p for name in names for p in folder.glob(f".{name}.*") if p.is_file() and p.suffix in (".tmp", ".png")]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 @contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder to fill; on success it replaces `path` (see the module docstring)."""
+def atomic_folder(path: str | os.PathLike, keep: str | None = None) -> Iterator[Path]:
+    """Yield a temporary folder to fill; on success it replaces `path` (see the module docstring). With `keep`
+    (a sibling name), the replaced version is kept there as a fallback, replacing the one kept before."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    recover_folder(path)
+    recover_folder(path, keep)
+    if keep is not None:  # the fallback goes first, so that the disk holds at most two versions at any moment
+        shutil.rmtree(path.with_name(keep), ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield staging
@@ -71,11 +96,34 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         old = path.with_name(path.name + ".old")
         if path.exists():
             os.rename(path, old)
+        crash_point(f"{path.name}-swap")
         os.rename(staging, path)
+        if keep is not None and old.is_dir():
+            os.rename(old, path.with_name(keep))
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def disk_full_guard(folder: str | os.PathLike, needed_bytes: int) -> Iterator[None]:
+    """Turn "no space left on device" while writing into `folder` into a one-line `DiskFullError` saying how many
+    bytes the write needs and how many are free."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        try:
+            free = f"{shutil.disk_usage(folder).free:,} bytes free"
+        except OSError:
+            free = "free space unknown"
+        raise DiskFullError(
+            f"no space left on the device of {folder}: saving needs about {needed_bytes:,} bytes "
+            f"({needed_bytes / 2**20:.1f} MiB), {free}; the files saved before are intact: free some space, "
+            "then resume the run"
+        ) from None
 
 
 def save_model_folder(model, image_size: int, path: str | os.PathLike, card: str | None = None) -> Path:

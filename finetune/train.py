@@ -14,25 +14,25 @@ Run folder (`config.output`):
 
     best/  last/          HF-format model folders (config.json, model.safetensors, preprocessor_config.json,
                           README.md) with the evaluated weights (the EMA when on); best = highest validation AP
-    state/                what `resume=True` continues from: model/ (raw weights), ema.safetensors, optimizer.pt,
-                          rng.pt (python, numpy and torch RNG states of every rank), trainer.json (config,
-                          epoch, step, position in the epoch, best AP, history)
+    state/  state.prev/   what `resume=True` continues from, and the checkpoint before it (see `finetune.state`);
+                          saved at epoch ends, on a stop and every `save_every_steps` steps
     metrics.jsonl         one line per finished epoch: epoch, step, mean train losses, lr, AP metrics, times
     loss.png  ap.png      curves
     README.md             the model card (data summary, command, hyperparameters, metrics)
 
-All writes are atomic (see `finetune.export`): a kill at any moment leaves the previous good version.
+All writes are atomic (see `finetune.export`): a kill at any moment leaves the previous good version, and a resume
+repairs the folder first. A new run refuses a folder that holds one (unless `force`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
 import shlex
+import shutil
 import sys
 import threading
 import time
@@ -46,16 +46,21 @@ import torch
 
 from finetune.callbacks import Callback, EtaClock, TrainEvent
 from finetune.ema import ModelEma
+from finetune.errors import ConfigError
 from finetune.export import (
-    atomic_folder,
     atomic_write_text,
+    disk_full_guard,
     model_card,
     plot_history,
-    recover_folder,
     save_model_folder,
     write_metrics_jsonl,
 )
+from finetune.faults import crash_point
 from finetune.optim import OptimizerSettings, build_optimizer, lr_factor, set_lr
+from finetune.state import Progress as _Progress
+from finetune.state import apply_state as _load_state
+from finetune.state import open_state, repair_run_folder, saved_config
+from finetune.state import save_state as _save_state
 from lwdetr import host_sync
 
 __all__ = [
@@ -74,11 +79,14 @@ LOGGED_LOSSES = ("loss", "loss_ce", "loss_bbox", "loss_giou")
 _DEVICE_READ_EVERY = 20
 # Fields a resumed run takes from the config passed to `train` rather than from the saved run: to extend or re-pace
 # it. Everything else comes from the saved configuration; build the config with `resume_config(output)`.
-RESUME_OVERRIDES = ("epochs", "max_steps", "eval_every", "num_workers", "threads", "dry_run")
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work (image size, missing data, nothing to resume); the message is one line."""
+RESUME_OVERRIDES = ("epochs", "max_steps", "eval_every", "num_workers", "threads", "dry_run", "save_every_steps")
+# Without --save-every-steps a run saves its state about this often (from the measured step time), so that a kill
+# loses at most this much work.
+AUTO_SAVE_SECONDS = 600.0
+# Steps timed (after the first of a session) before the automatic interval is fixed.
+_AUTO_SAVE_TIMED_STEPS = 5
+# Room for metrics.jsonl, the plots, the model cards and the configs of a save.
+_FILES_BYTES = 1 << 20
 
 
 @dataclass
@@ -116,6 +124,8 @@ class TrainConfig:
     multi_scale: bool = True  # a random square size per batch in [0.7, 1.4] x image_size
     augment: bool = True  # flip, box-safe crop, colour jitter; False: plain resize
     resume: bool = False
+    force: bool = False  # start a new run in an output folder that holds one (its files are deleted first)
+    save_every_steps: int | None = None  # state/ every N steps too; None: about every 10 minutes; 0: epoch ends only
     num_workers: int = 2
     threads: int | None = None  # torch CPU threads per process; None: the machine's cores shared among processes
     seed: int = 0
@@ -131,7 +141,7 @@ class TrainConfig:
         defaults, parts = TrainConfig(), ["python", "-m", "finetune"]
         for spec in dataclasses.fields(self):
             value, flag = getattr(self, spec.name), "--" + spec.name.replace("_", "-")
-            if spec.name in ("command", "dry_run", "resume") or value is None:
+            if spec.name in ("command", "dry_run", "resume", "force") or value is None:
                 continue
             if spec.name not in always and value == getattr(defaults, spec.name):
                 continue
@@ -172,42 +182,69 @@ class TrainResult:
     report: str = ""  # the data validation report
 
 
-@dataclass
-class _Progress:
-    """The counters that make a run resumable; saved as state/trainer.json."""
-
-    epoch: int = 0  # epochs finished
-    batch_in_epoch: int = 0  # micro-batches of the current epoch already trained on
-    step: int = 0  # optimizer steps taken
-    best_ap: float = -1.0
-    best_epoch: int | None = None
-    elapsed: float = 0.0  # training seconds over all sessions
-    loss_sums: dict[str, float] = field(default_factory=dict)  # current epoch's per-step loss sums
-    loss_steps: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
 # ---------------------------------------------------------------------------------------------------- set-up
 
 
 def load_run_config(output: str | Path) -> TrainConfig:
-    """The configuration saved in a run folder's state (for `--resume`)."""
-    trainer = Path(output) / "state" / "trainer.json"
-    if not trainer.is_file():
-        raise ConfigError(f"{output}: nothing to resume (no state/trainer.json)")
-    return TrainConfig(**json.loads(trainer.read_text())["config"])
+    """The configuration saved in the run at `output` (for `--resume`), with `output` as its run folder wherever the
+    run now is (moved or copied). An interrupted save is finished first."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = {k: v for k, v in saved_config(output).items() if k in known}
+    return TrainConfig(**{**fields, "output": str(output)})
 
 
 def resume_config(output: str | Path, **changes: Any) -> TrainConfig:
-    """The configuration to pass to `train` to continue the run in `output`: the saved one, with `changes`
-    (e.g. `epochs=20` to extend it) and `resume=True`."""
-    return dataclasses.replace(load_run_config(output), **{**changes, "resume": True})
+    """The configuration to pass to `train` to continue the run in `output`: the saved one, with `changes` to the
+    `RESUME_OVERRIDES` fields (e.g. `epochs=20` to extend it) and `resume=True`. Other changes must equal the saved
+    values: a resumed run keeps its data and hyperparameters (`ConfigError` naming the first that differs)."""
+    saved = load_run_config(output)
+    for name, value in changes.items():
+        if name in (*RESUME_OVERRIDES, "output", "resume", "force", "command"):
+            continue
+        if not _same_setting(getattr(saved, name), value):
+            flag = "--" + name.replace("_", "-")
+            old = getattr(saved, name)
+            raise ConfigError(
+                f"{output}: a resumed run keeps its saved settings, but {flag} differs (saved {old!r}, given "
+                f"{value!r}): leave {flag} out to resume, or start a new run with another --output (or --force to "
+                "overwrite this one)"
+            )
+    allowed = {k: v for k, v in changes.items() if k in RESUME_OVERRIDES}
+    return dataclasses.replace(saved, **allowed, resume=True)
+
+
+def _same_setting(saved: Any, given: Any) -> bool:
+    if saved == given:
+        return True
+    if isinstance(saved, str) and isinstance(given, str) and Path(saved).exists() and Path(given).exists():
+        return Path(saved).resolve() == Path(given).resolve()
+    return False
 
 
 def _resume_config(config: TrainConfig) -> TrainConfig:
     """What a resumed run uses: the saved configuration, except the `RESUME_OVERRIDES` fields of `config`."""
     saved = load_run_config(config.output)
     return dataclasses.replace(saved, **{name: getattr(config, name) for name in RESUME_OVERRIDES}, resume=True)
+
+
+def _claim_output(config: TrainConfig, accelerator) -> None:
+    """A new run must not overwrite an earlier one by accident: refuse an output folder holding a run, unless
+    `force`, which deletes that run's files first (not its extracted data/)."""
+    output = Path(config.output)
+    held = [name for name in ("state", "state.prev", "state.old", "metrics.jsonl") if (output / name).exists()]
+    if held and not config.force:
+        raise ConfigError(
+            f"{output} already holds a run ({held[0]}): continue it with --resume, choose another --output, "
+            "or pass --force to start over there (its checkpoints and metrics are deleted)"
+        )
+    if not config.force:
+        return
+    if accelerator.is_main_process:  # every rank gets here (force is the same on all), whatever it saw on disk
+        for name in ("state", "state.prev", "state.old", "best", "last"):
+            shutil.rmtree(output / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "loss.png", "ap.png", "README.md"):
+            (output / name).unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
 
 
 def _make_accelerator(config: TrainConfig):
@@ -351,6 +388,9 @@ class _Run:
     callback: Callback | None
     output: Path
     clock: EtaClock = field(default_factory=lambda: EtaClock(0))
+    resumed_from: str = ""  # the checkpoint this session resumed from, e.g. "state/ (epoch 2, step 12)"
+    save_every: int | None = None  # steps between state saves within an epoch (None: not yet measured; 0: never)
+    timing_start: tuple[float, int] | None = None  # (time.monotonic(), step) where the step timing began
     session_start: float = 0.0  # time.monotonic() when this session started training
     elapsed_before: float = 0.0  # training seconds of earlier sessions
 
@@ -385,69 +425,6 @@ class _Run:
         )
 
 
-def _rng_state() -> dict[str, Any]:
-    """This process's random states in a form `torch.load(weights_only=True)` accepts (no numpy arrays)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        # a run saved on another machine may have had more (or fewer) GPUs than this one
-        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, index)
-
-
-def _save_state(run: _Run) -> None:
-    """Write state/ atomically (main process), with every rank's RNG state gathered to it."""
-    from accelerate.utils import gather_object
-    from safetensors.torch import save_file
-
-    acc = run.accelerator
-    rng_states = gather_object([_rng_state()]) if acc.num_processes > 1 else [_rng_state()]
-    if acc.is_main_process:
-        trainer = {"config": dataclasses.asdict(run.config), **dataclasses.asdict(run.progress)}
-        with atomic_folder(run.output / "state") as staging:
-            run.unwrapped.save_pretrained(staging / "model")
-            if run.ema is not None:
-                ema_tensors = {k: v.detach().cpu().contiguous() for k, v in run.ema.state_dict().items()}
-                save_file(ema_tensors, str(staging / "ema.safetensors"), metadata={"updates": str(run.ema.updates)})
-            torch.save(run.optimizer.state_dict(), staging / "optimizer.pt")
-            torch.save(rng_states, staging / "rng.pt")
-            (staging / "trainer.json").write_text(json.dumps(trainer, indent=1))
-    acc.wait_for_everyone()
-
-
-def _load_state(run: _Run, state_dir: Path) -> None:
-    """Restore optimizer, EMA, RNG and counters from state/ (the model weights were loaded when it was built)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    trainer = json.loads((state_dir / "trainer.json").read_text())
-    names = {f.name for f in dataclasses.fields(_Progress)}
-    run.progress = _Progress(**{k: v for k, v in trainer.items() if k in names})
-    # The run may have been saved on another device (a GPU run resumed on a CPU, or the reverse): its tensors load
-    # where this run trains, and a CUDA file loads at all on a machine without CUDA.
-    device = run.accelerator.device
-    run.optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", map_location=device, weights_only=True))
-    if run.ema is not None and (state_dir / "ema.safetensors").is_file():
-        with safe_open(str(state_dir / "ema.safetensors"), framework="pt") as handle:
-            updates = int(handle.metadata()["updates"])
-        tensors = load_file(str(state_dir / "ema.safetensors"), device=str(run.accelerator.device))
-        run.ema.load_state_dict(tensors, updates)
-    rng_states = torch.load(state_dir / "rng.pt", map_location="cpu", weights_only=True)  # RNG states are host bytes
-    _set_rng_state(rng_states[min(run.accelerator.process_index, len(rng_states) - 1)])
-
-
 # ------------------------------------------------------------------------------------------------------ the loop
 
 
@@ -465,16 +442,21 @@ def train(
         config = _resume_config(config)
     _check_config(config)
     accelerator = _make_accelerator(config)
+    if not config.resume and not config.dry_run:
+        _claim_output(config, accelerator)
     data = _load_data(config, accelerator)
     if config.dry_run:
         return TrainResult(output_dir=Path(config.output), report=data.report.to_text())
     run = _setup(config, accelerator, data, callback)
+    if config.resume and accelerator.is_main_process and run.progress.history:
+        with disk_full_guard(run.output, _FILES_BYTES):
+            _write_run_files(run)  # a kill after state/ was saved may have left them one epoch behind
     run.emit("start", message=_start_message(run))
     while run.progress.epoch < config.epochs and run.progress.step < run.plan.total_steps:
         finished_epoch = _train_epoch(run, stop_event)
         if not finished_epoch:
             run.touch_elapsed()
-            _save_last_and_state(run)
+            _save_guarded(run, last=True)
             run.emit("stopped", _last_metrics(run), f"stopped at step {run.progress.step}; resume with --resume")
             return _result(run, stopped=True)
         _end_epoch(run)
@@ -516,10 +498,15 @@ def _setup(config: TrainConfig, accelerator, data, callback: Callback | None) ->
     random.seed(config.seed)
     np.random.seed(config.seed)
     output = Path(config.output)
-    state_dir = output / "state"
+    saved = None
     if config.resume:
-        recover_folder(state_dir)
-        model = _model_from_state(config, state_dir)
+        with accelerator.main_process_first():  # one process finishes interrupted saves, then all read
+            if accelerator.is_main_process:
+                repair_run_folder(output)
+            saved = open_state(output, accelerator.device, primary=accelerator.is_main_process)
+        model = saved.model
+        if config.freeze_backbone:
+            model.model.backbone.backbone.requires_grad_(False)
     else:
         model = build_model(config, data.id2label)
     divisor, smallest = _size_limits(model)
@@ -549,22 +536,14 @@ def _setup(config: TrainConfig, accelerator, data, callback: Callback | None) ->
         callback,
         output,
     )
-    if config.resume:
-        _load_state(run, state_dir)
+    if saved is not None:
+        _load_state(run, saved)
+        run.resumed_from = saved.describe()
     run.clock = EtaClock(run.progress.step)
     run.session_start, run.elapsed_before = time.monotonic(), run.progress.elapsed
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
     return run
-
-
-def _model_from_state(config: TrainConfig, state_dir: Path):
-    from lwdetr.modeling import LwDetrForObjectDetection
-
-    model = LwDetrForObjectDetection.from_pretrained(state_dir / "model").train()
-    if config.freeze_backbone:
-        model.model.backbone.backbone.requires_grad_(False)
-    return model
 
 
 def _train_epoch(run: _Run, stop_event: threading.Event | None) -> bool:
@@ -583,6 +562,9 @@ def _train_epoch(run: _Run, stop_event: threading.Event | None) -> bool:
         num_workers=config.num_workers,
         pin_memory=acc.device.type == "cuda",
         persistent_workers=False,
+        # its own generator: a loader otherwise draws its workers' seed from the global RNG, one draw per loader,
+        # and a run resumed mid-epoch makes one more loader than an uninterrupted one
+        generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
     )
     log = _LossLog(run)
     for micro_batches in _chunks(loader, config.grad_accum):
@@ -590,13 +572,46 @@ def _train_epoch(run: _Run, stop_event: threading.Event | None) -> bool:
         progress.batch_in_epoch += len(micro_batches)
         log.add(losses)
         run.emit("step", {**log.read_if_due(), "lr": lr})
+        crash_point("step")
         if progress.step >= run.plan.total_steps:
             break
         if _stop_requested(stop_event, acc):
             log.read()
             return False
+        if progress.batch_in_epoch < run.plan.batches_per_epoch and _step_save_due(run):
+            log.read()  # the epoch's loss sums so far belong in the state
+            run.touch_elapsed()
+            _save_guarded(run, last=False)
     log.read()
     return True
+
+
+def _step_save_due(run: _Run) -> bool:
+    """Whether to save state/ after this step: every `save_every_steps` steps, or, by default, about every
+    `AUTO_SAVE_SECONDS` of training, as an interval in steps fixed from the first steps this session timed (the
+    same on every rank: all must save at the same step)."""
+    if run.save_every is None:
+        if run.config.save_every_steps is not None:
+            run.save_every = run.config.save_every_steps
+        else:
+            run.save_every = _auto_save_interval(run)
+            if run.save_every is None:
+                return False
+    return run.save_every > 0 and run.progress.step % run.save_every == 0
+
+
+def _auto_save_interval(run: _Run) -> int | None:
+    if run.timing_start is None:  # the first step of the session pays for warm-up: time from its end
+        run.timing_start = (time.monotonic(), run.progress.step)
+        return None
+    started, first_step = run.timing_start
+    timed = run.progress.step - first_step
+    if timed < _AUTO_SAVE_TIMED_STEPS:
+        return None
+    seconds = torch.tensor([(time.monotonic() - started) / timed], device=run.accelerator.device)
+    if run.accelerator.num_processes > 1:
+        seconds = run.accelerator.reduce(seconds, reduction="mean")
+    return max(1, int(AUTO_SAVE_SECONDS / max(seconds.item(), 1e-6)))
 
 
 class _LossLog:
@@ -731,14 +746,11 @@ def _end_epoch(run: _Run) -> None:
     improved = "AP" in metrics and metrics["AP"] > progress.best_ap
     if improved:
         progress.best_ap, progress.best_epoch = metrics["AP"], progress.epoch
-        if acc.is_main_process:
-            save_model_folder(run.eval_model, config.image_size, run.output / "best", _card(run, row))
-    _save_last_and_state(run)
+    _save_guarded(run, last=True, best_row=row if improved else None)
+    crash_point("epoch-saved")
     if acc.is_main_process:
-        write_metrics_jsonl(run.output / "metrics.jsonl", progress.history)
-        plot_history(progress.history, run.output)
-        best_row = next((r for r in progress.history if r["epoch"] == progress.best_epoch), None)
-        atomic_write_text(run.output / "README.md", _card(run, best_row))
+        with disk_full_guard(run.output, _FILES_BYTES):
+            _write_run_files(run)
     ap_text = f"AP {metrics['AP']:.3f} AP50 {metrics['AP50']:.3f}" if metrics else "not evaluated"
     run.emit("epoch", row, f"epoch {progress.epoch}/{config.epochs}: loss {row.get('loss', math.nan):.3f}, {ap_text}")
 
@@ -767,6 +779,41 @@ def _eval_part(row: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in row.items() if k.startswith(("AP", "AR"))}
 
 
+def _save_guarded(run: _Run, last: bool, best_row: dict[str, Any] | None = None) -> None:
+    """Save best/ (when `best_row`, the improved epoch's metrics, is given), last/ (when `last`) and state/; a full
+    disk becomes a one-line `DiskFullError` saying how many bytes these folders need."""
+    folders = (best_row is not None) + last
+    model_bytes = _tensor_bytes(run.unwrapped.state_dict())
+    needed = model_bytes * (folders + 1 + (run.ema is not None)) + _tensor_bytes(run.optimizer.state_dict()["state"])
+    with disk_full_guard(run.output, needed + _FILES_BYTES):
+        if run.accelerator.is_main_process and best_row is not None:
+            save_model_folder(run.eval_model, run.config.image_size, run.output / "best", _card(run, best_row))
+        if last:
+            _save_last_and_state(run)
+        else:
+            _save_state(run)
+
+
+def _tensor_bytes(tree: Any) -> int:
+    """The bytes of the tensors in a (nested) dict or list."""
+    if torch.is_tensor(tree):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, list | tuple):
+        return sum(_tensor_bytes(v) for v in tree)
+    return 0
+
+
+def _write_run_files(run: _Run) -> None:
+    """metrics.jsonl, loss.png, ap.png and README.md from the run's history (main process)."""
+    progress = run.progress
+    write_metrics_jsonl(run.output / "metrics.jsonl", progress.history)
+    plot_history(progress.history, run.output)
+    best_row = next((r for r in progress.history if r["epoch"] == progress.best_epoch), None)
+    atomic_write_text(run.output / "README.md", _card(run, best_row))
+
+
 def _save_last_and_state(run: _Run) -> None:
     if run.accelerator.is_main_process:
         evaluated = next((r for r in reversed(run.progress.history) if "AP" in r), None)
@@ -777,7 +824,7 @@ def _save_last_and_state(run: _Run) -> None:
 def _card(run: _Run, row: dict[str, Any] | None) -> str:
     """The model card, with the metrics of history `row` (an evaluated epoch) when given."""
     config = run.config
-    hidden = {"command", "dry_run", "resume"}
+    hidden = {"command", "dry_run", "resume", "force"}
     hyperparameters = {k: v for k, v in dataclasses.asdict(config).items() if k not in hidden}
     settings = config.optimizer_settings()  # the values in force where the config says "default"
     for name in ("lr_encoder", "layer_decay", "component_decay"):
@@ -801,7 +848,9 @@ def _last_metrics(run: _Run) -> dict[str, float]:
 
 def _start_message(run: _Run) -> str:
     config, plan = run.config, run.plan
-    where = f"resuming at epoch {run.progress.epoch + 1}, step {run.progress.step}" if config.resume else "starting"
+    where = "starting"
+    if config.resume:
+        where = f"resuming from {run.resumed_from} at epoch {run.progress.epoch + 1}, step {run.progress.step}"
     return (
         f"{where}: {len(run.train_set)} train / {len(run.val_set)} val images, {config.epochs} epochs x "
         f"{plan.steps_per_epoch} steps = {plan.total_steps} steps on {run.accelerator.num_processes} process(es), "
