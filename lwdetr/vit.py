@@ -20,7 +20,14 @@ from .checkpoint import PretrainedMixin
 from .config import LwDetrViTConfig
 from .cpu_kernels import attention_kernel
 from .feedforward import buffer_reusing_mlp, buffer_reusing_mlp_applies
-from .layers import activation_layer, derived_weights, onednn_usable, outside_tracing_on_cpu, pack_linear_weight
+from .layers import (
+    activation_layer,
+    derived_weights,
+    onednn_usable,
+    outside_tracing_on_cpu,
+    pack_linear_weight,
+    weights_generation,
+)
 from .outputs import ModelOutput, finish_output, forward_options
 
 __all__ = ["LwDetrViTBackbone", "ViTOutput"]
@@ -179,12 +186,12 @@ class ViTEmbeddings(nn.Module):
         """The position embedding resized (bicubic) to a `height x width` token grid: [1, height, width, dim].
 
         Without autograd (inference) the resized grid is cached per size; the key includes the parameter's storage
-        and version counter, so loading or editing the weights recomputes it.
+        version counter and the optimizer steps taken, so loading, editing or training the weights recomputes it.
         """
         table = self.position_embeddings
         if torch.is_grad_enabled() or torch.jit.is_tracing():
             return self._resize_position_grid(height, width)
-        key = (height, width, table.data_ptr(), table._version, table.dtype, table.device)
+        key = (height, width, weights_generation(), table.data_ptr(), table._version, table.dtype, table.device)
         if self._grid_cache is None or self._grid_cache[0] != key:
             self._grid_cache = (key, self._resize_position_grid(height, width))
         return self._grid_cache[1]
