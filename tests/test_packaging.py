@@ -1,5 +1,6 @@
 """`pip install .`: the wheel builds, holds the three packages and the kernel sources, declares what
-requirements.txt pins, and once installed its Python API and both CLIs work from a folder outside the repository.
+requirements.txt pins, and once installed its Python API and both CLIs work from a folder outside the repository;
+`import lwdetr` imports only what it needs.
 
 The wheel goes into a fresh virtual environment that sees the machine's packages (`--system-site-packages`, so
 torch and the rest are not downloaded) and is installed with `--no-deps`; every command runs with the venv's
@@ -24,6 +25,8 @@ from packaging.version import Version
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "examples" / "demo_model"
 DEMO_IMAGE = REPO / "examples" / "images" / "shapes_1.jpg"
+# Training and app dependencies: inference never needs them.
+NOT_FOR_INFERENCE = ("gradio", "accelerate", "albumentations", "pandas", "matplotlib", "pycocotools", "datasets")
 KERNEL_SOURCES = sorted(p.name for p in (REPO / "lwdetr" / "kernels").iterdir() if p.suffix in {".c", ".h"})
 # Run-time and checkout-only folders: copying them would only slow the build down.
 _NOT_SOURCES = shutil.ignore_patterns(
@@ -132,11 +135,13 @@ def test_installed_package_detects_from_another_folder(venv: Path, tmp_path: Pat
         "print(sorted(p.name for p in (package / 'kernels').iterdir()))\n"
         f"detector = lwdetr.Detector.from_pretrained({str(DEMO_MODEL)!r})\n"
         f"print(len(detector.predict({str(DEMO_IMAGE)!r})))\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({NOT_FOR_INFERENCE!r})))\n"
     )
     lines = _run([venv / "python", "-c", script], cwd=tmp_path).stdout.splitlines()
     assert "site-packages" in lines[0]  # the installed copy, not the checkout
     assert lines[1] == str(KERNEL_SOURCES)
     assert int(lines[2]) > 0
+    assert lines[3] == "[]"  # loading and running a model pulls in no training or app dependency
 
 
 def test_console_scripts_run(venv: Path, tmp_path: Path) -> None:
@@ -160,3 +165,34 @@ def test_export_without_onnx_says_what_to_install(tmp_path: Path) -> None:
         "lwdetr: error: ONNX export needs the onnx package: pip install onnx (or pip install 'lwdetr[onnx]')"
     ]
     assert not (tmp_path / "model.onnx").exists()
+
+
+def _modules_after(code: str, tmp_path: Path) -> set[str]:
+    """The top-level modules a fresh interpreter holds after running `code` (the checkout on the path)."""
+    script = f"import sys\n{code}\nprint(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))\n"
+    env = {**_clean_env(), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return set(done.stdout.split())
+
+
+def test_import_lwdetr_imports_no_framework(tmp_path: Path) -> None:
+    """`import lwdetr` costs a fraction of a second: the public names load on first use, transformers (seconds to
+    import) only with the config classes or a model."""
+    loaded = _modules_after("import lwdetr", tmp_path)
+    assert "lwdetr" in loaded
+    assert not loaded & {"transformers", "torch", *NOT_FOR_INFERENCE}
+
+
+def test_every_public_name_loads_on_first_use(tmp_path: Path) -> None:
+    code = (
+        "import lwdetr, transformers\n"
+        "missing = [name for name in lwdetr.__all__ if getattr(lwdetr, name, None) is None]\n"
+        "assert not missing, missing\n"
+        "assert lwdetr.LwDetrConfig is transformers.LwDetrConfig  # config.json round-trips through transformers\n"
+        "assert lwdetr.config.LwDetrViTConfig is transformers.LwDetrViTConfig\n"
+        "assert type(lwdetr.preset_config('nano')) is transformers.LwDetrConfig\n"
+        "assert sorted(lwdetr.__all__) == sorted(lwdetr._EXPORTS)\n"
+    )
+    loaded = _modules_after(code, tmp_path)
+    assert not loaded & set(NOT_FOR_INFERENCE)
