@@ -295,13 +295,15 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from .modeling import LwDetrForObjectDetection
-    from .onnx_export import export_onnx
+    from .onnx_export import OnnxMissingError, export_onnx, require_onnx
 
     try:
+        require_onnx()  # before loading the model: say what to install without making the user wait
+        from .modeling import LwDetrForObjectDetection
+
         model = LwDetrForObjectDetection.from_pretrained(args.model)
         path = export_onnx(model, args.output, image_size=tuple(args.image_size), opset=args.opset)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, OnnxMissingError) as error:
         _error(str(error).splitlines()[0] if str(error) else type(error).__name__)
         return _EXIT_FATAL
     print(f"lwdetr: wrote {path}", file=sys.stderr)

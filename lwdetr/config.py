@@ -4,14 +4,18 @@ The config classes are transformers' own (`LwDetrConfig`, `LwDetrViTConfig`), so
 either project reads in the other unchanged. The presets are plain data: the five published architectures
 (tiny .. xlarge, as on the hub under `AnnaZhang/lwdetr_*`) and `nano`, a much smaller model for CPU tests
 and quick demos.
+
+Importing transformers takes seconds, so the two classes are looked up on first use (`LwDetrConfig`,
+`preset_config`); `PRESETS` alone (the CLI's `--size` choices) imports nothing.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import LwDetrConfig, LwDetrViTConfig
+if TYPE_CHECKING:
+    from transformers import LwDetrConfig, LwDetrViTConfig
 
 __all__ = ["LwDetrConfig", "LwDetrViTConfig", "PRESETS", "preset_config"]
 
@@ -131,4 +135,15 @@ def preset_config(name: str, **overrides: Any) -> LwDetrConfig:
     backbone = {"image_size": 1024, **fields.pop("backbone"), **overrides.pop("backbone", {})}
     backbone["model_type"] = "lw_detr_vit"
     fields.update(overrides)
+    from transformers import LwDetrConfig
+
     return LwDetrConfig(backbone_config=backbone, **fields)
+
+
+def __getattr__(name: str) -> Any:
+    """`LwDetrConfig` and `LwDetrViTConfig`: transformers' classes, imported on first access."""
+    if name in ("LwDetrConfig", "LwDetrViTConfig"):
+        import transformers
+
+        return getattr(transformers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -10,7 +11,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["export_onnx"]
+__all__ = ["OnnxMissingError", "export_onnx", "require_onnx"]
+
+# torch's exporter serialises the graph through the onnx package, which the base install leaves out.
+ONNX_MISSING = "ONNX export needs the onnx package: pip install onnx (or pip install 'lwdetr[onnx]')"
+
+
+class OnnxMissingError(ImportError):
+    """The onnx package is not installed; the message says what to install."""
+
+
+def require_onnx() -> None:
+    """Raise `OnnxMissingError` (one line) unless the onnx package can be imported."""
+    if importlib.util.find_spec("onnx") is None:
+        raise OnnxMissingError(ONNX_MISSING)
 
 
 class _ExportWrapper(nn.Module):
@@ -39,6 +53,7 @@ def export_onnx(
     """
     if opset < 16:
         raise ValueError(f"opset {opset} is too old: grid_sample needs opset 16 or newer")
+    require_onnx()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = _ExportWrapper(copy.deepcopy(model).float().cpu().eval())
