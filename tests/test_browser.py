@@ -21,7 +21,7 @@ from test_app import REPO, bundled_or_test_assets, start_app_server, stop_app_se
 
 from lwdetr.detector import Detector
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+pytestmark = pytest.mark.browser  # in the default selection: the app as a person uses it
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
