@@ -1,0 +1,54 @@
+"""Regressions found by a red-team pass over issue 13 (hostile images, zips and app requests) with a fresh corpus.
+
+Each test holds a hostile input that got through the first round of fixes: a raw warning or traceback, a message
+naming a server-side staging folder, or an owner check that a forged request could pass.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lwdetr.images import ImageLoadError, load_image
+
+
+def _jpeg(size: tuple[int, int] = (24, 16)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (40, 120, 200)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def _truncated_lzw_tiff() -> bytes:
+    """An LZW TIFF cut short: Pillow warns about its EXIF directory before failing to identify it."""
+    buffer = io.BytesIO()
+    Image.effect_noise((96, 80), 40).convert("RGB").save(buffer, "TIFF", compression="tiff_lzw")
+    return buffer.getvalue()[:-300]
+
+
+def _malformed_mpo() -> bytes:
+    """A JPEG whose APP2 'MPF' block claims 100000 pictures: Pillow warns, then decodes the base JPEG."""
+    entries = struct.pack("<H", 3) + struct.pack("<HHII", 0xB000, 7, 4, 0x30303130)
+    entries += struct.pack("<HHII", 0xB001, 4, 1, 100000) + struct.pack("<HHII", 0xB002, 7, 16 * 100000, 50)
+    mpf = b"MPF\x00" + b"II*\x00\x08\x00\x00\x00" + entries + b"\x00" * 4
+    jpeg = _jpeg()
+    return jpeg[:2] + b"\xff\xe2" + struct.pack(">H", len(mpf) + 2) + mpf + jpeg[2:]
+
+
+@pytest.mark.parametrize("kind", ["truncated_lzw_tiff", "malformed_mpo"])
+def test_pillow_warnings_never_reach_the_user(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / f"{kind}.jpg"
+    path.write_bytes({"truncated_lzw_tiff": _truncated_lzw_tiff, "malformed_mpo": _malformed_mpo}[kind]())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            image = load_image(path)
+        except ImageLoadError as error:
+            assert str(error).startswith(str(path)) and "\n" not in str(error)
+        else:
+            assert image.mode == "RGB"
+    assert [str(w.message) for w in caught] == []
