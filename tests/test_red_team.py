@@ -9,11 +9,14 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from finetune.archive import safe_extract_zip
+from finetune.errors import DataError
 from lwdetr.images import ImageLoadError, load_image
 
 
@@ -52,3 +55,34 @@ def test_pillow_warnings_never_reach_the_user(tmp_path: Path, kind: str) -> None
         else:
             assert image.mode == "RGB"
     assert [str(w.message) for w in caught] == []
+
+
+def _zip(path: Path, entries: list[tuple[str, bytes] | zipfile.ZipInfo]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("set/train/a.jpg", _jpeg())
+        for entry in entries:
+            if isinstance(entry, zipfile.ZipInfo):
+                archive.writestr(entry, b"")
+            else:
+                archive.writestr(*entry)
+    return path
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [("set/clash", b"a file"), ("set/clash/inside.txt", b"then a file below it")],
+        [("set/clash", b"a file"), zipfile.ZipInfo("set/clash/")],
+        [zipfile.ZipInfo("set/" + "d" * 300 + "/")],
+    ],
+    ids=["file_then_file_below", "file_then_folder_entry", "folder_name_too_long"],
+)
+def test_unextractable_zip_entries_are_one_line_data_errors(tmp_path: Path, entries: list) -> None:
+    archive = _zip(tmp_path / "upload.zip", entries)
+    dest = tmp_path / "datasets" / "upload-1"
+    with pytest.raises(DataError) as caught:
+        safe_extract_zip(archive, dest)
+    message = str(caught.value)
+    assert message.startswith(f"{archive}: cannot extract entry 'set/") and "\n" not in message
+    assert ".partial" not in message and "datasets" not in message  # no staging folder named
+    assert list((tmp_path / "datasets").iterdir()) == []  # nothing left behind
