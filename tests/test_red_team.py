@@ -86,3 +86,30 @@ def test_unextractable_zip_entries_are_one_line_data_errors(tmp_path: Path, entr
     assert message.startswith(f"{archive}: cannot extract entry 'set/") and "\n" not in message
     assert ".partial" not in message and "datasets" not in message  # no staging folder named
     assert list((tmp_path / "datasets").iterdir()) == []  # nothing left behind
+
+
+@pytest.fixture
+def app_context(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from test_app import bundled_or_test_assets
+
+    from lwdetr_app.handlers import AppContext
+    from lwdetr_app.models import ModelChoice, ModelRegistry
+    from lwdetr_app.settings import AppSettings
+    from lwdetr_app.training import TrainingJob
+
+    model, examples, _ = bundled_or_test_assets(tmp_path / "assets")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "data" / "gradio"))
+    settings = AppSettings(data_dir=tmp_path / "data", demo_model_dir=model, examples_dir=examples[0].parent)
+    default = ModelChoice(str(model), "demo model (test)")
+    return AppContext(settings, default, ModelRegistry(device="cpu"), TrainingJob())
+
+
+def test_app_detects_on_a_thin_strip_image(app_context) -> None:
+    """A 20000x1 image is valid (the model sees it padded); shrinking it for display must not make it 0 px high."""
+    path = app_context.paths.gradio / ("0" * 32) / "strip.png"
+    path.parent.mkdir(parents=True)
+    Image.new("RGB", (20000, 1), (90, 90, 90)).save(path)
+    payload = {"path": str(path), "orig_name": "strip.png"}
+    raw, drawn, *_, status = app_context.detect(payload, app_context.default.ref, 0.3, 100, [])
+    assert raw is not None and raw["width"] == 20000, status
+    assert drawn.height >= 1 and "strip.png" in status
