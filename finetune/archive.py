@@ -157,12 +157,14 @@ def _extract_entries(
     written = 0
     for info, parts in entries:
         target = staging.joinpath(*parts)
-        if info.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
         entry_bytes = 0
         try:
+            # Folders are made inside the try too: a file and a folder of the same name, or a name too long for
+            # the file system, are this entry's fault, not a crash.
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
             with archive.open(info) as source, open(target, "xb") as sink:
                 while chunk := source.read(_CHUNK_BYTES):
                     written += len(chunk)
@@ -178,8 +180,10 @@ def _extract_entries(
                         )
                     sink.write(chunk)
         except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError) as error:
-            # Duplicate names, a file where a folder should be, bad CRC, unsupported compression.
-            raise DataError(f"{zip_path}: cannot extract entry {info.filename!r} ({error})") from error
+            # Duplicate names, a file where a folder should be, bad CRC, unsupported compression. An OSError's
+            # own text would name the staging folder; its reason is enough beside the entry's name.
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            raise DataError(f"{zip_path}: cannot extract entry {info.filename!r} ({reason})") from error
 
 
 def dataset_root(dest_dir: Path) -> Path:

@@ -218,8 +218,11 @@ def _decode(file: io.IOBase, name: str, max_pixels: int | None) -> Image.Image:
     """
     try:
         with warnings.catch_warnings():
-            # We enforce our own limit below; Pillow's warning would only duplicate it.
+            # We enforce our own limit below; Pillow's warning would only duplicate it. Pillow also warns (as raw
+            # two-line UserWarnings) about corrupt EXIF, short TIFF directories or malformed MPO data: a damaged
+            # file either decodes, or fails below with its one-line error; the warning would only add noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)
             image = Image.open(file, formats=DECODED_FORMATS)
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:

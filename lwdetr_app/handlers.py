@@ -234,7 +234,7 @@ class AppContext:
         image = image if image is not None else load_image(path, max_pixels=self.settings.max_image_pixels)
         scale = min(1.0, _DISPLAY_MAX_SIDE / max(image.size))
         if scale < 1.0:
-            image = image.resize((round(image.width * scale), round(image.height * scale)))
+            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
         with self._images_lock:
             self._images[path] = (image, scale)
             while len(self._images) > 16:
