@@ -1,4 +1,4 @@
-"""Hand-written CPU kernels, compiled on first use with the machine's C compiler and loaded with ctypes.
+"""Hand-written CPU kernels, compiled once per machine with its C compiler and loaded with ctypes.
 
 Softmax attention for LW-DETR's short heads, faster than PyTorch's CPU flash attention (`benchmarks/bench.py`):
 - `kernels/attention_avx512.c`: float32, forward and backward, head sizes 16, 32, 48 and 64, AVX-512;
@@ -10,7 +10,10 @@ Everything here is optional: without x86-64 Linux, the CPU features, a C compile
 with `LWDETR_CPU_KERNELS=0`, `attention_kernel()` and `deformable_kernel()` return None and the model uses
 `F.scaled_dot_product_attention` and `F.grid_sample`.
 The compiled libraries are cached under `$LWDETR_CACHE` (default `~/.cache/lwdetr/kernels`), keyed by the source
-and compiler flags, and written atomically.
+and compiler command, built under a file lock and written atomically. They are built on first use, or ahead of
+it: `start_background_build()` (the app and the predict CLI; PyTorch's ops run until it is done) and
+`prepare_kernels()` (training, so that every step runs the same ops). `kernel_status()` says which are active and
+why the others are off; the float32 kernels' absence is logged once at WARNING.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -159,6 +163,9 @@ def _compile(build: _Build) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
         if target.exists():
             return target
+        for leftover in folder.glob("tmp*"):  # a build whose process was killed mid-way
+            if leftover.is_dir() and time.time() - leftover.stat().st_mtime > 3600:
+                shutil.rmtree(leftover, ignore_errors=True)
         logger.info("compiling the CPU kernel %s (once per machine)", build.source)
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             built = Path(tmp) / target.name
