@@ -140,7 +140,7 @@ class AppContext:
     # ------------------------------------------------------------------ shared helpers
     def model_choices(self, owner: str | None = None) -> list[tuple[str, str]]:
         """The models `owner` may pick: the demo model, their own runs, the published checkpoints."""
-        choices = model_choices(self.paths.runs, self.settings.demo_model_dir, owner)
+        choices = model_choices(self.paths.runs, self.settings.demo_model_dir, owner, self.default.hub_reachable)
         if self.default.ref and self.default.ref not in [value for _, value in choices]:
             choices.insert(0, (self.default.ref, self.default.ref))
         return choices
@@ -348,11 +348,13 @@ class AppContext:
 
     def select_model(self, model_ref, active_ref, payload, threshold, max_detections, token=None,
                      request: gr.Request = None):  # fmt: skip
-        """A model picked (or typed): load it, reset the class filter, re-run on the current image."""
+        """A model picked (or typed): load it, reset the class filter, re-run on the current image. Outputs: the
+        active model, its status line, the class filter, the `detect` outputs, then the picker (set back to the
+        active model when the pick fails to load)."""
         owner = owner_key(token, request)
         model_ref = str(model_ref or "").strip()
         if not model_ref or model_ref == active_ref:
-            return (gr.skip(),) * 10
+            return (gr.skip(),) * 11
         try:
             if not self.allowed_model(model_ref, owner=owner):
                 raise ValueError("not offered here: pick a published checkpoint, the demo model or a run made here")
@@ -361,10 +363,10 @@ class AppContext:
             message = f"Cannot load model {one_line(model_ref, limit=100)}: {self.public_line(error)}"
             gr.Warning(message)
             status = self.model_status(active_ref) + f"\n\n⚠️ {message} Still using the previous model."
-            return (gr.skip(), status, *(gr.skip(),) * 8)
+            return (gr.skip(), status, *(gr.skip(),) * 8, gr.update(value=active_ref))
         classes = gr.update(choices=self.class_names(model_ref), value=[])
         outputs = self.detect(payload, model_ref, threshold, max_detections, [])
-        return (model_ref, self.model_status(model_ref, owner=owner), classes, *outputs)
+        return (model_ref, self.model_status(model_ref, owner=owner), classes, *outputs, gr.skip())
 
     def detect_api(self, image: Any, threshold: float = 0.4) -> list[dict[str, Any]]:
         """`/detect`: the default model's detections scoring at least `threshold` (at most 100), best first.

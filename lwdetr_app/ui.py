@@ -63,7 +63,7 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
             )  # fmt: skip
         d["model"].change(
             ctx.select_model, [d["model"], active_model, d["image"], d["threshold"], d["max_det"], owner],
-            [active_model, d["model_status"], d["classes"], *detect_outputs], preprocess=False,
+            [active_model, d["model_status"], d["classes"], *detect_outputs, d["model"]], preprocess=False,
             concurrency_id="inference", concurrency_limit=2, **private,
         )  # fmt: skip
         d["api_button"].click(
@@ -100,6 +100,16 @@ def _model_info(ctx: AppContext, offered: str) -> str:
     return f"{offered}, or a hub id or local model folder" if ctx.settings.custom_models else offered
 
 
+def _offered(ctx: AppContext, offered: str) -> str:
+    """`offered`, or when the hub did not answer at start-up, that published checkpoints need it (only cached ones
+    are in the list)."""
+    if ctx.default.hub_reachable:
+        return offered
+    return (
+        "The bundled demo model or a run fine-tuned here (published checkpoints need the Hugging Face hub: unreachable)"
+    )
+
+
 def _detect_tab(ctx: AppContext) -> dict[str, Any]:
     c: dict[str, Any] = {}
     c["model_status"] = gr.Markdown(ctx.model_status(ctx.default.ref), elem_id="model-status")
@@ -111,7 +121,7 @@ def _detect_tab(ctx: AppContext) -> dict[str, Any]:
             c["model"] = gr.Dropdown(
                 ctx.model_choices(), value=ctx.default.ref, allow_custom_value=ctx.settings.custom_models,
                 label="Model",
-                info=_model_info(ctx, "A published checkpoint or a run fine-tuned here"),
+                info=_model_info(ctx, _offered(ctx, "A published checkpoint or a run fine-tuned here")),
                 elem_id="model-picker",
             )  # fmt: skip
             c["threshold"] = gr.Slider(
