@@ -52,10 +52,13 @@ from .training import (
     snapshot_from_disk,
 )
 
-__all__ = ["AppContext", "empty_table", "metrics_frame", "runs_frame"]
+__all__ = ["AP_SERIES", "LOG_TAIL", "LOSS_SERIES", "AppContext", "empty_table", "metrics_frame", "runs_frame"]
 
 _DISPLAY_MAX_SIDE = 1600  # the drawn image is shown at most this large; the table keeps original pixels
 _LOSS_COLUMNS = ["epoch", "series", "value"]
+LOSS_SERIES = ("loss (step)", "loss (epoch mean)")
+AP_SERIES = ("AP", "AP50", "AP75")
+LOG_TAIL = 10  # the Log box shows the newest lines only: it opens scrolled to the top
 _RUN_COLUMNS = ["run", "state", "best AP", "ended"]
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _RESULT_ID = re.compile(r"[0-9a-f]{32}")
@@ -578,20 +581,20 @@ class AppContext:
             return (
                 {"view": signature, "runs": runs_signature}, f"**Job:** {snap.busy_line()}", None, None, "",
                 metrics_frame({}), gr.update(value=None, interactive=False), gr.update(interactive=False),
-                gr.update(interactive=False), gr.update(interactive=False), *pickers, *run_controls,
+                gr.update(interactive=False), _stop_button(False), *pickers, *run_controls,
             )  # fmt: skip
         finished = snap.state in ("done", "stopped") and snap.model_dir is not None
         return (
             {"view": signature, "runs": runs_signature},
             self.public(_status_markdown(snap)),
-            _plot_frame(snap.loss_points),
-            _plot_frame(snap.ap_points),
-            self.public("\n".join(snap.log)),
+            _plot_update(snap.loss_points, LOSS_SERIES, snap.epochs),
+            _plot_update(snap.ap_points, AP_SERIES, snap.epochs),
+            self.public("\n".join(snap.log[-LOG_TAIL:])),
             metrics_frame(snap.metrics),
             gr.update(value=self._handout(snap.weights_zip), interactive=bool(snap.weights_zip)),
             gr.update(interactive=finished),
             gr.update(interactive=not snap.running),
-            gr.update(interactive=snap.running and snap.state != "stopping"),
+            _stop_button(snap.running and snap.state != "stopping"),
             *pickers,
             *run_controls,
         )
@@ -629,12 +632,23 @@ def _status_markdown(snap: JobSnapshot) -> str:
     return f"**Job:** {snap.summary()}"
 
 
-def _plot_frame(points) -> pd.DataFrame | None:
-    # None, not an empty frame, when there is nothing yet: a LinePlot that starts from an empty frame keeps an
-    # empty colour domain and never draws the series that arrive later.
+def _stop_button(active: bool) -> dict:
+    # A disabled button keeps its red "stop" look (only slightly faded): grey it, so it does not look clickable.
+    return gr.update(interactive=active, variant="stop" if active else "secondary")
+
+
+def _plot_update(points, series: tuple[str, ...], epochs: int) -> dict | None:
+    """A plot's data and x range 0..epochs (a fixed range gets round tick labels that do not overlap).
+
+    None, not an empty frame, when there is nothing yet. The frame holds a row without a value for each of `series`
+    not measured yet: Gradio's plots fix their colour domain when they first draw and only swap the data after that,
+    so a series first seen later (the epoch-mean loss) would not be drawn until the page is reloaded.
+    """
     if not points:
         return None
-    return pd.DataFrame(list(points), columns=_LOSS_COLUMNS).astype({"epoch": float, "value": float})
+    rows = list(points) + [(0.0, name, None) for name in series if name not in {p[1] for p in points}]
+    frame = pd.DataFrame(rows, columns=_LOSS_COLUMNS).astype({"epoch": float, "value": float})
+    return gr.update(value=frame, x_lim=[0, max(1, int(epochs))])
 
 
 def metrics_frame(metrics: dict[str, float]) -> pd.DataFrame:

@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 
 from . import detection
-from .handlers import AppContext, empty_table, metrics_frame, runs_frame
+from .handlers import AP_SERIES, LOG_TAIL, LOSS_SERIES, AppContext, empty_table, metrics_frame, runs_frame
 
 __all__ = ["AppContext", "build_demo"]
 
@@ -191,27 +191,26 @@ def _train_tab(ctx: AppContext) -> dict[str, Any]:
             c["freeze"] = gr.Checkbox(False, label="Freeze backbone", elem_id="freeze")
             with gr.Row():
                 c["start"] = gr.Button("Start", variant="primary", elem_id="start-training")
-                c["stop"] = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop-training")
+                c["stop"] = gr.Button("Stop", variant="secondary", interactive=False, elem_id="stop-training")
     gr.Markdown("### 3 · Training")
     c["status"] = gr.Markdown("**Job:** No training job yet.", elem_id="train-status")
     c["progress"] = gr.Textbox(label="Progress", interactive=False, elem_id="train-progress")
     with gr.Row():
         c["loss_plot"] = gr.LinePlot(
-            None,
-            x="epoch",
-            y="value",
-            color="series",
-            title="Training loss",
-            height=260,
-            elem_id="loss-plot",
-            color_map={"loss (step)": "#1f77b4", "loss (epoch mean)": "#ff7f0e"},
-        )
-        c["ap_plot"] = gr.LinePlot(
-            None, x="epoch", y="value", color="series", title="Validation AP", y_lim=[0, 1], height=260,
-            color_map={"AP": "#2ca02c", "AP50": "#1f77b4", "AP75": "#d62728"},
-            elem_id="ap-plot",
+            None, x="epoch", y="value", color="series", title="Training loss", height=260, elem_id="loss-plot",
+            color_map=dict(zip(LOSS_SERIES, ("#1f77b4", "#ff7f0e"))),
         )  # fmt: skip
-    c["log"] = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False, elem_id="train-log")
+        # Points, not lines: one evaluation per epoch, and a line through a single point (epoch 1) draws nothing.
+        c["ap_plot"] = gr.ScatterPlot(
+            None, x="epoch", y="value", color="series", title="Validation AP (each epoch)", y_lim=[0, 1], height=260,
+            color_map=dict(zip(AP_SERIES, ("#2ca02c", "#1f77b4", "#d62728"))), elem_id="ap-plot",
+        )  # fmt: skip
+    # Only the newest lines, in a box tall enough for them: Gradio's autoscroll follows the end only once the box
+    # has been scrolled there, so a box filled at once (a reload, a tab switch) would show its oldest lines.
+    c["log"] = gr.Textbox(
+        label="Log (newest lines)", lines=LOG_TAIL, max_lines=2 * LOG_TAIL, autoscroll=True, interactive=False,
+        elem_id="train-log",
+    )  # fmt: skip
     c["metrics"] = gr.Dataframe(
         metrics_frame({}), headers=["metric", "value"], label="Best metrics", interactive=False, elem_id="metrics"
     )

@@ -13,6 +13,9 @@ from test_app import ALICE, assets, ctx  # noqa: F401 - pytest fixtures
 
 from lwdetr_app import models
 from lwdetr_app.models import ModelChoice, choose_default_model, model_choices
+from lwdetr_app.runs import owner_key
+from lwdetr_app.training import JobSnapshot
+from lwdetr_app.ui import build_demo
 
 # ------------------------------------------------------------------------------------------------ model picker
 
@@ -50,3 +53,44 @@ def test_offline_app_offers_no_hub_checkpoint_and_a_failed_pick_resets_the_picke
     assert failed[-1] == gr.update(value=ctx.default.ref)  # the picker shows the model still in use
     assert "Still using the previous model" in failed[1]
     assert ctx.select_model(ctx.default.ref, ctx.default.ref, None, 0.5, 100)[-1] == gr.skip()
+
+
+# ------------------------------------------------------------------------------------------------ training panel
+
+
+def _poll_with(ctx, monkeypatch, **fields):  # noqa: F811
+    """`ctx.poll` as ALICE sees her own job in the state `fields` describe."""
+    snap = JobSnapshot(version=1, runs_version=0, owner=owner_key(None, ALICE), run_name="run", **fields)
+    monkeypatch.setattr(ctx.job, "snapshot", lambda: snap)
+    return ctx.poll(None, None, ALICE)
+
+
+def test_log_box_shows_the_newest_lines(ctx, monkeypatch):  # noqa: F811
+    lines = tuple(f"line {i}" for i in range(200))
+    log = _poll_with(ctx, monkeypatch, state="running", epochs=10, log=lines)[4]
+    shown = log.splitlines()
+    assert shown[-1] == "line 199" and len(shown) <= 10 and "line 0" not in shown
+
+
+def test_loss_plot_knows_the_epoch_mean_series_before_it_arrives(ctx, monkeypatch):  # noqa: F811
+    steps = tuple((i / 4, "loss (step)", 10.0 - i) for i in range(1, 4))
+    loss = _poll_with(ctx, monkeypatch, state="running", epochs=10, loss_points=steps)[2]
+    frame = loss["value"]
+    assert set(frame["series"]) == {"loss (step)", "loss (epoch mean)"}  # the colour domain is fixed at first draw
+    assert frame[frame["series"] == "loss (epoch mean)"]["value"].isna().all()  # ... but nothing is drawn for it
+    assert loss["x_lim"] == [0, 10]  # a fixed range: round ticks, no overlapping labels
+
+
+def test_ap_after_one_epoch_is_drawn_as_points(ctx, monkeypatch):  # noqa: F811
+    ap = tuple((1.0, key, value) for key, value in (("AP", 0.2), ("AP50", 0.4), ("AP75", 0.1)))
+    update = _poll_with(ctx, monkeypatch, state="running", epoch=1, epochs=10, ap_points=ap)[3]
+    assert list(update["value"]["value"]) == [0.2, 0.4, 0.1] and update["x_lim"] == [0, 10]
+    plot = next(c for c in build_demo(ctx).blocks.values() if getattr(c, "elem_id", None) == "ap-plot")
+    assert isinstance(plot, gr.ScatterPlot)  # a line through a single point draws nothing
+
+
+def test_disabled_stop_button_is_grey(ctx, monkeypatch):  # noqa: F811
+    assert _poll_with(ctx, monkeypatch, state="running")[9] == gr.update(interactive=True, variant="stop")
+    assert _poll_with(ctx, monkeypatch, state="done")[9] == gr.update(interactive=False, variant="secondary")
+    stop = next(c for c in build_demo(ctx).blocks.values() if getattr(c, "elem_id", None) == "stop-training")
+    assert stop.variant == "secondary" and not stop.interactive
