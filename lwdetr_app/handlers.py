@@ -292,7 +292,7 @@ class AppContext:
         }
 
     def render(self, raw: dict | None, threshold: Any, max_detections: Any, classes: Any, *_ignored: Any):
-        """(drawn image, table, count, inference time, JSON file) for the detections passing the filters.
+        """(drawn image, table, count, inference time, JSON file, status line) for the detections passing the filters.
 
         The JSON file goes to results/<the detection's server-side id>/; `gr.Error` for a bad threshold or maximum.
         """
@@ -300,7 +300,7 @@ class AppContext:
         max_detections = int(_number(max_detections, "Max detections", 0, detection.FLOOR_MAX_DETECTIONS))
         classes = [str(name) for name in classes] if isinstance(classes, (list, tuple)) else []
         if not raw:
-            return None, empty_table(), 0, "", gr.update(value=None, interactive=False)
+            return None, empty_table(), 0, "", gr.update(value=None, interactive=False), ""
         kept = detection.filter_detections(raw["detections"], threshold, max_detections, classes)
         image, scale = self._display_image(raw["image_path"])
         shown = [{**d, "box": [v * scale for v in d["box"]]} for d in kept] if scale < 1.0 else kept
@@ -308,7 +308,9 @@ class AppContext:
         results = detection.coco_results(kept, detection.image_id_from_name(raw["name"]))
         json_path = self._write_results(raw, results)
         timing = f"{raw['seconds'] * 1000:.0f} ms" + (f" ({raw['kernels']})" if raw.get("kernels") else "")
-        return detection.draw(image, shown), table, len(kept), timing, gr.update(value=str(json_path), interactive=True)
+        status = detection.status_line(raw["detections"], kept, threshold, classes, raw["name"])
+        drawn = detection.draw(image, shown)
+        return drawn, table, len(kept), timing, gr.update(value=str(json_path), interactive=True), status
 
     def _write_results(self, raw: dict, results: list[dict]) -> Path:
         """results/<id>/<image stem>_detections.json, written atomically; the results/ budget checked now and then."""
@@ -330,21 +332,20 @@ class AppContext:
     def detect(self, payload, model_ref, threshold, max_detections, classes, *_ignored):
         """New image: run the model, then filter. Outputs: raw state, then the `render` outputs, then a status."""
         if payload is None:
-            return None, *self.render(None, threshold, max_detections, classes), ""
+            return None, *self.render(None, threshold, max_detections, classes)
         try:
             raw = self.run(payload, model_ref)
         except ImageLoadError as error:
             message = self.public_line(error)
             gr.Warning(f"Cannot read this image: {message}")
-            return None, *self.render(None, threshold, max_detections, classes), f"⚠️ {message}"
+            return None, *self.render(None, threshold, max_detections, classes)[:5], f"⚠️ {message}"
         except gr.Error:
             raise
         except Exception as error:  # noqa: BLE001 - model folder or hub problems: say so, keep serving
             message = f"Cannot run model {self.model_label(model_ref)}: {self.public_line(error)}"
             gr.Warning(message)
-            return None, *self.render(None, threshold, max_detections, classes), f"⚠️ {message}"
-        outputs = self.render(raw, threshold, max_detections, classes)
-        return raw, *outputs, f"{len(raw['detections'])} candidate boxes from {raw['name']}; filters apply instantly."
+            return None, *self.render(None, threshold, max_detections, classes)[:5], f"⚠️ {message}"
+        return raw, *self.render(raw, threshold, max_detections, classes)
 
     def refilter(self, raw, threshold, max_detections, classes):
         return self.render(raw, threshold, max_detections, classes)

@@ -46,8 +46,8 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
 
         d, t = detect_ui, train_ui
         filters = [d["threshold"], d["max_det"], d["classes"]]
-        render_outputs = [d["output"], d["table"], d["count"], d["timing"], d["json"]]
-        detect_outputs = [raw_state, *render_outputs, d["status"]]
+        render_outputs = [d["output"], d["table"], d["count"], d["timing"], d["json"], d["status"]]
+        detect_outputs = [raw_state, *render_outputs]
         d["image"].change(
             ctx.detect, [d["image"], active_model, *filters], detect_outputs, preprocess=False,
             api_name="detect_new_image", concurrency_id="inference", concurrency_limit=2, **private,
@@ -118,6 +118,12 @@ def _detect_tab(ctx: AppContext) -> dict[str, Any]:
             c["image"] = gr.Image(
                 type="filepath", sources=["upload", "webcam", "clipboard"], label="Image", elem_id="input-image"
             )
+            examples = ctx.example_images()
+            if examples:  # right under the image: below the table they were out of sight on a laptop screen
+                gr.Examples(
+                    [[path] for path in examples], inputs=[c["image"]], label="Examples: click one to try it",
+                    cache_examples=False, examples_per_page=6,
+                )  # fmt: skip
             c["model"] = gr.Dropdown(
                 ctx.model_choices(), value=ctx.default.ref, allow_custom_value=ctx.settings.custom_models,
                 label="Model",
@@ -150,9 +156,6 @@ def _detect_tab(ctx: AppContext) -> dict[str, Any]:
         empty_table(), headers=detection.COLUMNS, label="Boxes (original pixels)", interactive=False,
         elem_id="detections-table", max_height=420,
     )  # fmt: skip
-    examples = ctx.example_images()
-    if examples:
-        gr.Examples([[path] for path in examples], inputs=[c["image"]], label="Examples", cache_examples=False)
     c["api_button"] = gr.Button(visible=False)
     c["api_json"] = gr.JSON(visible=False)
     return c

@@ -94,3 +94,31 @@ def test_disabled_stop_button_is_grey(ctx, monkeypatch):  # noqa: F811
     assert _poll_with(ctx, monkeypatch, state="done")[9] == gr.update(interactive=False, variant="secondary")
     stop = next(c for c in build_demo(ctx).blocks.values() if getattr(c, "elem_id", None) == "stop-training")
     assert stop.variant == "secondary" and not stop.interactive
+
+
+# ------------------------------------------------------------------------------------------------ Detect tab
+
+
+def test_no_detection_left_says_the_top_score_and_what_to_lower(ctx, assets):  # noqa: F811
+    raw, *outputs, status = ctx.detect(str(assets[1][0]), ctx.default.ref, 0.3, 100, [])
+    best = max(raw["detections"], key=lambda d: d["score"])
+    image, table, count, timing, json_file, hint = ctx.refilter(raw, 1.0, 100, [])
+    assert count == 0 and table.empty
+    assert f"the best is {best['label']} at {best['score']:.2f}" in hint and "Lower the score threshold" in hint
+    suggested = float(hint.rsplit("about ", 1)[1].split(" ")[0])
+    assert suggested <= best["score"] and ctx.refilter(raw, suggested, 100, [])[2] >= 1  # the advice works
+    assert "candidate boxes" in ctx.refilter(raw, 0.01, 100, [])[5]
+    assert "class filter" in ctx.refilter(raw, 0.01, 100, ["no-such-class"])[5]
+
+
+def test_examples_sit_right_under_the_image(ctx):  # noqa: F811
+    demo = build_demo(ctx)
+    ids = {getattr(block, "elem_id", None): block_id for block_id, block in demo.blocks.items()}
+    order = _layout_order(demo.config["layout"])
+    examples = next(b for b, block in demo.blocks.items() if isinstance(block, gr.Dataset))
+    assert order.index(ids["input-image"]) < order.index(examples) < order.index(ids["model-picker"])
+
+
+def _layout_order(node) -> list[int]:
+    """Component ids in page order (depth first through Gradio's layout tree)."""
+    return [node["id"], *(i for child in node.get("children", []) for i in _layout_order(child))]
