@@ -171,9 +171,11 @@ def _train_tab(ctx: AppContext) -> dict[str, Any]:
             c["report"] = gr.Textbox(
                 label="Validation report", lines=10, max_lines=24, interactive=False, elem_id="dataset-report"
             )
+            # One large image with its file name under it (not over it, as in the grid) and the others as thumbnails.
             c["gallery"] = gr.Gallery(
-                label="Training images with their ground-truth boxes", columns=3, height=300, elem_id="dataset-gallery"
-            )
+                label="Training images with their ground-truth boxes", preview=True, columns=6, height=460,
+                object_fit="contain", elem_id="dataset-gallery",
+            )  # fmt: skip
         with gr.Column(scale=1):
             gr.Markdown("### 2 · Settings")
             c["base_model"] = gr.Dropdown(

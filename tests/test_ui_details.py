@@ -6,12 +6,17 @@ are near the top, and the disabled Stop button does not look active. `tests/test
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import gradio as gr
+import numpy as np
+from PIL import Image
 from test_app import ALICE, assets, ctx  # noqa: F401 - pytest fixtures
 
 from lwdetr_app import models
+from lwdetr_app.datasets import inspect_dataset
 from lwdetr_app.models import ModelChoice, choose_default_model, model_choices
 from lwdetr_app.runs import owner_key
 from lwdetr_app.training import JobSnapshot
@@ -122,3 +127,39 @@ def test_examples_sit_right_under_the_image(ctx):  # noqa: F811
 def _layout_order(node) -> list[int]:
     """Component ids in page order (depth first through Gradio's layout tree)."""
     return [node["id"], *(i for child in node.get("children", []) for i in _layout_order(child))]
+
+
+# ------------------------------------------------------------------------------------------------ dataset preview
+
+
+def _one_box_dataset(root: Path) -> Path:
+    """A Roboflow-style COCO folder: black 640x640 images, one 'gear' box each."""
+    for split in ("train", "valid"):
+        folder = root / split
+        folder.mkdir(parents=True)
+        Image.new("RGB", (640, 640)).save(folder / "black.png")
+        coco = {
+            "images": [{"id": 1, "file_name": "black.png", "width": 640, "height": 640}],
+            "annotations": [
+                {"id": 1, "image_id": 1, "category_id": 1, "bbox": [100, 300, 300, 200], "area": 6e4, "iscrowd": 0}
+            ],  # fmt: skip
+            "categories": [{"id": 1, "name": "gear"}],
+        }
+        (folder / "_annotations.coco.json").write_text(json.dumps(coco))
+    return root
+
+
+def test_dataset_preview_labels_are_readable_in_the_gallery(tmp_path):
+    preview = inspect_dataset(_one_box_dataset(tmp_path / "data"), work_dir=tmp_path / "work")
+    assert preview.ok, preview.report
+    image, caption = preview.images[0]
+    pixels = np.asarray(image)
+    tag_rows = int(((pixels[:240].max(axis=2) > 30).sum(axis=1) >= 40).sum())  # the tag sits above the box
+    # The gallery shows the 512-px preview at 250-350 px: a tag must be 20+ px high to read ~10 px there.
+    assert tag_rows >= 20, tag_rows
+    assert caption == "black.png (1 boxes)"
+
+
+def test_dataset_gallery_shows_captions_under_one_large_image(ctx):  # noqa: F811
+    gallery = next(c for c in build_demo(ctx).blocks.values() if getattr(c, "elem_id", None) == "dataset-gallery")
+    assert gallery.preview  # in the grid, Gradio lays each caption over the bottom of its image
