@@ -71,8 +71,14 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
             concurrency_id="inference", concurrency_limit=2,
         )  # fmt: skip
 
-        t["zip"].upload(ctx.use_zip, t["zip"], [dataset_state, t["report"], t["gallery"]], **private)
-        t["synthetic"].click(ctx.use_synthetic, None, [dataset_state, t["report"], t["gallery"]], **private)
+        dataset_outputs = [dataset_state, t["report"], t["gallery"]]
+        # Then open the gallery on its first image: large, its file name under it (in the grid, over each image).
+        t["zip"].upload(ctx.use_zip, t["zip"], dataset_outputs, **private).then(
+            _open_first, None, t["gallery"], show_progress="hidden", **private
+        )
+        t["synthetic"].click(ctx.use_synthetic, None, dataset_outputs, **private).then(
+            _open_first, None, t["gallery"], show_progress="hidden", **private
+        )
         settings = [t["base_model"], t["epochs"], t["batch_size"], t["image_size"], t["lr"], t["freeze"]]
         t["start"].click(
             ctx.start_training, [dataset_state, *settings, owner], t["status"], preprocess=False, **private
@@ -93,6 +99,10 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
         demo.load(ctx.identify, owner, [owner, d["model"], t["base_model"]], **private)
         demo.load(ctx.follow_training, owner, t["progress"], concurrency_limit=None, **private)
     return demo
+
+
+def _open_first() -> dict:
+    return gr.update(selected_index=0)
 
 
 def _model_info(ctx: AppContext, offered: str) -> str:
