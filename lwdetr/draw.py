@@ -33,15 +33,18 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def draw_detections(image: Image.Image, detections: Iterable[Detection], show_scores: bool = True) -> Image.Image:
+def draw_detections(
+    image: Image.Image, detections: Iterable[Detection], show_scores: bool = True, font_size: int | None = None
+) -> Image.Image:
     """Return an RGB copy of `image` with each detection's box and "label score" tag drawn on it.
 
-    Line width and text size follow the image size so that tags stay readable on large photos.
+    Line width and text size follow the image size so that tags stay readable on large photos; `font_size` (pixels)
+    overrides the text size, e.g. for an image that will be shown much smaller than it is.
     """
     canvas = image.convert("RGB") if image.mode != "RGB" else image.copy()
     draw = ImageDraw.Draw(canvas)
     width = max(1, round(max(canvas.size) / 400))
-    font = _font(max(10, round(max(canvas.size) / 60)))
+    font = _font(font_size or max(10, round(max(canvas.size) / 60)))
     for detection in detections:
         colour = class_colour(detection.label_id)
         x0, y0, x1, y1 = detection.box

@@ -26,6 +26,10 @@ from .storage import touch
 __all__ = ["DatasetPreview", "ZipLimits", "dataset_entry", "inspect_dataset", "prepare_synthetic", "prepare_zip"]
 
 
+_PREVIEW_SIDE = 512
+PREVIEW_FONT_FRACTION = 1 / 20  # label text height as a fraction of the preview's longer side
+
+
 @dataclass(frozen=True)
 class ZipLimits:
     """What an uploaded dataset zip may be: its own size, what it expands to, its entries, its compression ratio."""
@@ -123,10 +127,13 @@ def _preview(record, id2label: dict[int, str]) -> tuple[Image.Image, str]:
         for (x, y, w, h), label in zip(record.boxes.tolist(), record.labels.tolist())
     ]
     image = record.load_image()
-    image.thumbnail((512, 512))  # boxes are drawn after scaling them the same way
+    image.thumbnail((_PREVIEW_SIDE, _PREVIEW_SIDE))  # boxes are drawn after scaling them the same way
     scale = image.width / max(record.width, 1)
     scaled = [Detection(b.label_id, b.label, b.score, tuple(v * scale for v in b.box)) for b in boxes]
-    return draw_detections(image, scaled, show_scores=False), f"{record.file_name} ({len(boxes)} boxes)"
+    # The gallery shows the preview at about half its size: labels drawn at 1/60 of the side came out ~5 px high.
+    font_size = max(12, round(max(image.size) * PREVIEW_FONT_FRACTION))
+    drawn = draw_detections(image, scaled, show_scores=False, font_size=font_size)
+    return drawn, f"{record.file_name} ({len(boxes)} boxes)"
 
 
 def _inside(path: Path, folders: list[Path]) -> bool:

@@ -26,6 +26,7 @@ __all__ = [
     "filter_detections",
     "image_id_from_name",
     "run_detection",
+    "status_line",
     "table_rows",
 ]
 
@@ -69,6 +70,28 @@ def filter_detections(
     kept = [d for d in detections if d["score"] >= threshold and (not wanted or d["label"] in wanted)]
     kept.sort(key=lambda d: d["score"], reverse=True)
     return kept[: max(0, int(max_detections))]
+
+
+def status_line(
+    candidates: Sequence[dict[str, Any]],
+    kept: Sequence[dict[str, Any]],
+    threshold: float,
+    classes: Sequence[str],
+    name: str,
+) -> str:
+    """What the Detect tab says under the result; when the filters leave no box, why, and what to change."""
+    if not candidates:
+        return f"No object found in {name}, not even at a score of {FLOOR_THRESHOLD}: try another model."
+    if kept:
+        return f"{len(candidates)} candidate boxes from {name}; filters apply instantly."
+    wanted = [d for d in candidates if not classes or d["label"] in classes]
+    if not wanted:
+        return f"No box of the chosen classes in {name}: clear the class filter to see the other classes."
+    best = max(wanted, key=lambda d: d["score"])
+    return (
+        f"No box scores {threshold:.2f} or more in {name}: the best is {best['label']} at {best['score']:.2f}. "
+        f"Lower the score threshold to about {max(FLOOR_THRESHOLD, best['score'] - 0.005):.2f} to see it."
+    )
 
 
 def table_rows(detections: Iterable[dict[str, Any]]) -> list[list[Any]]:

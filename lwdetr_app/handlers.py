@@ -52,10 +52,13 @@ from .training import (
     snapshot_from_disk,
 )
 
-__all__ = ["AppContext", "empty_table", "metrics_frame", "runs_frame"]
+__all__ = ["AP_SERIES", "LOG_TAIL", "LOSS_SERIES", "AppContext", "empty_table", "metrics_frame", "runs_frame"]
 
 _DISPLAY_MAX_SIDE = 1600  # the drawn image is shown at most this large; the table keeps original pixels
 _LOSS_COLUMNS = ["epoch", "series", "value"]
+LOSS_SERIES = ("loss (step)", "loss (epoch mean)")
+AP_SERIES = ("AP", "AP50", "AP75")
+LOG_TAIL = 10  # the Log box shows the newest lines only: it opens scrolled to the top
 _RUN_COLUMNS = ["run", "state", "best AP", "ended"]
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _RESULT_ID = re.compile(r"[0-9a-f]{32}")
@@ -140,7 +143,7 @@ class AppContext:
     # ------------------------------------------------------------------ shared helpers
     def model_choices(self, owner: str | None = None) -> list[tuple[str, str]]:
         """The models `owner` may pick: the demo model, their own runs, the published checkpoints."""
-        choices = model_choices(self.paths.runs, self.settings.demo_model_dir, owner)
+        choices = model_choices(self.paths.runs, self.settings.demo_model_dir, owner, self.default.hub_reachable)
         if self.default.ref and self.default.ref not in [value for _, value in choices]:
             choices.insert(0, (self.default.ref, self.default.ref))
         return choices
@@ -289,7 +292,7 @@ class AppContext:
         }
 
     def render(self, raw: dict | None, threshold: Any, max_detections: Any, classes: Any, *_ignored: Any):
-        """(drawn image, table, count, inference time, JSON file) for the detections passing the filters.
+        """(drawn image, table, count, inference time, JSON file, status line) for the detections passing the filters.
 
         The JSON file goes to results/<the detection's server-side id>/; `gr.Error` for a bad threshold or maximum.
         """
@@ -297,7 +300,7 @@ class AppContext:
         max_detections = int(_number(max_detections, "Max detections", 0, detection.FLOOR_MAX_DETECTIONS))
         classes = [str(name) for name in classes] if isinstance(classes, (list, tuple)) else []
         if not raw:
-            return None, empty_table(), 0, "", gr.update(value=None, interactive=False)
+            return None, empty_table(), 0, "", gr.update(value=None, interactive=False), ""
         kept = detection.filter_detections(raw["detections"], threshold, max_detections, classes)
         image, scale = self._display_image(raw["image_path"])
         shown = [{**d, "box": [v * scale for v in d["box"]]} for d in kept] if scale < 1.0 else kept
@@ -305,7 +308,9 @@ class AppContext:
         results = detection.coco_results(kept, detection.image_id_from_name(raw["name"]))
         json_path = self._write_results(raw, results)
         timing = f"{raw['seconds'] * 1000:.0f} ms" + (f" ({raw['kernels']})" if raw.get("kernels") else "")
-        return detection.draw(image, shown), table, len(kept), timing, gr.update(value=str(json_path), interactive=True)
+        status = detection.status_line(raw["detections"], kept, threshold, classes, raw["name"])
+        drawn = detection.draw(image, shown)
+        return drawn, table, len(kept), timing, gr.update(value=str(json_path), interactive=True), status
 
     def _write_results(self, raw: dict, results: list[dict]) -> Path:
         """results/<id>/<image stem>_detections.json, written atomically; the results/ budget checked now and then."""
@@ -327,32 +332,33 @@ class AppContext:
     def detect(self, payload, model_ref, threshold, max_detections, classes, *_ignored):
         """New image: run the model, then filter. Outputs: raw state, then the `render` outputs, then a status."""
         if payload is None:
-            return None, *self.render(None, threshold, max_detections, classes), ""
+            return None, *self.render(None, threshold, max_detections, classes)
         try:
             raw = self.run(payload, model_ref)
         except ImageLoadError as error:
             message = self.public_line(error)
             gr.Warning(f"Cannot read this image: {message}")
-            return None, *self.render(None, threshold, max_detections, classes), f"⚠️ {message}"
+            return None, *self.render(None, threshold, max_detections, classes)[:5], f"⚠️ {message}"
         except gr.Error:
             raise
         except Exception as error:  # noqa: BLE001 - model folder or hub problems: say so, keep serving
             message = f"Cannot run model {self.model_label(model_ref)}: {self.public_line(error)}"
             gr.Warning(message)
-            return None, *self.render(None, threshold, max_detections, classes), f"⚠️ {message}"
-        outputs = self.render(raw, threshold, max_detections, classes)
-        return raw, *outputs, f"{len(raw['detections'])} candidate boxes from {raw['name']}; filters apply instantly."
+            return None, *self.render(None, threshold, max_detections, classes)[:5], f"⚠️ {message}"
+        return raw, *self.render(raw, threshold, max_detections, classes)
 
     def refilter(self, raw, threshold, max_detections, classes):
         return self.render(raw, threshold, max_detections, classes)
 
     def select_model(self, model_ref, active_ref, payload, threshold, max_detections, token=None,
                      request: gr.Request = None):  # fmt: skip
-        """A model picked (or typed): load it, reset the class filter, re-run on the current image."""
+        """A model picked (or typed): load it, reset the class filter, re-run on the current image. Outputs: the
+        active model, its status line, the class filter, the `detect` outputs, then the picker (set back to the
+        active model when the pick fails to load)."""
         owner = owner_key(token, request)
         model_ref = str(model_ref or "").strip()
         if not model_ref or model_ref == active_ref:
-            return (gr.skip(),) * 10
+            return (gr.skip(),) * 11
         try:
             if not self.allowed_model(model_ref, owner=owner):
                 raise ValueError("not offered here: pick a published checkpoint, the demo model or a run made here")
@@ -361,10 +367,10 @@ class AppContext:
             message = f"Cannot load model {one_line(model_ref, limit=100)}: {self.public_line(error)}"
             gr.Warning(message)
             status = self.model_status(active_ref) + f"\n\n⚠️ {message} Still using the previous model."
-            return (gr.skip(), status, *(gr.skip(),) * 8)
+            return (gr.skip(), status, *(gr.skip(),) * 8, gr.update(value=active_ref))
         classes = gr.update(choices=self.class_names(model_ref), value=[])
         outputs = self.detect(payload, model_ref, threshold, max_detections, [])
-        return (model_ref, self.model_status(model_ref, owner=owner), classes, *outputs)
+        return (model_ref, self.model_status(model_ref, owner=owner), classes, *outputs, gr.skip())
 
     def detect_api(self, image: Any, threshold: float = 0.4) -> list[dict[str, Any]]:
         """`/detect`: the default model's detections scoring at least `threshold` (at most 100), best first.
@@ -576,20 +582,20 @@ class AppContext:
             return (
                 {"view": signature, "runs": runs_signature}, f"**Job:** {snap.busy_line()}", None, None, "",
                 metrics_frame({}), gr.update(value=None, interactive=False), gr.update(interactive=False),
-                gr.update(interactive=False), gr.update(interactive=False), *pickers, *run_controls,
+                gr.update(interactive=False), _stop_button(False), *pickers, *run_controls,
             )  # fmt: skip
         finished = snap.state in ("done", "stopped") and snap.model_dir is not None
         return (
             {"view": signature, "runs": runs_signature},
             self.public(_status_markdown(snap)),
-            _plot_frame(snap.loss_points),
-            _plot_frame(snap.ap_points),
-            self.public("\n".join(snap.log)),
+            _plot_update(snap.loss_points, LOSS_SERIES, snap.epochs),
+            _plot_update(snap.ap_points, AP_SERIES, snap.epochs),
+            self.public("\n".join(snap.log[-LOG_TAIL:])),
             metrics_frame(snap.metrics),
             gr.update(value=self._handout(snap.weights_zip), interactive=bool(snap.weights_zip)),
             gr.update(interactive=finished),
             gr.update(interactive=not snap.running),
-            gr.update(interactive=snap.running and snap.state != "stopping"),
+            _stop_button(snap.running and snap.state != "stopping"),
             *pickers,
             *run_controls,
         )
@@ -627,12 +633,23 @@ def _status_markdown(snap: JobSnapshot) -> str:
     return f"**Job:** {snap.summary()}"
 
 
-def _plot_frame(points) -> pd.DataFrame | None:
-    # None, not an empty frame, when there is nothing yet: a LinePlot that starts from an empty frame keeps an
-    # empty colour domain and never draws the series that arrive later.
+def _stop_button(active: bool) -> dict:
+    # A disabled button keeps its red "stop" look (only slightly faded): grey it, so it does not look clickable.
+    return gr.update(interactive=active, variant="stop" if active else "secondary")
+
+
+def _plot_update(points, series: tuple[str, ...], epochs: int) -> dict | None:
+    """A plot's data and x range 0..epochs (a fixed range gets round tick labels that do not overlap).
+
+    None, not an empty frame, when there is nothing yet. The frame holds a row without a value for each of `series`
+    not measured yet: Gradio's plots fix their colour domain when they first draw and only swap the data after that,
+    so a series first seen later (the epoch-mean loss) would not be drawn until the page is reloaded.
+    """
     if not points:
         return None
-    return pd.DataFrame(list(points), columns=_LOSS_COLUMNS).astype({"epoch": float, "value": float})
+    rows = list(points) + [(0.0, name, None) for name in series if name not in {p[1] for p in points}]
+    frame = pd.DataFrame(rows, columns=_LOSS_COLUMNS).astype({"epoch": float, "value": float})
+    return gr.update(value=frame, x_lim=[0, max(1, int(epochs))])
 
 
 def metrics_frame(metrics: dict[str, float]) -> pd.DataFrame:

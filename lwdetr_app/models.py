@@ -32,10 +32,12 @@ DEFAULT_HUB_MODEL = "AnnaZhang/lwdetr_small_60e_coco"
 
 @dataclass(frozen=True)
 class ModelChoice:
-    """A model reference (hub id or folder; None when nothing is usable) and a sentence saying why it is active."""
+    """A model reference (hub id or folder; None when nothing is usable), a sentence saying why it is active, and
+    whether the hub answered (when it did not, only published checkpoints in the local cache can be offered)."""
 
     ref: str | None
     reason: str
+    hub_reachable: bool = True
 
 
 @dataclass(frozen=True)
@@ -77,14 +79,32 @@ def display_path(path: Path) -> str:
         return str(path.resolve())
 
 
-def model_choices(runs_dir: Path, demo_model_dir: Path, owner: str | None = None) -> list[tuple[str, str]]:
-    """(label, value) pairs for a model picker: the bundled demo model, `owner`'s runs, the published checkpoints."""
+def _cached(model_id: str) -> bool:
+    """Whether the hub cache holds `model_id`'s config (so it can load without the network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+
+
+def model_choices(
+    runs_dir: Path, demo_model_dir: Path, owner: str | None = None, hub_reachable: bool = True
+) -> list[tuple[str, str]]:
+    """(label, value) pairs for a model picker: the bundled demo model, `owner`'s runs, the published checkpoints
+    (when the hub is unreachable, only those in the local cache: the others would fail to load)."""
     choices = []
     if _is_model_dir(demo_model_dir):
         choices.append((f"Bundled demo model ({display_path(demo_model_dir)})", str(demo_model_dir.resolve())))
     choices += [(run.label, str(run.model_dir)) for run in list_runs(runs_dir, owner)]
-    choices += [(model_id, model_id) for model_id in PUBLISHED_MODELS]
+    choices += [(model_id, model_id) for model_id in PUBLISHED_MODELS if hub_reachable or _cached(model_id)]
     return choices
+
+
+# What a failed connection looks like through huggingface_hub, httpx, requests and the socket layer.
+_NETWORK_ERROR = re.compile(
+    r"ConnectError|ConnectionError|ConnectTimeout|Name or service not known|name resolution|nodename nor servname"
+    r"|Network is unreachable|Connection refused|Max retries exceeded|LocalEntryNotFoundError|timed out",
+    re.IGNORECASE,
+)
 
 
 def _short(error: BaseException, limit: int = 120) -> str:
@@ -94,6 +114,8 @@ def _short(error: BaseException, limit: int = 120) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if inner := re.search(r"from the Hugging Face hub \((.*)\); check", text):
         text = inner.group(1).removeprefix("Got: ")
+    if _NETWORK_ERROR.search(f"{type(error).__name__}: {text}"):
+        return "no network connection to huggingface.co"  # not "ConnectError: [Errno -2] Name or service not known"
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -130,9 +152,9 @@ def choose_default_model(
     shown = display_path(demo_model_dir)
     if _is_model_dir(demo_model_dir):
         return ModelChoice(
-            str(demo_model_dir.resolve()), f"Bundled demo model ({shown}): the hub is unreachable ({problem})"
+            str(demo_model_dir.resolve()), f"Bundled demo model ({shown}): the hub is unreachable ({problem})", False
         )
-    return ModelChoice(None, f"No model available: the hub is unreachable ({problem}) and {shown} is missing")
+    return ModelChoice(None, f"No model available: the hub is unreachable ({problem}) and {shown} is missing", False)
 
 
 class ModelRegistry:

@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 
 from . import detection
-from .handlers import AppContext, empty_table, metrics_frame, runs_frame
+from .handlers import AP_SERIES, LOG_TAIL, LOSS_SERIES, AppContext, empty_table, metrics_frame, runs_frame
 
 __all__ = ["AppContext", "build_demo"]
 
@@ -46,8 +46,8 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
 
         d, t = detect_ui, train_ui
         filters = [d["threshold"], d["max_det"], d["classes"]]
-        render_outputs = [d["output"], d["table"], d["count"], d["timing"], d["json"]]
-        detect_outputs = [raw_state, *render_outputs, d["status"]]
+        render_outputs = [d["output"], d["table"], d["count"], d["timing"], d["json"], d["status"]]
+        detect_outputs = [raw_state, *render_outputs]
         d["image"].change(
             ctx.detect, [d["image"], active_model, *filters], detect_outputs, preprocess=False,
             api_name="detect_new_image", concurrency_id="inference", concurrency_limit=2, **private,
@@ -63,7 +63,7 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
             )  # fmt: skip
         d["model"].change(
             ctx.select_model, [d["model"], active_model, d["image"], d["threshold"], d["max_det"], owner],
-            [active_model, d["model_status"], d["classes"], *detect_outputs], preprocess=False,
+            [active_model, d["model_status"], d["classes"], *detect_outputs, d["model"]], preprocess=False,
             concurrency_id="inference", concurrency_limit=2, **private,
         )  # fmt: skip
         d["api_button"].click(
@@ -71,8 +71,14 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
             concurrency_id="inference", concurrency_limit=2,
         )  # fmt: skip
 
-        t["zip"].upload(ctx.use_zip, t["zip"], [dataset_state, t["report"], t["gallery"]], **private)
-        t["synthetic"].click(ctx.use_synthetic, None, [dataset_state, t["report"], t["gallery"]], **private)
+        dataset_outputs = [dataset_state, t["report"], t["gallery"]]
+        # Then open the gallery on its first image: large, its file name under it (in the grid, over each image).
+        t["zip"].upload(ctx.use_zip, t["zip"], dataset_outputs, **private).then(
+            _open_first, None, t["gallery"], show_progress="hidden", **private
+        )
+        t["synthetic"].click(ctx.use_synthetic, None, dataset_outputs, **private).then(
+            _open_first, None, t["gallery"], show_progress="hidden", **private
+        )
         settings = [t["base_model"], t["epochs"], t["batch_size"], t["image_size"], t["lr"], t["freeze"]]
         t["start"].click(
             ctx.start_training, [dataset_state, *settings, owner], t["status"], preprocess=False, **private
@@ -95,9 +101,23 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
     return demo
 
 
+def _open_first() -> dict:
+    return gr.update(selected_index=0)
+
+
 def _model_info(ctx: AppContext, offered: str) -> str:
     """A model picker's hint: what is offered, and whether a typed hub id or folder is accepted (`custom_models`)."""
     return f"{offered}, or a hub id or local model folder" if ctx.settings.custom_models else offered
+
+
+def _offered(ctx: AppContext, offered: str) -> str:
+    """`offered`, or when the hub did not answer at start-up, that published checkpoints need it (only cached ones
+    are in the list)."""
+    if ctx.default.hub_reachable:
+        return offered
+    return (
+        "The bundled demo model or a run fine-tuned here (published checkpoints need the Hugging Face hub: unreachable)"
+    )
 
 
 def _detect_tab(ctx: AppContext) -> dict[str, Any]:
@@ -108,10 +128,16 @@ def _detect_tab(ctx: AppContext) -> dict[str, Any]:
             c["image"] = gr.Image(
                 type="filepath", sources=["upload", "webcam", "clipboard"], label="Image", elem_id="input-image"
             )
+            examples = ctx.example_images()
+            if examples:  # right under the image: below the table they were out of sight on a laptop screen
+                gr.Examples(
+                    [[path] for path in examples], inputs=[c["image"]], label="Examples: click one to try it",
+                    cache_examples=False, examples_per_page=6,
+                )  # fmt: skip
             c["model"] = gr.Dropdown(
                 ctx.model_choices(), value=ctx.default.ref, allow_custom_value=ctx.settings.custom_models,
                 label="Model",
-                info=_model_info(ctx, "A published checkpoint or a run fine-tuned here"),
+                info=_model_info(ctx, _offered(ctx, "A published checkpoint or a run fine-tuned here")),
                 elem_id="model-picker",
             )  # fmt: skip
             c["threshold"] = gr.Slider(
@@ -140,9 +166,6 @@ def _detect_tab(ctx: AppContext) -> dict[str, Any]:
         empty_table(), headers=detection.COLUMNS, label="Boxes (original pixels)", interactive=False,
         elem_id="detections-table", max_height=420,
     )  # fmt: skip
-    examples = ctx.example_images()
-    if examples:
-        gr.Examples([[path] for path in examples], inputs=[c["image"]], label="Examples", cache_examples=False)
     c["api_button"] = gr.Button(visible=False)
     c["api_json"] = gr.JSON(visible=False)
     return c
@@ -158,9 +181,11 @@ def _train_tab(ctx: AppContext) -> dict[str, Any]:
             c["report"] = gr.Textbox(
                 label="Validation report", lines=10, max_lines=24, interactive=False, elem_id="dataset-report"
             )
+            # One large image with its file name under it (not over it, as in the grid) and the others as thumbnails.
             c["gallery"] = gr.Gallery(
-                label="Training images with their ground-truth boxes", columns=3, height=300, elem_id="dataset-gallery"
-            )
+                label="Training images with their ground-truth boxes", preview=True, columns=6, height=460,
+                object_fit="contain", elem_id="dataset-gallery",
+            )  # fmt: skip
         with gr.Column(scale=1):
             gr.Markdown("### 2 · Settings")
             c["base_model"] = gr.Dropdown(
@@ -181,27 +206,26 @@ def _train_tab(ctx: AppContext) -> dict[str, Any]:
             c["freeze"] = gr.Checkbox(False, label="Freeze backbone", elem_id="freeze")
             with gr.Row():
                 c["start"] = gr.Button("Start", variant="primary", elem_id="start-training")
-                c["stop"] = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop-training")
+                c["stop"] = gr.Button("Stop", variant="secondary", interactive=False, elem_id="stop-training")
     gr.Markdown("### 3 · Training")
     c["status"] = gr.Markdown("**Job:** No training job yet.", elem_id="train-status")
     c["progress"] = gr.Textbox(label="Progress", interactive=False, elem_id="train-progress")
     with gr.Row():
         c["loss_plot"] = gr.LinePlot(
-            None,
-            x="epoch",
-            y="value",
-            color="series",
-            title="Training loss",
-            height=260,
-            elem_id="loss-plot",
-            color_map={"loss (step)": "#1f77b4", "loss (epoch mean)": "#ff7f0e"},
-        )
-        c["ap_plot"] = gr.LinePlot(
-            None, x="epoch", y="value", color="series", title="Validation AP", y_lim=[0, 1], height=260,
-            color_map={"AP": "#2ca02c", "AP50": "#1f77b4", "AP75": "#d62728"},
-            elem_id="ap-plot",
+            None, x="epoch", y="value", color="series", title="Training loss", height=260, elem_id="loss-plot",
+            color_map=dict(zip(LOSS_SERIES, ("#1f77b4", "#ff7f0e"))),
         )  # fmt: skip
-    c["log"] = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False, elem_id="train-log")
+        # Points, not lines: one evaluation per epoch, and a line through a single point (epoch 1) draws nothing.
+        c["ap_plot"] = gr.ScatterPlot(
+            None, x="epoch", y="value", color="series", title="Validation AP (each epoch)", y_lim=[0, 1], height=260,
+            color_map=dict(zip(AP_SERIES, ("#2ca02c", "#1f77b4", "#d62728"))), elem_id="ap-plot",
+        )  # fmt: skip
+    # Only the newest lines, in a box tall enough for them: Gradio's autoscroll follows the end only once the box
+    # has been scrolled there, so a box filled at once (a reload, a tab switch) would show its oldest lines.
+    c["log"] = gr.Textbox(
+        label="Log (newest lines)", lines=LOG_TAIL, max_lines=2 * LOG_TAIL, autoscroll=True, interactive=False,
+        elem_id="train-log",
+    )  # fmt: skip
     c["metrics"] = gr.Dataframe(
         metrics_frame({}), headers=["metric", "value"], label="Best metrics", interactive=False, elem_id="metrics"
     )

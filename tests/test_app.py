@@ -256,10 +256,10 @@ def test_detect_then_refilter_without_running_the_model(ctx, assets, expected_de
 
     scores = sorted((d["score"] for d in raw["detections"]), reverse=True)
     high = scores[min(len(scores) - 1, 5)]  # keeps about six boxes
-    _, table_high, count_high, _, _ = ctx.refilter(raw, high, 100, [])
+    _, table_high, count_high, *_ = ctx.refilter(raw, high, 100, [])
     assert count_high == sum(s >= high for s in scores) == len(table_high)
     first_label = raw["detections"][0]["label"]
-    _, table_class, count_class, _, _ = ctx.refilter(raw, 0.01, 300, [first_label])
+    _, table_class, count_class, *_ = ctx.refilter(raw, 0.01, 300, [first_label])
     assert count_class == sum(d["label"] == first_label for d in raw["detections"])
     assert set(table_class["label"]) == {first_label}
     assert len(calls) == 1  # sliders and class filter never ran the model again

@@ -112,6 +112,11 @@ def drop_file(page, target, path: Path, mime: str) -> None:
         target.dispatch_event(event, {"dataTransfer": transfer})
 
 
+def _reddish(css_colour: str) -> bool:
+    red, green, blue = (int(v) for v in re.findall(r"\d+", css_colour)[:3])
+    return red > green + 60 and red > blue + 60
+
+
 def expected_counts(model: Path, image: Path) -> tuple[float, int, float, int]:
     """(low threshold, boxes at it, high threshold, fewer boxes at it) as the app should show them (max 100)."""
     scores = [d.score for d in Detector.from_pretrained(model, device="cpu").predict(str(image), 0.01, 300)]
@@ -136,6 +141,14 @@ def test_detect_tab_drop_image_and_refilter_with_the_slider(ui_page, app, playwr
     low, n_low, high, n_high = expected_counts(app["model"], example)
     expect(page.locator("#model-status")).to_contain_text("Bundled demo model")
     expect(page.locator("#model-status")).to_contain_text("the hub is unreachable")
+    # Offline, the picker offers no hub checkpoint that could not load.
+    page.locator("#model-picker input").click()
+    expect(page.get_by_role("option", name=re.compile("Bundled demo model"))).to_have_count(1)
+    expect(page.get_by_role("option", name=re.compile("AnnaZhang"))).to_have_count(0)
+    page.keyboard.press("Escape")
+    # The examples are in the first screenful (1280x900), not below the table.
+    examples_box = page.get_by_text("Examples: click one to try it").bounding_box()
+    assert examples_box is not None and examples_box["y"] < 900, examples_box
 
     drop_file(page, page.get_by_role("button", name="Drop an image file here to upload"), example, "image/jpeg")
     expect(page.locator("#input-image img")).to_be_visible()
@@ -154,6 +167,14 @@ def test_detect_tab_drop_image_and_refilter_with_the_slider(ui_page, app, playwr
     assert rows.count() < rows_low or n_high < n_low
     if n_high:
         expect(rows.first.locator("[data-col='0']")).not_to_be_empty()
+    # Nothing left at 1.0: the status line names the best score and suggests a threshold.
+    page.locator("#threshold input[type=range]").fill("1")
+    expect(count).to_have_value("0")
+    expect(page.locator("#detect-status")).to_contain_text("Lower the score threshold to about")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "detect-no-box-hint.png")
+    page.locator("#threshold input[type=range]").fill(str(high))
+    expect(count).to_have_value(str(n_high))
 
     with page.expect_download() as download:
         page.locator("#download-json").click()
@@ -170,10 +191,19 @@ def test_finetune_tab_short_run_download_and_use_in_detect(ui_page, other_visito
     page.get_by_role("button", name="Use the built-in synthetic sample").click()
     expect(page.locator("#dataset-report textarea")).to_have_value(re.compile(r"Classes \(3\): circle, square"))
     expect(page.locator("#dataset-gallery img").first).to_be_visible()
+    # The gallery opens on its first image, large, with the file name under it.
+    captions = page.locator("#dataset-gallery").get_by_text(re.compile(r"^train_\d+\.jpg \(\d+ boxes\)$"))
+    expect(captions).to_have_count(6 + 1)  # 6 training images, then the preview's own caption under the large one
+    expect(page.locator("#stop-training")).to_be_disabled()
+    stop_colour = page.locator("#stop-training").evaluate("b => getComputedStyle(b).backgroundColor")
+    start_colour = page.locator("#start-training").evaluate("b => getComputedStyle(b).backgroundColor")
+    assert stop_colour != start_colour and not _reddish(stop_colour), stop_colour  # grey, not a faded red
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "finetune-dataset.png", full_page=True)
 
     page.locator("#base-model input").click()
     page.get_by_role("option", name="Preset nano (random init)").click()
-    for elem_id, value in (("epochs", "1"), ("batch-size", "2"), ("image-size", "256")):
+    for elem_id, value in (("epochs", "2"), ("batch-size", "2"), ("image-size", "256")):
         box = page.locator(f"#{elem_id} input")
         box.fill(value)
         box.press("Tab")
@@ -197,7 +227,15 @@ def test_finetune_tab_short_run_download_and_use_in_detect(ui_page, other_visito
     log = page.locator("#train-log textarea")
     expect(log).to_have_value(re.compile(r"Run \d{8}-\d{6}-nano"))
     expect(page.locator("#train-status")).to_contain_text("Finished", timeout=TRAINING_TIMEOUT_MS)
-    expect(log).to_have_value(re.compile(r"epoch 1/1"))
+    expect(log).to_have_value(re.compile(r"epoch 2/2"))
+    assert log.input_value().splitlines()[-1].split("] ", 1)[1].startswith("done:")  # the newest line is shown
+    # Both loss series and the AP points are drawn (without a reload), with x labels that do not overlap.
+    expect(page.locator("#loss-plot svg path[aria-roledescription='line mark']")).to_have_count(2)
+    expect(page.locator("#ap-plot svg path[aria-roledescription='point']")).to_have_count(6)
+    boxes = [label.bounding_box() for label in page.locator("#loss-plot svg g[aria-label^='X-axis'] text").all()]
+    boxes = [b for b in boxes if b and b["width"]]
+    ticks = sorted((b for b in boxes if b["y"] == min(b["y"] for b in boxes)), key=lambda b: b["x"])  # not the title
+    assert len(ticks) >= 2 and all(a["x"] + a["width"] <= b["x"] for a, b in zip(ticks, ticks[1:])), ticks
     metric_cells = page.locator("#metrics [role=row][data-index] [data-col='0']")
     expect(metric_cells.first).to_have_text("AP")
 
