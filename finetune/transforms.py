@@ -137,7 +137,8 @@ def build_eval_transform(size: int, size_divisor: int) -> A.Compose:
 
 def normalize_image(image: np.ndarray) -> torch.Tensor:
     """uint8 [H, W, 3] RGB -> float32 [3, H, W] normalised with the ImageNet mean and std."""
-    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    # a writable C-ordered array (a copy only when the decoder handed out a read-only buffer): torch warns otherwise
+    pixels = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return pixels.sub_(mean).div_(std)
