@@ -1,11 +1,11 @@
 """What a run leaves on disk for people: HF-format model folders, metrics.jsonl, plots and a model card.
 
-Every write is atomic. Files go through a temporary file and `os.replace`; folders are written whole under a
-temporary name beside the target and swapped in (`atomic_folder`): the old folder is renamed aside, the new one
-renamed into place, the old one deleted (or, with `keep`, kept as the fallback `NAME.prev`). A kill between the two
-renames leaves `NAME.old` and no `NAME`, which `recover_folder` puts back, so at every moment one complete version
-exists; `remove_leftovers` deletes what a killed write leaves behind (temporary files and folders). A full disk
-becomes a `DiskFullError` naming the folder and the bytes needed (`disk_full_guard`); the earlier version stays.
+Every write is atomic, through `lwdetr.atomic` (files: a temporary file and `os.replace`; folders: written whole
+beside the target and swapped in, a killed swap repaired by `recover_folder`), so at every moment one complete
+version exists. `atomic_folder` here adds the crash point `NAME-swap` between the two renames; model folders are
+written by `lwdetr.checkpoint.save_model_folder`, as `python -m lwdetr convert` writes them. `remove_leftovers`
+deletes the temporary files a killed write leaves behind. A full disk becomes a `DiskFullError` naming the folder
+and the bytes needed (`disk_full_guard`); the earlier version stays.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ import json
 import math
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from finetune.errors import DiskFullError
 from finetune.faults import crash_point
+from lwdetr.atomic import atomic_folder as _atomic_folder
+from lwdetr.atomic import atomic_write, atomic_write_text, recover_folder
 
 __all__ = [
     "atomic_folder",
@@ -37,38 +38,6 @@ __all__ = [
 ]
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and `os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; these files are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def recover_folder(path: str | os.PathLike, keep: str | None = None) -> None:
-    """Finish an interrupted swap of folder `path` (see `atomic_folder`): bring `NAME.old` back when `NAME` is
-    missing, else make it the fallback `keep` (or delete it); drop stale temporary folders."""
-    path = Path(path)
-    old = path.with_name(path.name + ".old")
-    if old.is_dir() and not path.exists():
-        os.rename(old, path)
-    elif old.is_dir() and keep is not None:
-        kept = path.with_name(keep)
-        shutil.rmtree(kept, ignore_errors=True)
-        os.rename(old, kept)
-    elif old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in path.parent.glob(f".{path.name}.*.partial"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
 def remove_leftovers(folder: str | os.PathLike, names: Sequence[str]) -> list[Path]:
     """Delete the temporary files that killed atomic writes of `names` (files in `folder`) left; returns them."""
     folder = Path(folder)
@@ -80,30 +49,13 @@ def remove_leftovers(folder: str | os.PathLike, names: Sequence[str]) -> list[Pa
 
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike, keep: str | None = None) -> Iterator[Path]:
-    """Yield a temporary folder to fill; on success it replaces `path` (see the module docstring). With `keep`
-    (a sibling name), the replaced version is kept there as a fallback, replacing the one kept before."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover_folder(path, keep)
-    if keep is not None:  # the fallback goes first, so that the disk holds at most two versions at any moment
-        shutil.rmtree(path.with_name(keep), ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    try:
+    """`lwdetr.atomic.atomic_folder` with the crash point `NAME-swap` between its two renames."""
+    with _atomic_folder(path, keep, before_swap=_swap_crash_point(path)) as staging:
         yield staging
-        staging.chmod(0o755)  # mkdtemp and mkstemp make private entries; a model folder is for everyone to read
-        for entry in staging.rglob("*"):
-            entry.chmod(0o755 if entry.is_dir() else 0o644)
-        old = path.with_name(path.name + ".old")
-        if path.exists():
-            os.rename(path, old)
-        crash_point(f"{path.name}-swap")
-        os.rename(staging, path)
-        if keep is not None and old.is_dir():
-            os.rename(old, path.with_name(keep))
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+
+def _swap_crash_point(path: str | os.PathLike) -> Callable[[], None]:
+    return lambda: crash_point(f"{Path(path).name}-swap")
 
 
 @contextlib.contextmanager
@@ -127,16 +79,14 @@ def disk_full_guard(folder: str | os.PathLike, needed_bytes: int) -> Iterator[No
 
 
 def save_model_folder(model, image_size: int, path: str | os.PathLike, card: str | None = None) -> Path:
-    """Write an HF-format model folder atomically: config.json (with id2label), model.safetensors,
-    preprocessor_config.json (a square resize to `image_size`) and, when given, README.md."""
-    from lwdetr.processing import LwDetrImageProcessor
+    """Write an HF-format model folder atomically (`lwdetr.checkpoint.save_model_folder`): config.json (with
+    id2label), model.safetensors, preprocessor_config.json (a square resize to `image_size`) and, when given,
+    README.md; the crash point `NAME-swap` sits between its two renames."""
+    from lwdetr.checkpoint import save_model_folder as write_folder
 
-    with atomic_folder(path) as staging:
-        model.save_pretrained(staging)
-        LwDetrImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(staging)
-        if card is not None:
-            (staging / "README.md").write_text(card, encoding="utf-8")
-    return Path(path)
+    return write_folder(
+        path, model, model.config, image_size=image_size, card=card, before_swap=_swap_crash_point(path)
+    )
 
 
 def _json_safe(value: Any) -> Any:
@@ -177,12 +127,8 @@ def plot_history(history: Sequence[Mapping[str, Any]], out_dir: str | os.PathLik
         axes.grid(alpha=0.3)
         axes.legend()
         figure.tight_layout()
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".png")
-        os.close(fd)
-        figure.savefig(tmp)
+        atomic_write(out_dir / name, lambda tmp, figure=figure: figure.savefig(tmp, format="png"))
         plt.close(figure)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_dir / name)
         written.append(out_dir / name)
     return written
 

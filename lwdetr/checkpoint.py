@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_folder, atomic_write, atomic_write_text
 from .config import LwDetrConfig, LwDetrViTConfig
 from .hub import ModelNotFoundError, resolve_model_dir
 
@@ -35,6 +36,8 @@ __all__ = [
     "from_reference_state_dict",
     "load_config",
     "load_pretrained",
+    "reference_tensors",
+    "save_model_folder",
     "save_pretrained",
     "to_reference_state_dict",
 ]
@@ -164,16 +167,28 @@ def from_reference_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a crash leaves the old file intact."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def reference_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s weights under the names transformers writes for its class (CPU, contiguous, detached).
+
+    A base model or ViT backbone gets its own names without the detector's prefix, as transformers writes them."""
+    prefix = checkpoint_prefix(type(model))
+    full = to_reference_state_dict({prefix + k: v for k, v in model.state_dict().items()})
+    tensors = {k[len(prefix) :]: v.detach().contiguous().cpu() for k, v in full.items()}
+    if prefix == _PREFIXES["LwDetrViTBackbone"]:
+        # transformers converts the legacy attention names for the detector's checkpoints only: its backbone
+        # folders hold (and need) the current `attention.{q,k,v,o}_proj` names
+        tensors = {_current_attention_name(k): v for k, v in tensors.items()}
+    return tensors
+
+
+def _write_weights_and_config(
+    directory: Path, tensors: dict[str, torch.Tensor], config: LwDetrConfig | LwDetrViTConfig, architecture: str
+) -> None:
+    """model.safetensors and config.json (with `architectures`) into `directory`, each file atomically."""
+    config_dict = config.to_dict()
+    config_dict["architectures"] = [architecture]
+    atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write_text(directory / "config.json", json.dumps(config_dict, indent=2))
 
 
 def save_pretrained(
@@ -182,21 +197,47 @@ def save_pretrained(
     """Write `config.json` and `model.safetensors` (reference key names, fp32 unless the model is otherwise).
 
     Any public model class: a base model or ViT backbone is written as transformers writes it (its own names
-    without the detector's prefix, its class in `architectures`)."""
+    without the detector's prefix, its class in `architectures`). Each file is replaced atomically; other files
+    of `directory` are left alone, as transformers does (`save_model_folder` writes a whole folder)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    prefix = checkpoint_prefix(type(model))
-    full = to_reference_state_dict({prefix + k: v for k, v in model.state_dict().items()})
-    tensors = {k[len(prefix) :]: v.detach().contiguous().cpu() for k, v in full.items()}
-    if prefix == _PREFIXES["LwDetrViTBackbone"]:
-        # transformers converts the legacy attention names for the detector's checkpoints only: its backbone
-        # folders hold (and need) the current `attention.{q,k,v,o}_proj` names
-        tensors = {_current_attention_name(k): v for k, v in tensors.items()}
-    config_dict = config.to_dict()
-    config_dict["architectures"] = [checkpoint_class_name(type(model))]
-    _atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config_dict, indent=2)))
+    _write_weights_and_config(directory, reference_tensors(model), config, checkpoint_class_name(type(model)))
     return directory
+
+
+def save_model_folder(
+    path: str | os.PathLike,
+    weights: torch.nn.Module | Mapping[str, torch.Tensor],
+    config: LwDetrConfig,
+    *,
+    image_size: int,
+    card: str | None = None,
+    before_swap: Callable[[], None] | None = None,
+) -> Path:
+    """Write a complete HF-format model folder at `path` atomically: it appears whole or not at all, and a folder
+    already there stays intact until the new one replaces it (`lwdetr.atomic.atomic_folder`).
+
+    The folder holds config.json (with id2label and `architectures`), model.safetensors (reference names),
+    preprocessor_config.json (a square resize to `image_size`) and, when given, the model card `card` as README.md.
+
+    Args:
+        weights: a model (any public class), or a state dict already in the reference layout of
+            `LwDetrForObjectDetection` (as `lwdetr.convert` produces).
+        before_swap: run between the old folder moved aside and the new one put in place (crash tests kill there).
+    """
+    from .processing import LwDetrImageProcessor
+
+    if isinstance(weights, torch.nn.Module):
+        tensors, architecture = reference_tensors(weights), checkpoint_class_name(type(weights))
+    else:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+        architecture = "LwDetrForObjectDetection"
+    with atomic_folder(path, before_swap=before_swap) as staging:
+        _write_weights_and_config(staging, tensors, config, architecture)
+        LwDetrImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(staging)
+        if card is not None:
+            (staging / "README.md").write_text(card, encoding="utf-8")
+    return Path(path)
 
 
 def load_config(name_or_path: str | os.PathLike) -> tuple[LwDetrConfig, Path]:

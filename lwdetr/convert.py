@@ -22,7 +22,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .config import LwDetrConfig, preset_config
 
@@ -278,23 +277,22 @@ def convert_checkpoint(
 ) -> Path:
     """Convert an original `.pth` into an HF-format folder (config.json, model.safetensors, preprocessor_config.json).
 
+    The folder is written atomically (`lwdetr.checkpoint.save_model_folder`): a failure leaves no partial folder,
+    and a folder already at `output` stays intact until the new one is complete.
+
     Raises:
         ConversionError: the file cannot be read safely, or its weights do not fit the `size` preset.
     """
-    from .processing import LwDetrImageProcessor
+    from .checkpoint import save_model_folder
 
     state_dict = load_original_checkpoint(path)
     config = config_for_checkpoint(state_dict, size, num_labels)
     converted = convert_original_state_dict(state_dict, config)
     _check_against_architecture(converted, config)
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     # Own, contiguous storage per tensor: safetensors refuses views of one storage (the original may hold some).
     tensors = {key: value.detach().contiguous().clone() for key, value in sorted(converted.items())}
-    save_file(tensors, str(output / "model.safetensors"), metadata={"format": "pt"})
-    config.architectures = ["LwDetrForObjectDetection"]
-    config.save_pretrained(str(output))
-    LwDetrImageProcessor(size={"height": 640, "width": 640}).save_pretrained(output)
+    save_model_folder(output, tensors, config, image_size=640)
     if log is not None:
         summary = f"{config.num_labels} classes, {config.group_detr} query groups"
         log(f"converted {len(tensors)} tensors ({summary}) to {output}")

@@ -87,7 +87,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def _load_model(directory: str | os.PathLike) -> torch.nn.Module:
-    """Build the detection model from an HF-format folder; the only place that names the model class."""
+    """Build the detection model from an HF-format folder: the one place `Detector` names the model class (the CLI's
+    ONNX export, convert's shape check and finetune's training and resume build it themselves)."""
     from .modeling import LwDetrForObjectDetection
 
     return LwDetrForObjectDetection.from_pretrained(directory)

@@ -29,10 +29,16 @@ class LwDetrModelOutput(ModelOutput):
     """Shapes: Q = num_queries (x group_detr in training), L = decoder layers. Fields in the reference's order.
 
     init_reference_points [B, Q, 4]; last_hidden_state [B, Q, D]; intermediate_hidden_states [L, B, Q, D];
-    intermediate_reference_points [1, B, Q, 4] (LW-DETR keeps one set of reference boxes for all layers);
-    enc_outputs_class [B, Q, D] (the selected encoder tokens); enc_outputs_coord_logits [B, Q, 4]; with
+    intermediate_reference_points [1, B, Q, 4] (LW-DETR keeps one set of reference boxes for all layers); with
     `output_hidden_states`, hidden_states: L + 1 tensors [B, Q, D], the decoder's input queries, each layer's output
     and, last, `last_hidden_state` (the final layer norm applied) as the reference returns them.
+
+    The two encoder fields keep the reference's names, which do not say what they hold (the reference's model
+    returns the same; code written for transformers reads these names and positions):
+    enc_outputs_class [B, Q, D] is not class scores but the selected encoder tokens (projected, normalised), from
+    which `LwDetrForObjectDetection` computes the class logits it returns under the same name;
+    enc_outputs_coord_logits [B, Q, 4] is not logits but the proposals' boxes, cxcywh in normalised image units
+    (LW-DETR refines boxes directly, with no sigmoid). `enc_outputs_logits` is ours: those class logits [B, Q, C].
     """
 
     init_reference_points: torch.Tensor | None = None
@@ -47,8 +53,12 @@ class LwDetrModelOutput(ModelOutput):
 
 @dataclass
 class LwDetrObjectDetectionOutput(ModelOutput):
-    """As `LwDetrModelOutput`, plus logits [B, Q, C], pred_boxes [B, Q, 4] (cxcywh in [0, 1]), enc_outputs_class
-    [B, Q, C] and, with labels, the loss, its named parts and the per-layer auxiliary predictions."""
+    """As `LwDetrModelOutput`, plus logits [B, Q, C], pred_boxes [B, Q, 4] (cxcywh in [0, 1]) and, with labels,
+    the loss, its named parts and the per-layer auxiliary predictions.
+
+    Unlike the base model's field of the same name, enc_outputs_class here holds class logits [B, Q, C] of the
+    two-stage proposals, as in the reference; enc_outputs_coord_logits holds their boxes [B, Q, 4], cxcywh in
+    normalised image units, not logits (the reference's names, kept for compatibility)."""
 
     loss: torch.Tensor | None = None
     loss_dict: dict[str, torch.Tensor] | None = None

@@ -31,6 +31,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
+from lwdetr.atomic import atomic_write_bytes, atomic_write_text
 from lwdetr.config import PRESETS
 from lwdetr.cpu_kernels import kernel_summary
 from lwdetr.images import ImageLoadError, load_image
@@ -222,9 +223,7 @@ class AppContext:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"pasted-{hashlib.sha256(data).hexdigest()[:24]}.bin"
         if not path.is_file():
-            partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-            partial.write_bytes(data)
-            partial.replace(path)
+            atomic_write_bytes(path, data)
         return str(path)
 
     def _display_image(self, path: str, image: Image.Image | None = None) -> tuple[Image.Image, float]:
@@ -321,9 +320,7 @@ class AppContext:
         folder.mkdir(parents=True, exist_ok=True)
         stem = re.sub(r"[^\w.-]", "_", Path(_visitor_name(raw.get("name"))).stem).lstrip(".")[:64] or "image"
         json_path = folder / f"{stem}_detections.json"
-        partial = folder / f".{uuid.uuid4().hex}.partial"
-        partial.write_text(json.dumps(results, indent=1), encoding="utf-8")
-        partial.replace(json_path)
+        atomic_write_text(json_path, json.dumps(results, indent=1))
         if time.monotonic() - self._results_checked > _RESULTS_CHECK_SECONDS:
             self._results_checked = time.monotonic()
             self.enforce_budgets(("results",), keep=(folder,))

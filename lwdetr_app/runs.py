@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lwdetr.atomic import atomic_write_text
 
 __all__ = [
     "EVENTS_FILE",
@@ -95,9 +96,7 @@ def read_record(run_dir: Path) -> RunRecord | None:
 
 def write_record(run_dir: Path, record: RunRecord) -> None:
     """Write app_run.json atomically (beside, then renamed)."""
-    partial = run_dir / f".{RECORD_FILE}.{uuid.uuid4().hex}.partial"
-    partial.write_text(json.dumps(dataclasses.asdict(record), indent=2), encoding="utf-8")
-    os.replace(partial, run_dir / RECORD_FILE)
+    atomic_write_text(run_dir / RECORD_FILE, json.dumps(dataclasses.asdict(record), indent=2))
 
 
 def owned_runs(runs_dir: Path, owner: str | None) -> list[tuple[Path, RunRecord]]:
