@@ -9,8 +9,9 @@
 
 The folder is written whole under a temporary name and swapped in (`finetune.export.atomic_folder`), so a reader
 sees the previous analysis or the new one, never half of one. `write_onnx` puts `model.onnx` (or, without the onnx
-package, `ONNX_MISSING.txt` saying so) beside it, for the downloadable bundle. `analyse_run` does all of it on demand
-for a finished run folder (its best/ model on its own validation split); `train` calls the same at the end of a run.
+package, `ONNX_MISSING.txt` saying so) beside it, for the downloadable bundle. `analyse_run` (or
+`python -m finetune.analysis RUN_DIR`) does all of it on demand for a finished run folder (its best/ model on its own
+validation split); `train` calls the same at the end of a run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 from PIL import Image
 
+from finetune.errors import DataError
 from finetune.evaluate import run_cocoeval
 from finetune.export import atomic_folder, atomic_write_text
 
@@ -110,10 +112,16 @@ def write_analysis(
         by_image: dict[int, list] = {}
         for detection in detections:
             by_image.setdefault(detection["image_id"], []).append(detection)
-        shown = [record for record in split.records if len(record.boxes)][:gallery_size]
-        for index, record in enumerate(shown):
-            picture = _side_by_side(record, by_image.get(record.image_id, []), split.id2label, score_threshold)
-            picture.save(gallery / f"{index:02d}_{Path(record.file_name).stem[:60]}.png")
+        shown = 0
+        for record in (record for record in split.records if len(record.boxes)):
+            if shown == gallery_size:
+                break
+            try:
+                picture = _side_by_side(record, by_image.get(record.image_id, []), split.id2label, score_threshold)
+            except DataError:  # an image that went bad since training: the gallery shows the next one
+                continue
+            picture.save(gallery / f"{shown:02d}_{Path(record.file_name).stem[:60]}.png")
+            shown += 1
     return path
 
 
@@ -164,7 +172,8 @@ def _side_by_side(record, detections: Sequence[Mapping[str, Any]], id2label, thr
 
 def write_onnx(model, image_size: int, run_dir: str | os.PathLike) -> Path:
     """`run_dir/model.onnx` of `model` at `image_size` (written beside, then renamed), or, when the onnx package
-    is missing, `run_dir/ONNX_MISSING.txt` saying how to get it; returns the file written."""
+    is missing or the export fails, `run_dir/ONNX_MISSING.txt` saying why (a finished run stays finished); returns
+    the file written. A full disk is raised, as everywhere."""
     from lwdetr.onnx_export import ONNX_MISSING, OnnxMissingError, export_onnx
 
     run_dir = Path(run_dir)
@@ -172,9 +181,10 @@ def write_onnx(model, image_size: int, run_dir: str | os.PathLike) -> Path:
     partial = run_dir / f".{ONNX_FILE}.partial"
     try:
         export_onnx(model, partial, image_size=(image_size, image_size))
-    except OnnxMissingError:
+    except (OnnxMissingError, RuntimeError, ValueError) as error:
         partial.unlink(missing_ok=True)
-        atomic_write_text(run_dir / ONNX_MISSING_FILE, f"model.onnx is not included: {ONNX_MISSING}\n")
+        reason = ONNX_MISSING if isinstance(error, OnnxMissingError) else f"the export failed: {_first_line(error)}"
+        atomic_write_text(run_dir / ONNX_MISSING_FILE, f"model.onnx is not included: {reason}\n")
         return run_dir / ONNX_MISSING_FILE
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -183,6 +193,11 @@ def write_onnx(model, image_size: int, run_dir: str | os.PathLike) -> Path:
     os.replace(partial, target)
     (run_dir / ONNX_MISSING_FILE).unlink(missing_ok=True)
     return target
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
 
 
 def read_analysis(run_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -226,3 +241,24 @@ def analyse_run(run_dir: str | os.PathLike, batch_size: int = 8, onnx: bool = Tr
     if onnx:
         write_onnx(model, config.image_size, run_dir)
     return write_analysis(run_dir, data.val, detections)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m finetune.analysis RUN_DIR [--no-onnx]`: analyse a finished run again and print where."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m finetune.analysis", description=main.__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a run folder of python -m finetune (with best/ or last/)")
+    parser.add_argument("--no-onnx", action="store_true", help="do not export model.onnx")
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args(argv)
+    from finetune.errors import ConfigError
+
+    try:
+        print(analyse_run(args.run_dir, batch_size=args.batch_size, onnx=not args.no_onnx))
+    except (ConfigError, DataError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

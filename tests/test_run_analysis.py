@@ -61,6 +61,21 @@ def test_analysis_on_demand_for_a_finished_run_replaces_the_folder(finished_run)
     assert [row["class"] for row in read_analysis(finished_run)["classes"]] == list(CLASSES)
 
 
+def test_without_onnx_the_run_folder_says_why(finished_run, tmp_path, monkeypatch):
+    import lwdetr.onnx_export as onnx_export
+    from finetune.analysis import main, write_onnx
+
+    def missing(*args, **kwargs):
+        raise onnx_export.OnnxMissingError(onnx_export.ONNX_MISSING)
+
+    monkeypatch.setattr(onnx_export, "export_onnx", missing)
+    written = write_onnx(object(), 128, tmp_path)
+    assert written.name == "ONNX_MISSING.txt" and "pip install onnx" in written.read_text()
+    assert not (tmp_path / "model.onnx").exists() and not list(tmp_path.glob(".model.onnx*"))
+    with pytest.raises(SystemExit, match="^error: run empty has no saved model"):
+        main([str(tmp_path / "empty")])
+
+
 def test_perfect_predictions_score_one_for_every_class(tmp_path):
     data = make_synthetic_dataset(tmp_path / "shapes", num_train=2, num_val=6, image_size=64, classes=CLASSES, seed=3)
     split = load_detection_data(str(data)).val
