@@ -27,7 +27,15 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["STAT_NAMES", "coco_metrics", "detections_from_outputs", "evaluate_split", "predict_detections"]
+__all__ = [
+    "STAT_NAMES",
+    "coco_metrics",
+    "detections_from_outputs",
+    "evaluate_split",
+    "gather_detections",
+    "predict_detections",
+    "run_cocoeval",
+]
 
 # The first entries of COCOeval.stats, in order, under the names we log.
 STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large", "AR1", "AR10", "AR100")
@@ -43,24 +51,13 @@ def coco_metrics(
     when no box is small), and `AP/<name>` per class with ground truth in the split. With no detections at all,
     everything is 0.0.
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    quiet = contextlib.redirect_stdout(io.StringIO())
-    with quiet:
-        gt = COCO()
-        gt.dataset = copy.deepcopy(dict(ground_truth))
-        gt.createIndex()
     classes_with_gt = sorted({a["category_id"] for a in ground_truth["annotations"] if not a.get("iscrowd", 0)})
-    if not detections or not ground_truth["annotations"]:
+    evaluator = run_cocoeval(ground_truth, detections)
+    if evaluator is None:
         metrics = dict.fromkeys(STAT_NAMES, 0.0)
         metrics.update({f"AP/{id2label[c]}": 0.0 for c in classes_with_gt})
         return metrics
     with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes([dict(d) for d in detections])
-        evaluator = COCOeval(gt, dt, iouType="bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
         evaluator.summarize()
     # COCO writes -1 for a size range without ground truth (e.g. no small objects): leave it out, not 0.
     metrics = {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats) if value > -1}
@@ -68,6 +65,26 @@ def coco_metrics(
     metrics.setdefault("AP50", 0.0)
     metrics.update(_per_class_ap(evaluator, classes_with_gt, id2label))
     return metrics
+
+
+def run_cocoeval(ground_truth: Mapping[str, Any], detections: Sequence[Mapping[str, Any]]):
+    """pycocotools' `COCOeval` (bbox) after `evaluate()` and `accumulate()`, quietly; None when there are no
+    detections or no ground truth (nothing to match). Its `eval["precision"]` is [iou, recall, category, area,
+    max_dets] with IoU thresholds .50:.05:.95 and 101 recall points."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if not detections or not ground_truth["annotations"]:
+        return None
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = copy.deepcopy(dict(ground_truth))
+        gt.createIndex()
+        dt = gt.loadRes([dict(d) for d in detections])
+        evaluator = COCOeval(gt, dt, iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+    return evaluator
 
 
 def _per_class_ap(evaluator, classes: Sequence[int], id2label: Mapping[int, str]) -> dict[str, float]:
@@ -131,12 +148,10 @@ def predict_detections(model: torch.nn.Module, batches, device: torch.device, au
     return detections
 
 
-def evaluate_split(
-    model: torch.nn.Module, dataset, accelerator, batch_size: int = 8, num_workers: int = 0
-) -> dict[str, float]:
-    """COCO metrics of `model` (unwrapped, not DDP) on the whole eval `dataset` (a `DetectionDataset` built with
-    the eval transform), computed with every process's help. Every rank gets the same metrics back."""
-    from accelerate.utils import broadcast_object_list, gather_object
+def gather_detections(model: torch.nn.Module, dataset, accelerator, batch_size: int = 8, num_workers: int = 0):
+    """COCO detections of `model` (unwrapped, not DDP) on the whole eval `dataset`, each process predicting its
+    share (image `i` on rank `i % world_size`); the full list on the main process, None on the others."""
+    from accelerate.utils import gather_object
 
     from finetune.transforms import collate_detection
 
@@ -152,10 +167,21 @@ def evaluate_split(
     autocast = accelerator.autocast if accelerator.mixed_precision != "no" else None
     mine = predict_detections(model, loader, accelerator.device, autocast)
     everything = gather_object([mine]) if world > 1 else [mine]  # one list per rank, on every rank
+    return [d for part in everything for d in part] if accelerator.is_main_process else None
+
+
+def evaluate_split(
+    model: torch.nn.Module, dataset, accelerator, batch_size: int = 8, num_workers: int = 0
+) -> dict[str, float]:
+    """COCO metrics of `model` (unwrapped, not DDP) on the whole eval `dataset` (a `DetectionDataset` built with
+    the eval transform), computed with every process's help. Every rank gets the same metrics back."""
+    from accelerate.utils import broadcast_object_list
+
+    detections = gather_detections(model, dataset, accelerator, batch_size, num_workers)
     metrics = [None]
     if accelerator.is_main_process:
         split = dataset.split
-        metrics[0] = coco_metrics(split.to_coco_gt(), [d for part in everything for d in part], split.id2label)
-    if world > 1:
+        metrics[0] = coco_metrics(split.to_coco_gt(), detections, split.id2label)
+    if accelerator.num_processes > 1:
         broadcast_object_list(metrics, from_process=0)
     return metrics[0]

@@ -19,6 +19,8 @@ Run folder (`config.output`):
     metrics.jsonl         one line per finished epoch: epoch, step, mean train losses, lr, AP metrics, times
     loss.png  ap.png      curves
     README.md             the model card (data summary, command, hyperparameters, metrics)
+    analysis/  model.onnx at the end of a run, of best/: per-class AP, precision-recall curves, a validation gallery
+                          (`finetune.analysis`) and the ONNX export
 
 All writes are atomic (see `finetune.export`): a kill at any moment leaves the previous good version, and a resume
 repairs the folder first. A new run refuses a folder that holds one (unless `force`).
@@ -240,9 +242,9 @@ def _claim_output(config: TrainConfig, accelerator) -> None:
     if not config.force:
         return
     if accelerator.is_main_process:  # every rank gets here (force is the same on all), whatever it saw on disk
-        for name in ("state", "state.prev", "state.old", "best", "last"):
+        for name in ("state", "state.prev", "state.old", "best", "last", "analysis"):
             shutil.rmtree(output / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "loss.png", "ap.png", "README.md"):
+        for name in ("metrics.jsonl", "loss.png", "ap.png", "README.md", "model.onnx", "ONNX_MISSING.txt"):
             (output / name).unlink(missing_ok=True)
     accelerator.wait_for_everyone()
 
@@ -460,6 +462,7 @@ def train(
             run.emit("stopped", _last_metrics(run), f"stopped at step {run.progress.step}; resume with --resume")
             return _result(run, stopped=True)
         _end_epoch(run)
+    _write_analysis(run)
     run.emit("done", _last_metrics(run), _done_message(run))
     return _result(run, stopped=False)
 
@@ -840,6 +843,24 @@ def _card(run: _Run, row: dict[str, Any] | None) -> str:
         id2label=run.unwrapped.config.id2label,
         ema=config.ema,
     )
+
+
+def _write_analysis(run: _Run) -> None:
+    """The finished run's per-class AP, precision-recall curves, validation gallery and model.onnx, of best/ (see
+    `finetune.analysis`); every process predicts its share, the main process writes."""
+    from finetune.analysis import write_analysis, write_onnx
+    from finetune.evaluate import gather_detections
+    from lwdetr.modeling import LwDetrForObjectDetection
+
+    best = run.output / "best"
+    if not (best / "config.json").is_file():
+        return
+    model = LwDetrForObjectDetection.from_pretrained(best).to(run.accelerator.device)
+    detections = gather_detections(model, run.val_set, run.accelerator, run.config.batch_size, run.config.num_workers)
+    if run.accelerator.is_main_process:
+        with disk_full_guard(run.output, _FILES_BYTES + 2 * _tensor_bytes(model.state_dict())):
+            write_analysis(run.output, run.val_set.split, detections)
+            write_onnx(model, run.config.image_size, run.output)
 
 
 def _last_metrics(run: _Run) -> dict[str, float]:

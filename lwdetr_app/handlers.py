@@ -53,7 +53,16 @@ from .training import (
     snapshot_from_disk,
 )
 
-__all__ = ["AP_SERIES", "LOG_TAIL", "LOSS_SERIES", "AppContext", "empty_table", "metrics_frame", "runs_frame"]
+__all__ = [
+    "AP_SERIES",
+    "LOG_TAIL",
+    "LOSS_SERIES",
+    "AppContext",
+    "analysis_frame",
+    "empty_table",
+    "metrics_frame",
+    "runs_frame",
+]
 
 _DISPLAY_MAX_SIDE = 1600  # the drawn image is shown at most this large; the table keeps original pixels
 _LOSS_COLUMNS = ["epoch", "series", "value"]
@@ -61,6 +70,7 @@ LOSS_SERIES = ("loss (step)", "loss (epoch mean)")
 AP_SERIES = ("AP", "AP50", "AP75")
 LOG_TAIL = 10  # the Log box shows the newest lines only: it opens scrolled to the top
 _RUN_COLUMNS = ["run", "state", "best AP", "ended"]
+_ANALYSIS_COLUMNS = ["class", "val boxes", "AP", "AP50"]
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _RESULT_ID = re.compile(r"[0-9a-f]{32}")
 _RESULTS_CHECK_SECONDS = 10.0  # the results/ budget is checked at most this often (a slider drag writes a lot)
@@ -565,7 +575,7 @@ class AppContext:
         signature = repr((owner, mine, snap.version, snap.eta_seconds if not mine else None))
         runs_signature = repr((owner, [(d.name, r.state, r.best_ap) for d, r in runs]))
         if seen.get("view") == signature and seen.get("runs") == runs_signature:
-            return (gr.skip(),) * 15
+            return (gr.skip(),) * 18
         pickers = (gr.skip(), gr.skip())
         if seen.get("runs") != runs_signature:
             pickers = (gr.update(choices=self.model_choices(owner)), gr.update(choices=self.base_model_choices(owner)))
@@ -579,7 +589,7 @@ class AppContext:
             return (
                 {"view": signature, "runs": runs_signature}, f"**Job:** {snap.busy_line()}", None, None, "",
                 metrics_frame({}), gr.update(value=None, interactive=False), gr.update(interactive=False),
-                gr.update(interactive=False), _stop_button(False), *pickers, *run_controls,
+                gr.update(interactive=False), _stop_button(False), *pickers, *run_controls, *_NO_ANALYSIS,
             )  # fmt: skip
         finished = snap.state in ("done", "stopped") and snap.model_dir is not None
         return (
@@ -595,7 +605,29 @@ class AppContext:
             _stop_button(snap.running and snap.state != "stopping"),
             *pickers,
             *run_controls,
+            *(self._analysis(Path(snap.run_dir)) if finished and snap.run_dir else _NO_ANALYSIS),
         )
+
+    def _analysis(self, run_dir: Path) -> tuple[pd.DataFrame, str | None, list]:
+        """A finished run's per-class AP table, precision-recall plot and validation gallery (`finetune.analysis`),
+        its images handed out as copies in Gradio's cache; empty when the run has no analysis."""
+        from finetune.analysis import read_analysis
+
+        summary = read_analysis(run_dir)
+        if summary is None:
+            return _NO_ANALYSIS
+        plot = self._handout(str(summary["pr_plot"])) if summary["pr_plot"] else None
+        gallery = [(self._handout(str(path)), "left: prediction · right: ground truth") for path in summary["gallery"]]
+        return analysis_frame(summary), plot, gallery
+
+    def show_run(self, token=None, request: gr.Request = None, evt: gr.SelectData = None):
+        """A row of "Your runs" picked: that run's analysis, when the run is this visitor's; else nothing changes."""
+        owner = owner_key(token, request)
+        row = getattr(evt, "row_value", None) or []
+        picked = next((d for d, _ in self._owned(owner) if row and d.name == row[0]), None)
+        if picked is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        return self._analysis(picked)
 
     def _handout(self, path: str | None) -> str | None:
         """A copy of the owner's file in Gradio's cache, named by a keyed hash of its content: the only address it
@@ -613,6 +645,18 @@ class AppContext:
             gr.Warning("No fine-tuned model yet.")
             return gr.skip(), gr.skip()
         return gr.update(choices=self.model_choices(owner), value=snap.model_dir), gr.Tabs(selected="detect")
+
+
+def analysis_frame(summary: dict | None) -> pd.DataFrame:
+    """The per-class table of a run's analysis: class, validation boxes, AP and AP50 (empty for no boxes)."""
+    rows = []
+    for row in (summary or {}).get("classes", []):
+        aps = [round(float(row[k]), 4) if isinstance(row.get(k), (int, float)) else None for k in ("AP", "AP50")]
+        rows.append([str(row.get("class", "")), int(row.get("boxes", 0)), *aps])
+    return pd.DataFrame(rows, columns=_ANALYSIS_COLUMNS)
+
+
+_NO_ANALYSIS = (analysis_frame(None), None, [])
 
 
 def runs_frame(runs: list) -> pd.DataFrame:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.analysis import ONNX_FILE, ONNX_MISSING_FILE
+
 from .runs import EVENTS_FILE, LOG_FILE, RunRecord, read_record, write_record
 from .settings import REPO_ROOT
 
@@ -128,13 +130,30 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def zip_model_folder(model_dir: Path, zip_path: Path, folder_name: str) -> Path:
-    """Zip the files of `model_dir` under `folder_name/` (atomically: written beside, then renamed)."""
+# The note a bundle holds instead of model.onnx when finetune did not export one (a stopped run, or no onnx).
+ONNX_NOT_EXPORTED = (
+    "model.onnx is not included: finetune exports it when a run finishes its epochs. Export this folder with\n"
+    "    python -m lwdetr export --model THIS_FOLDER --output model.onnx --image-size SIZE SIZE\n"
+)
+
+
+def zip_model_folder(model_dir: Path, zip_path: Path, folder_name: str, run_dir: Path | None = None) -> Path:
+    """Zip the files of `model_dir` (the HF folder, with its model card README.md) under `folder_name/`, atomically
+    (written beside, then renamed). With `run_dir`, the run's model.onnx goes beside them, else a note saying why
+    it is missing (finetune's ONNX_MISSING.txt, or `ONNX_NOT_EXPORTED`)."""
     partial = zip_path.with_name(zip_path.name + ".partial")
     with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(model_dir.rglob("*")):
             if path.is_file():
                 archive.write(path, f"{folder_name}/{path.relative_to(model_dir).as_posix()}")
+        if run_dir is not None:
+            onnx, missing = run_dir / ONNX_FILE, run_dir / ONNX_MISSING_FILE
+            if onnx.is_file():
+                archive.write(onnx, f"{folder_name}/{ONNX_FILE}")
+            elif missing.is_file():
+                archive.write(missing, f"{folder_name}/{ONNX_MISSING_FILE}")
+            else:
+                archive.writestr(f"{folder_name}/{ONNX_MISSING_FILE}", ONNX_NOT_EXPORTED)
     partial.replace(zip_path)
     return zip_path
 
@@ -430,7 +449,7 @@ class TrainingJob:
         zip_name = None
         if model_dir is not None and state != "failed":
             zip_name = f"{run_dir.name}-weights.zip"
-            zip_model_folder(model_dir, run_dir / zip_name, run_dir.name)
+            zip_model_folder(model_dir, run_dir / zip_name, run_dir.name, run_dir)
         error = None if state != "failed" else _failure_reason(run_dir / LOG_FILE, returncode)
         with self._lock:
             metrics = self._progress.last_eval

@@ -13,7 +13,16 @@ from typing import Any
 import gradio as gr
 
 from . import detection
-from .handlers import AP_SERIES, LOG_TAIL, LOSS_SERIES, AppContext, empty_table, metrics_frame, runs_frame
+from .handlers import (
+    AP_SERIES,
+    LOG_TAIL,
+    LOSS_SERIES,
+    AppContext,
+    analysis_frame,
+    empty_table,
+    metrics_frame,
+    runs_frame,
+)
 
 __all__ = ["AppContext", "build_demo"]
 
@@ -90,11 +99,12 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
         poll_outputs = [
             seen_state, t["status"], t["loss_plot"], t["ap_plot"], t["log"], t["metrics"],
             t["weights"], t["use"], t["start"], t["stop"], d["model"], t["base_model"],
-            t["runs"], t["resume_pick"], t["resume"],
+            t["runs"], t["resume_pick"], t["resume"], t["class_ap"], t["pr_curves"], t["val_gallery"],
         ]  # fmt: skip
         timer.tick(
             ctx.poll, [seen_state, owner], poll_outputs, show_progress="hidden", concurrency_limit=None, **private
         )
+        t["runs"].select(ctx.show_run, owner, [t["class_ap"], t["pr_curves"], t["val_gallery"]], **private)
         t["use"].click(ctx.use_in_detect, owner, [d["model"], tabs], **private)
         demo.load(ctx.identify, owner, [owner, d["model"], t["base_model"]], **private)
         demo.load(ctx.follow_training, owner, t["progress"], concurrency_limit=None, **private)
@@ -229,8 +239,23 @@ def _train_tab(ctx: AppContext) -> dict[str, Any]:
     c["metrics"] = gr.Dataframe(
         metrics_frame({}), headers=["metric", "value"], label="Best metrics", interactive=False, elem_id="metrics"
     )
+    # Before the download: what the model learned, on the validation split, with the best checkpoint.
+    gr.Markdown("### What the model learned\nThe best checkpoint on the validation split, when a run finishes.")
     with gr.Row():
-        c["weights"] = gr.DownloadButton("Download weights", interactive=False, elem_id="download-weights")
+        c["class_ap"] = gr.Dataframe(
+            analysis_frame(None), label="Per-class AP", interactive=False, elem_id="class-ap", max_height=320
+        )
+        c["pr_curves"] = gr.Image(
+            None, type="filepath", label="Precision-recall at IoU 0.5", interactive=False, elem_id="pr-curves"
+        )
+    c["val_gallery"] = gr.Gallery(
+        label="Validation images: predictions (left) beside ground truth (right)", columns=4, height=360,
+        object_fit="contain", elem_id="val-gallery",
+    )  # fmt: skip
+    with gr.Row():
+        c["weights"] = gr.DownloadButton(
+            "Download weights (HF folder, ONNX, card)", interactive=False, elem_id="download-weights"
+        )
         c["use"] = gr.Button("Use in Detect", interactive=False, elem_id="use-in-detect")
     gr.Markdown(
         "### Your runs\nOnly you see your runs, their logs and weights; other visitors see only that the trainer is "

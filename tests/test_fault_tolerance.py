@@ -95,7 +95,7 @@ def _assert_like_reference(run: Path, reference: Path) -> None:
         assert (run / plot).read_bytes() == (reference / plot).read_bytes(), plot
     leftovers = [p.name for p in run.rglob("*") if p.name.startswith(".") or p.name.endswith((".old", ".tmp"))]
     assert leftovers == []
-    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["best", "last", "state", "state.prev"]
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["analysis", "best", "last", "state", "state.prev"]
     assert _state_step(run) == 8
     for name in (*WEIGHT_FILES, "state/ema.safetensors"):
         ours, theirs = load_file(str(run / name)), load_file(str(reference / name))
