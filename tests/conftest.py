@@ -1,4 +1,5 @@
-"""Test-wide settings (never touch the network, keep Gradio quiet) and the `device` fixture."""
+"""Test-wide settings (never touch the network, keep Gradio quiet), the `device` fixture and the app fixtures
+(`assets`, `ctx`) shared by the app test files."""
 
 import os
 
@@ -20,3 +21,26 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     """Each device a test should pass on: the CPU always, and the first GPU when there is one (`-m gpu` selects
     the GPU cases)."""
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory):
+    """(demo model folder, example images, labels): the bundled ones, or small stand-ins when they are missing."""
+    from test_app import bundled_or_test_assets  # imports gradio: only for the tests that ask
+
+    return bundled_or_test_assets(tmp_path_factory.mktemp("assets"))
+
+
+@pytest.fixture
+def ctx(tmp_path, assets, monkeypatch):
+    """An AppContext over a fresh data folder, the demo model as default, and its own training job."""
+    from lwdetr_app.handlers import AppContext
+    from lwdetr_app.models import ModelChoice, ModelRegistry
+    from lwdetr_app.settings import AppSettings
+    from lwdetr_app.training import TrainingJob
+
+    model, examples, _ = assets
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "data" / "gradio"))
+    settings = AppSettings(data_dir=tmp_path / "data", demo_model_dir=model, examples_dir=examples[0].parent)
+    default = ModelChoice(str(model), "Bundled demo model (test): the hub is unreachable")
+    return AppContext(settings, default, ModelRegistry(device="cpu"), TrainingJob())

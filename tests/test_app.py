@@ -28,10 +28,9 @@ from PIL import Image
 
 from lwdetr.detector import Detector
 from lwdetr_app import detection
-from lwdetr_app.handlers import AppContext
-from lwdetr_app.models import ModelChoice, ModelRegistry, choose_default_model, list_runs, model_choices
+from lwdetr_app.models import choose_default_model, list_runs, model_choices
 from lwdetr_app.settings import AppSettings, configure_environment, resolve_server
-from lwdetr_app.training import TrainingJob, TrainRequest
+from lwdetr_app.training import TrainRequest
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_MODEL = REPO / "examples" / "demo_model"
@@ -81,23 +80,8 @@ def bundled_or_test_assets(root: Path) -> tuple[Path, list[Path], dict[str, str]
 
 
 @pytest.fixture(scope="session")
-def assets(tmp_path_factory):
-    return bundled_or_test_assets(tmp_path_factory.mktemp("assets"))
-
-
-@pytest.fixture(scope="session")
 def expected_detector(assets) -> Detector:
     return Detector.from_pretrained(assets[0], device="cpu")
-
-
-@pytest.fixture
-def ctx(tmp_path, assets, monkeypatch):
-    """An AppContext over a fresh data folder, the demo model as default, and its own training job."""
-    model, examples, _ = assets
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "data" / "gradio"))
-    settings = AppSettings(data_dir=tmp_path / "data", demo_model_dir=model, examples_dir=examples[0].parent)
-    default = ModelChoice(str(model), "Bundled demo model (test): the hub is unreachable")
-    return AppContext(settings, default, ModelRegistry(device="cpu"), TrainingJob())
 
 
 def free_port() -> int:

@@ -147,10 +147,3 @@ def test_the_app_shows_the_analysis_to_the_runs_owner_only(finished_run, tmp_pat
     table, plot, gallery = ctx.poll(None, None, BOB)[15:18]
     assert table.empty and plot is None and gallery == []
     assert ctx.show_run(None, BOB, SimpleNamespace(row_value=[snap.run_name])) == (gr.skip(),) * 3
-
-
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory):
-    from test_app import bundled_or_test_assets
-
-    return bundled_or_test_assets(tmp_path_factory.mktemp("assets"))

@@ -27,30 +27,11 @@ from test_app import REPO, start_app_server, stop_app_server
 
 from lwdetr_app.datasets import inspect_dataset
 from lwdetr_app.handlers import AppContext
-from lwdetr_app.models import ModelChoice, ModelRegistry
 from lwdetr_app.public_text import public_text
-from lwdetr_app.settings import AppSettings
 from lwdetr_app.storage import enforce_budget, folder_bytes
-from lwdetr_app.training import TrainingJob
 
 MIB = 1 << 20
 RESULT_FOLDER = re.compile(r"[0-9a-f]{32}")
-
-
-@pytest.fixture
-def ctx(tmp_path, assets, monkeypatch):
-    model, examples, _ = assets
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "data" / "gradio"))
-    settings = AppSettings(data_dir=tmp_path / "data", demo_model_dir=model, examples_dir=examples[0].parent)
-    default = ModelChoice(str(model), "Bundled demo model (test): the hub is unreachable")
-    return AppContext(settings, default, ModelRegistry(device="cpu"), TrainingJob())
-
-
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory):
-    from test_app import bundled_or_test_assets
-
-    return bundled_or_test_assets(tmp_path_factory.mktemp("security-assets"))
 
 
 def visible(outputs) -> list[str]:
@@ -302,9 +283,10 @@ def test_enforce_budget_evicts_oldest_and_keeps_what_is_in_use(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".e.partial", "a", "d"]
 
 
-def test_public_text_strips_server_paths():
-    text = "cannot open '/srv/app/data/datasets/upload-1f/top/train/x.png' (File \"/usr/lib/x.py\", AP/circle 1/2)"
-    shown = public_text(text, {"/srv/app/data/datasets/upload-1f": "birds.zip"})
+def test_public_text_strips_server_paths(tmp_path):
+    upload = tmp_path / "datasets" / "upload-1f"
+    text = f"cannot open '{upload}/top/train/x.png' (File \"{tmp_path / 'lib' / 'x.py'}\", AP/circle 1/2)"
+    shown = public_text(text, {str(upload): "birds.zip"})
     assert shown == "cannot open 'birds.zip/top/train/x.png' (File \"x.py\", AP/circle 1/2)"
 
 

@@ -45,13 +45,6 @@ def ctx(tmp_path, assets, monkeypatch):
     return make_ctx(tmp_path / "data", assets)
 
 
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory):
-    from test_app import bundled_or_test_assets
-
-    return bundled_or_test_assets(tmp_path_factory.mktemp("assets"))
-
-
 def test_train_command_is_finetunes_cli_and_accelerate_launch_on_several_gpus(tmp_path):
     request = TrainRequest(data="d", model="nano", epochs=3, batch_size=2, image_size=256, lr=2e-4)
     one = train_command(tmp_path, request, gpus=0)

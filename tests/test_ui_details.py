@@ -13,7 +13,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 from PIL import Image
-from test_app import ALICE, assets, ctx  # noqa: F401 - pytest fixtures
+from test_app import ALICE
 
 from lwdetr_app import models
 from lwdetr_app.datasets import inspect_dataset
@@ -25,7 +25,7 @@ from lwdetr_app.ui import build_demo
 # ------------------------------------------------------------------------------------------------ model picker
 
 
-def test_offline_picker_offers_only_cached_hub_checkpoints(tmp_path, assets, monkeypatch):  # noqa: F811
+def test_offline_picker_offers_only_cached_hub_checkpoints(tmp_path, assets, monkeypatch):
     cached = "AnnaZhang/lwdetr_tiny_60e_coco"
     monkeypatch.setattr(models, "_cached", lambda model_id: model_id == cached)
     offline = [value for _, value in model_choices(tmp_path / "runs", assets[0], None, hub_reachable=False)]
@@ -34,7 +34,7 @@ def test_offline_picker_offers_only_cached_hub_checkpoints(tmp_path, assets, mon
     assert len(online) == 1 + len(models.PUBLISHED_MODELS)
 
 
-def test_default_model_offline_says_the_hub_is_unreachable_in_plain_words(tmp_path, assets, monkeypatch):  # noqa: F811
+def test_default_model_offline_says_the_hub_is_unreachable_in_plain_words(tmp_path, assets, monkeypatch):
     def no_network(model_id):
         raise OSError(
             f"could not download model {model_id!r} from the Hugging Face hub (Got: ConnectError: [Errno -2] Name "
@@ -48,7 +48,7 @@ def test_default_model_offline_says_the_hub_is_unreachable_in_plain_words(tmp_pa
     assert "Errno" not in choice.reason and "ConnectError" not in choice.reason
 
 
-def test_offline_app_offers_no_hub_checkpoint_and_a_failed_pick_resets_the_picker(ctx, monkeypatch):  # noqa: F811
+def test_offline_app_offers_no_hub_checkpoint_and_a_failed_pick_resets_the_picker(ctx, monkeypatch):
     monkeypatch.setattr(models, "_cached", lambda model_id: False)
     ctx.default = ModelChoice(ctx.default.ref, ctx.default.reason, hub_reachable=False)
     assert not any(value in models.PUBLISHED_MODELS for _, value in ctx.model_choices())
@@ -63,21 +63,21 @@ def test_offline_app_offers_no_hub_checkpoint_and_a_failed_pick_resets_the_picke
 # ------------------------------------------------------------------------------------------------ training panel
 
 
-def _poll_with(ctx, monkeypatch, **fields):  # noqa: F811
+def _poll_with(ctx, monkeypatch, **fields):
     """`ctx.poll` as ALICE sees her own job in the state `fields` describe."""
     snap = JobSnapshot(version=1, runs_version=0, owner=owner_key(None, ALICE), run_name="run", **fields)
     monkeypatch.setattr(ctx.job, "snapshot", lambda: snap)
     return ctx.poll(None, None, ALICE)
 
 
-def test_log_box_shows_the_newest_lines(ctx, monkeypatch):  # noqa: F811
+def test_log_box_shows_the_newest_lines(ctx, monkeypatch):
     lines = tuple(f"line {i}" for i in range(200))
     log = _poll_with(ctx, monkeypatch, state="running", epochs=10, log=lines)[4]
     shown = log.splitlines()
     assert shown[-1] == "line 199" and len(shown) <= 10 and "line 0" not in shown
 
 
-def test_loss_plot_knows_the_epoch_mean_series_before_it_arrives(ctx, monkeypatch):  # noqa: F811
+def test_loss_plot_knows_the_epoch_mean_series_before_it_arrives(ctx, monkeypatch):
     steps = tuple((i / 4, "loss (step)", 10.0 - i) for i in range(1, 4))
     loss = _poll_with(ctx, monkeypatch, state="running", epochs=10, loss_points=steps)[2]
     frame = loss["value"]
@@ -86,7 +86,7 @@ def test_loss_plot_knows_the_epoch_mean_series_before_it_arrives(ctx, monkeypatc
     assert loss["x_lim"] == [0, 10]  # a fixed range: round ticks, no overlapping labels
 
 
-def test_ap_after_one_epoch_is_drawn_as_points(ctx, monkeypatch):  # noqa: F811
+def test_ap_after_one_epoch_is_drawn_as_points(ctx, monkeypatch):
     ap = tuple((1.0, key, value) for key, value in (("AP", 0.2), ("AP50", 0.4), ("AP75", 0.1)))
     update = _poll_with(ctx, monkeypatch, state="running", epoch=1, epochs=10, ap_points=ap)[3]
     assert list(update["value"]["value"]) == [0.2, 0.4, 0.1] and update["x_lim"] == [0, 10]
@@ -94,7 +94,7 @@ def test_ap_after_one_epoch_is_drawn_as_points(ctx, monkeypatch):  # noqa: F811
     assert isinstance(plot, gr.ScatterPlot)  # a line through a single point draws nothing
 
 
-def test_disabled_stop_button_is_grey(ctx, monkeypatch):  # noqa: F811
+def test_disabled_stop_button_is_grey(ctx, monkeypatch):
     assert _poll_with(ctx, monkeypatch, state="running")[9] == gr.update(interactive=True, variant="stop")
     assert _poll_with(ctx, monkeypatch, state="done")[9] == gr.update(interactive=False, variant="secondary")
     stop = next(c for c in build_demo(ctx).blocks.values() if getattr(c, "elem_id", None) == "stop-training")
@@ -104,7 +104,7 @@ def test_disabled_stop_button_is_grey(ctx, monkeypatch):  # noqa: F811
 # ------------------------------------------------------------------------------------------------ Detect tab
 
 
-def test_no_detection_left_says_the_top_score_and_what_to_lower(ctx, assets):  # noqa: F811
+def test_no_detection_left_says_the_top_score_and_what_to_lower(ctx, assets):
     raw, *outputs, status = ctx.detect(str(assets[1][0]), ctx.default.ref, 0.3, 100, [])
     best = max(raw["detections"], key=lambda d: d["score"])
     image, table, count, timing, json_file, hint = ctx.refilter(raw, 1.0, 100, [])
@@ -116,7 +116,7 @@ def test_no_detection_left_says_the_top_score_and_what_to_lower(ctx, assets):  #
     assert "class filter" in ctx.refilter(raw, 0.01, 100, ["no-such-class"])[5]
 
 
-def test_examples_sit_right_under_the_image(ctx):  # noqa: F811
+def test_examples_sit_right_under_the_image(ctx):
     demo = build_demo(ctx)
     ids = {getattr(block, "elem_id", None): block_id for block_id, block in demo.blocks.items()}
     order = _layout_order(demo.config["layout"])
@@ -160,6 +160,6 @@ def test_dataset_preview_labels_are_readable_in_the_gallery(tmp_path):
     assert caption == "black.png (1 boxes)"
 
 
-def test_dataset_gallery_shows_captions_under_one_large_image(ctx):  # noqa: F811
+def test_dataset_gallery_shows_captions_under_one_large_image(ctx):
     gallery = next(c for c in build_demo(ctx).blocks.values() if getattr(c, "elem_id", None) == "dataset-gallery")
     assert gallery.preview  # in the grid, Gradio lays each caption over the bottom of its image
