@@ -61,9 +61,7 @@ def native_bfloat16() -> bool:
     """Whether oneDNN runs bfloat16 on this CPU (AVX-512 BW/VL/DQ, avx_ne_convert or ARM's bf16): its bf16 kernels
     (packed weights, fused linear and convolution) refuse to run elsewhere, and PyTorch's plain bf16 ops fall back
     to slow reference loops there, slower than float32."""
-    if _onednn_capped_below_avx512():
-        return False
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return not _onednn_capped_below_avx512() and _onednn_supports("bf16")
 
 
 def _onednn_capped_below_avx512() -> bool:
@@ -75,7 +73,15 @@ def _onednn_capped_below_avx512() -> bool:
 
 def native_float16() -> bool:
     """Whether oneDNN runs float16 on this CPU (AVX-512 FP16 or AMX-FP16); elsewhere float16 ops are emulated."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return _onednn_supports("fp16")
+
+
+@functools.cache
+def _onednn_supports(kind: str) -> bool:
+    """PyTorch's answer for oneDNN's "bf16" or "fp16" kernels on this CPU, asked once: `onednn_usable` asks on every
+    layer of a bf16 forward, and the hardware does not change."""
+    query = {"bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported, "fp16": torch.ops.mkldnn._is_mkldnn_fp16_supported}
+    return bool(torch.backends.mkldnn.is_available() and query[kind]())
 
 
 @functools.cache
