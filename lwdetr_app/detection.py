@@ -21,6 +21,7 @@ __all__ = [
     "COLUMNS",
     "FLOOR_MAX_DETECTIONS",
     "FLOOR_THRESHOLD",
+    "as_dicts",
     "coco_results",
     "draw",
     "filter_detections",
@@ -45,6 +46,11 @@ def _as_dict(detection: Detection) -> dict[str, Any]:
     }
 
 
+def as_dicts(detections: Iterable[Detection]) -> list[dict[str, Any]]:
+    """`Detection`s as the app's plain dicts, best first."""
+    return sorted((_as_dict(d) for d in detections), key=lambda d: d["score"], reverse=True)
+
+
 def run_detection(
     detector: Detector,
     image: Image.Image,
@@ -55,8 +61,7 @@ def run_detection(
     start = time.perf_counter()
     detections = detector.predict(image, threshold=threshold, max_detections=max_detections)
     seconds = time.perf_counter() - start
-    ordered = sorted((_as_dict(d) for d in detections), key=lambda d: d["score"], reverse=True)
-    return ordered, seconds
+    return as_dicts(detections), seconds
 
 
 def filter_detections(

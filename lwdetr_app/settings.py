@@ -8,7 +8,7 @@ on a Hugging Face Space with persistent storage, a writable /data, `/data/lwdetr
       cache/           matplotlib's config cache, Python's temporary files
       datasets/        extracted dataset zips and the synthetic sample
       runs/            fine-tuning runs (best/, last/, metrics, weights zip)
-      results/         detection JSON files, one folder per detection (named by a server-side random id)
+      results/         detection JSON files and annotated videos, one folder per detection (a server-side random id)
 
 A public app must not let visitors fill its disk: uploads are capped (`max_upload`), a dataset zip may expand to at
 most 20 times that (and at most `max_zip_ratio` times its compressed size), and datasets/, results/ and runs/ are
@@ -116,6 +116,10 @@ class AppSettings:
     max_image_pixels: int = 40_000_000
     max_zip_ratio: float = 100.0  # a dataset zip entry (or the whole zip) expanding more is refused as a bomb
     max_zip_entries: int = 20_000
+    max_video_seconds: float = 120.0  # an uploaded video lasting longer is refused
+    max_video_frames: int = 300  # frames annotated per video: a longer one is sampled (every k-th frame)
+    max_video_pixels: int = 1920 * 1088  # per video or webcam frame (1080p, as codecs store it)
+    max_video_fps: float = 120.0
     datasets_budget: str = "10gb"  # datasets/, results/, runs/: oldest evicted past these (what is in use is kept)
     results_budget: str = "200mb"
     runs_budget: str = "20gb"
@@ -156,6 +160,8 @@ class AppSettings:
             "results_budget": env.get("LWDETR_APP_RESULTS_BUDGET") or "200mb",
             "runs_budget": env.get("LWDETR_APP_RUNS_BUDGET") or "20gb",
             "max_zip_entries": _env_int("LWDETR_APP_MAX_ZIP_ENTRIES", 20_000),
+            "max_video_seconds": float(env.get("LWDETR_APP_MAX_VIDEO_SECONDS") or 120.0),
+            "max_video_frames": _env_int("LWDETR_APP_MAX_VIDEO_FRAMES", 300),
             "custom_models": env.get("LWDETR_APP_CUSTOM_MODELS", "").strip().lower() in ("1", "true", "yes"),
         }
         values.update({key: value for key, value in overrides.items() if value is not None})
