@@ -1,4 +1,4 @@
-"""LW-DETR demo: detect objects in images and fine-tune on your own data (Gradio).
+"""LW-DETR demo: detect objects in images, webcam streams and videos, and fine-tune on your own data (Gradio).
 
     python app.py [--host 127.0.0.1] [--port 7860] [--data-dir ./app_data] [--model HUB_ID_OR_FOLDER]
 
@@ -14,6 +14,8 @@ Other settings (env): LWDETR_APP_MODEL (as --model), LWDETR_APP_DEMO_MODEL (the 
 LWDETR_APP_EXAMPLES (example images folder), LWDETR_APP_HUB_TIMEOUT (seconds, 30), LWDETR_APP_MAX_UPLOAD ("200mb";
 a dataset zip may expand to 20 times that), LWDETR_APP_MAX_ZIP_ENTRIES (20000), LWDETR_APP_DATASETS_BUDGET ("10gb"),
 LWDETR_APP_RESULTS_BUDGET ("200mb"), LWDETR_APP_RUNS_BUDGET ("20gb") (oldest evicted past these),
+LWDETR_APP_MAX_VIDEO_SECONDS (120: longer uploaded videos are refused), LWDETR_APP_MAX_VIDEO_FRAMES (300 frames
+annotated per video; a longer one is sampled),
 LWDETR_APP_CUSTOM_MODELS (1: visitors may type any hub id or server folder as a model; off by default, for a public
 app), LWDETR_APP_SYNTH_TRAIN / _VAL / _SIZE (the synthetic sample: 48 / 16 images of 256 px).
 """

@@ -36,7 +36,7 @@ from lwdetr.config import PRESETS
 from lwdetr.cpu_kernels import kernel_summary
 from lwdetr.images import ImageLoadError, load_image
 
-from . import detection
+from . import detection, video
 from .datasets import ZipLimits, dataset_entry, inspect_dataset, prepare_synthetic, prepare_zip
 from .models import PUBLISHED_MODELS, ModelChoice, ModelRegistry, display_path, model_choices
 from .public_text import one_line, public_text
@@ -74,6 +74,8 @@ _ANALYSIS_COLUMNS = ["class", "val boxes", "AP", "AP50"]
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _RESULT_ID = re.compile(r"[0-9a-f]{32}")
 _RESULTS_CHECK_SECONDS = 10.0  # the results/ budget is checked at most this often (a slider drag writes a lot)
+_MAX_FRAME_BYTES = 16 << 20  # one streamed webcam frame (a JPEG, usually well under 1 MiB)
+_FPS_WINDOW = 10  # the webcam's frame rate is measured over this many recent frames
 
 
 def _visitor_name(name: Any, default: str = "image") -> str:
@@ -93,6 +95,26 @@ def _number(value: Any, what: str, low: float, high: float) -> float:
         shown = str(value)[:40]
         raise gr.Error(f"{what} must be a number from {low:g} to {high:g}; got {shown!r}", print_exception=False)
     return number
+
+
+def _filters(threshold: Any, max_detections: Any, classes: Any) -> tuple[float, int, list[str]]:
+    """The Detect tab's filters checked: threshold in [0, 1], max detections up to the floor's, class names."""
+    threshold = _number(threshold, "The score threshold", 0.0, 1.0)
+    max_detections = int(_number(max_detections, "Max detections", 0, detection.FLOOR_MAX_DETECTIONS))
+    return threshold, max_detections, [str(name) for name in classes] if isinstance(classes, (list, tuple)) else []
+
+
+def _file_stem(name: Any, default: str) -> str:
+    """A file-name stem made from a client-sent name: word characters, dots and dashes, at most 64 of them."""
+    return re.sub(r"[^\w.-]", "_", Path(_visitor_name(name)).stem).lstrip(".")[:64] or default
+
+
+def _stream_status(boxes: int, seconds: float, times: list[float]) -> str:
+    """The webcam's status line: boxes in the frame, frames annotated per second (over the recent `times`), and the
+    model's own time per frame."""
+    span = times[-1] - times[0] if len(times) > 1 else 0.0
+    rate = f"{(len(times) - 1) / span:.1f} fps" if span > 0 else "measuring the frame rate…"
+    return f"**{boxes} boxes** · {rate} · the model: {seconds * 1000:.0f} ms per frame"
 
 
 def empty_table() -> pd.DataFrame:
@@ -206,6 +228,16 @@ class AppContext:
             name = "image"
         if not path or not isinstance(path, (str, os.PathLike)):
             raise ImageLoadError("no image received")
+        resolved = self._upload_path(path, name, ImageLoadError)
+        try:
+            image = load_image(resolved, max_pixels=self.settings.max_image_pixels)
+        except ImageLoadError as error:  # name the file as the user knows it, not by its cache path
+            raise ImageLoadError(self.public_line(error, {resolved: name, path: name})) from None
+        return image, str(resolved), name
+
+    def _upload_path(self, path: str | os.PathLike[str], name: str, error: type[ValueError]) -> Path:
+        """`path` resolved, when it is a regular file in Gradio's upload folder or the examples and within the upload
+        limit; else `error` with one line naming the file by `name`."""
         try:
             resolved = Path(path).resolve()
             allowed = any(resolved.is_relative_to(root) for root in self._allowed_roots()) and resolved.is_file()
@@ -213,14 +245,10 @@ class AppContext:
         except (OSError, RuntimeError, ValueError):  # too long a name, a NUL byte, a symlink loop
             allowed, size = False, 0
         if not allowed:
-            raise ImageLoadError(f"{name}: not an uploaded file")
+            raise error(f"{name}: not an uploaded file")
         if size > self.settings.max_upload_bytes:
-            raise ImageLoadError(f"{name}: {size} bytes, more than the upload limit of {self.settings.max_upload}")
-        try:
-            image = load_image(resolved, max_pixels=self.settings.max_image_pixels)
-        except ImageLoadError as error:  # name the file as the user knows it, not by its cache path
-            raise ImageLoadError(self.public_line(error, {resolved: name, path: name})) from None
-        return image, str(resolved), name
+            raise error(f"{name}: {size} bytes, more than the upload limit of {self.settings.max_upload}")
+        return resolved
 
     def _save_data_url(self, url: str) -> str:
         if len(url) > self.settings.max_upload_bytes * 4 // 3 + 1024:  # base64 makes 3 bytes 4 characters
@@ -305,9 +333,7 @@ class AppContext:
 
         The JSON file goes to results/<the detection's server-side id>/; `gr.Error` for a bad threshold or maximum.
         """
-        threshold = _number(threshold, "The score threshold", 0.0, 1.0)
-        max_detections = int(_number(max_detections, "Max detections", 0, detection.FLOOR_MAX_DETECTIONS))
-        classes = [str(name) for name in classes] if isinstance(classes, (list, tuple)) else []
+        threshold, max_detections, classes = _filters(threshold, max_detections, classes)
         if not raw:
             return None, empty_table(), 0, "", gr.update(value=None, interactive=False), ""
         kept = detection.filter_detections(raw["detections"], threshold, max_detections, classes)
@@ -328,8 +354,7 @@ class AppContext:
             result_id = raw["result_id"] = uuid.uuid4().hex
         folder = self.paths.results / result_id
         folder.mkdir(parents=True, exist_ok=True)
-        stem = re.sub(r"[^\w.-]", "_", Path(_visitor_name(raw.get("name"))).stem).lstrip(".")[:64] or "image"
-        json_path = folder / f"{stem}_detections.json"
+        json_path = folder / f"{_file_stem(raw.get('name'), 'image')}_detections.json"
         atomic_write_text(json_path, json.dumps(results, indent=1))
         if time.monotonic() - self._results_checked > _RESULTS_CHECK_SECONDS:
             self._results_checked = time.monotonic()
@@ -395,6 +420,106 @@ class AppContext:
             message = f"Cannot run model {self.model_label(self.default.ref)}: {self.public_line(error)}"
             raise gr.Error(message, print_exception=False) from None
         return detection.filter_detections(raw["detections"], threshold, 100)
+
+    # ------------------------------------------------------------------ Detect tab: webcam and video
+    def video_limits(self) -> video.VideoLimits:
+        s = self.settings
+        return video.VideoLimits(s.max_video_pixels, s.max_video_seconds, s.max_video_fps, s.max_video_frames)
+
+    def _webcam_image(self, payload: Any) -> Image.Image:
+        """One streamed webcam frame as an RGB image: its data URL decoded in memory (a stream must not write a file
+        per frame), or an uploaded file; `ImageLoadError` when it is neither or is past the frame limits."""
+        url = str(payload.get("url") or "") if isinstance(payload, dict) else ""
+        if not url.startswith("data:"):
+            return self.load_payload(payload)[0]
+        if len(url) > _MAX_FRAME_BYTES * 4 // 3 + 1024:  # base64 makes 3 bytes 4 characters
+            raise ImageLoadError(f"webcam frame: more than {_MAX_FRAME_BYTES >> 20} MiB")
+        try:
+            data = base64.b64decode(url.split(",", 1)[1], validate=False)
+        except (IndexError, binascii.Error, ValueError):
+            raise ImageLoadError("webcam frame: malformed data URL") from None
+        return load_image(data, max_pixels=self.settings.max_video_pixels, max_bytes=_MAX_FRAME_BYTES)
+
+    def stream_frame(self, payload, model_ref, threshold, max_detections, classes, recent):
+        """One webcam frame: (the frame with the boxes passing the filters drawn, a status line with the frame rate,
+        this session's recent frame times). A frame that cannot be read keeps the last picture and says why."""
+        threshold, max_detections, classes = _filters(threshold, max_detections, classes)
+        recent = [t for t in recent if isinstance(t, float)][1 - _FPS_WINDOW :] if isinstance(recent, list) else []
+        if payload is None:
+            return gr.skip(), gr.skip(), recent
+        if not model_ref:
+            raise gr.Error(f"No model to run. {self.default.reason}", print_exception=False)
+        try:
+            image = self._webcam_image(payload)
+            found, seconds = detection.run_detection(self.registry.get(model_ref), image)
+        except ImageLoadError as error:
+            return gr.skip(), f"⚠️ Cannot read this frame: {self.public_line(error)}", recent
+        except Exception as error:  # noqa: BLE001 - model folder or hub problems: say so, keep serving
+            return gr.skip(), f"⚠️ Cannot run model {self.model_label(model_ref)}: {self.public_line(error)}", recent
+        kept = detection.filter_detections(found, threshold, max_detections, classes)
+        recent = [*recent, time.monotonic()]
+        return detection.draw(image, kept), _stream_status(len(kept), seconds, recent), recent
+
+    def _video_upload(self, payload: Any) -> tuple[Path, str]:
+        """(server path, the visitor's name for it) of a Video component's raw payload; `VideoError` if unusable."""
+        if isinstance(payload, dict) and isinstance(payload.get("video"), dict):  # {"video": ..., "subtitles": ...}
+            payload = payload["video"]
+        path = payload.get("path") if isinstance(payload, dict) else payload
+        if not path or not isinstance(path, (str, os.PathLike)):
+            raise video.VideoError("no video received")
+        given = payload.get("orig_name") if isinstance(payload, dict) else None
+        name = _visitor_name(given or Path(path).name, "video")
+        return self._upload_path(path, name, video.VideoError), name
+
+    def annotate_video(self, payload, model_ref, threshold, max_detections, classes, progress=gr.Progress()):  # noqa: B008
+        """An uploaded video annotated frame by frame with the filters. Outputs: the annotated video (WebM), its
+        download, the per-frame COCO results download (image_id = frame index), a status line with the frame rate.
+
+        Both files go to results/<a server-side id>/, staged in a hidden folder until they are complete.
+        """
+        threshold, max_detections, classes = _filters(threshold, max_detections, classes)
+        nothing = (None, gr.update(value=None, interactive=False), gr.update(value=None, interactive=False))
+        if payload is None:
+            return (*nothing, "")
+        if not model_ref:
+            raise gr.Error(f"No model to run. {self.default.reason}", print_exception=False)
+        name = "video"
+        staging = self.paths.results / f".{uuid.uuid4().hex}.partial"
+        try:
+            path, name = self._video_upload(payload)
+            detector = self.registry.get(model_ref)
+            stem, limits = _file_stem(name, "video"), self.video_limits()
+            staging.mkdir(parents=True)
+            target = staging / f"{stem}_detections{video.OUTPUT_SUFFIX}"
+
+            def report(done: int, expected: int) -> None:
+                progress((done, expected), desc=f"Annotating {name}", unit="frames")
+
+            result = video.annotate_video(
+                detector, path, target, name, limits, threshold, max_detections, classes, progress=report
+            )
+            coco = [r for index, kept in result.detections for r in detection.coco_results(kept, index)]
+            atomic_write_text(staging / f"{stem}_detections.json", json.dumps(coco, indent=1))
+            folder = self.paths.results / staging.name[1:].removesuffix(".partial")
+            os.replace(staging, folder)
+        except video.VideoError as error:
+            message = f"Cannot annotate this video: {self.public_line(error)}"
+            gr.Warning(message)
+            return (*nothing, f"⚠️ {message}")
+        except Exception as error:  # noqa: BLE001 - a model, decoder or disk problem: say so, keep serving
+            message = f"Cannot annotate {name} with model {self.model_label(model_ref)}: {self.public_line(error)}"
+            gr.Warning(message)
+            return (*nothing, f"⚠️ {message}")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # still there only when something failed
+        self.enforce_budgets(("results",), keep=(folder,))
+        annotated, coco_file = str(folder / target.name), str(folder / f"{stem}_detections.json")
+        return (
+            annotated,
+            gr.update(value=annotated, interactive=True),
+            gr.update(value=coco_file, interactive=True),
+            video.status_line(result, name, limits),
+        )
 
     # ------------------------------------------------------------------ Fine-tune tab: data
     def _dataset_outputs(self, root_getter, name: str, names: dict) -> tuple[Any, str, list]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-from . import detection
+from . import detection, video
 from .handlers import (
     AP_SERIES,
     LOG_TAIL,
@@ -25,6 +25,11 @@ from .handlers import (
 )
 
 __all__ = ["AppContext", "build_demo"]
+
+# A webcam frame goes to the server every _WEBCAM_EVERY s; a stream holds a worker for at most _WEBCAM_TIME_LIMIT s
+# of processing, so that two visitors streaming cannot keep the CPU from everyone else for long.
+_WEBCAM_EVERY = 0.2
+_WEBCAM_TIME_LIMIT = 60
 
 _INTRO = (
     "# LW-DETR: light-weight detection transformer\n"
@@ -75,6 +80,19 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
             [active_model, d["model_status"], d["classes"], *detect_outputs, d["model"]], preprocess=False,
             concurrency_id="inference", concurrency_limit=2, **private,
         )  # fmt: skip
+        recent_frames = gr.State([])
+        d["webcam"].stream(
+            ctx.stream_frame, [d["webcam"], active_model, *filters, recent_frames],
+            [d["webcam_output"], d["webcam_status"], recent_frames], preprocess=False, show_progress="hidden",
+            stream_every=_WEBCAM_EVERY, time_limit=_WEBCAM_TIME_LIMIT, concurrency_id="webcam", concurrency_limit=2,
+            **private,
+        )  # fmt: skip
+        video_outputs = [d["video_output"], d["video_download"], d["video_json"], d["video_status"]]
+        for trigger in (d["video"].upload, d["video_button"].click):
+            trigger(
+                ctx.annotate_video, [d["video"], active_model, *filters], video_outputs, preprocess=False,
+                concurrency_id="video", concurrency_limit=1, **private,
+            )  # fmt: skip
         d["api_button"].click(
             ctx.detect_api, [d["image"], d["threshold"]], d["api_json"], preprocess=False, api_name="detect",
             concurrency_id="inference", concurrency_limit=2,
@@ -176,9 +194,61 @@ def _detect_tab(ctx: AppContext) -> dict[str, Any]:
         empty_table(), headers=detection.COLUMNS, label="Boxes (original pixels)", interactive=False,
         elem_id="detections-table", max_height=420,
     )  # fmt: skip
+    _stream_and_video_tabs(ctx, c)
     c["api_button"] = gr.Button(visible=False)
     c["api_json"] = gr.JSON(visible=False)
     return c
+
+
+def _stream_and_video_tabs(ctx: AppContext, c: dict[str, Any]) -> None:
+    """Webcam streaming and video upload under the image detector: same model and filters, frame rate shown."""
+    limits = ctx.video_limits()
+    gr.Markdown(
+        "### Webcam and video\nThe model, score threshold, max detections and classes chosen above apply here too.",
+        elem_id="stream-video-intro",
+    )
+    with gr.Tabs():
+        with gr.Tab("Webcam", id="webcam"):
+            with gr.Row():
+                c["webcam"] = gr.Image(
+                    sources=["webcam"], streaming=True, label="Webcam: press Record to stream", height=360,
+                    elem_id="webcam",
+                )  # fmt: skip
+                # streaming=True: frames go back as base64 (no file per frame in Gradio's cache)
+                c["webcam_output"] = gr.Image(
+                    label="Detections", streaming=True, interactive=False, height=360, elem_id="webcam-output"
+                )
+            c["webcam_status"] = gr.Markdown(
+                f"A stream ends after at most {_WEBCAM_TIME_LIMIT} s of detection; press Record again to go on.",
+                elem_id="webcam-status",
+            )
+        with gr.Tab("Video", id="video"):
+            with gr.Row():
+                with gr.Column():
+                    c["video"] = gr.Video(sources=["upload"], label="Video", height=360, elem_id="input-video")
+                    c["video_button"] = gr.Button("Annotate the video again", elem_id="annotate-video")
+                    gr.Markdown(
+                        f"{video.CONTAINERS}, up to {limits.max_seconds:g} s; at most {limits.max_frames} frames are "
+                        "annotated (a longer video is sampled). Filters apply when the video is annotated.",
+                        elem_id="video-limits",
+                    )
+                with gr.Column():
+                    c["video_output"] = gr.Video(
+                        label="Annotated video",
+                        interactive=False,
+                        buttons=["download"],
+                        height=360,
+                        elem_id="output-video",
+                    )
+                    with gr.Row():
+                        c["video_download"] = gr.DownloadButton(
+                            "Download the annotated video", interactive=False, elem_id="download-video", size="md"
+                        )
+                        c["video_json"] = gr.DownloadButton(
+                            "Download JSON (per frame)", interactive=False, elem_id="download-video-json",
+                            size="md",
+                        )  # fmt: skip
+            c["video_status"] = gr.Markdown(elem_id="video-status")
 
 
 def _train_tab(ctx: AppContext) -> dict[str, Any]:
