@@ -1,6 +1,8 @@
 """The app in a real browser: Playwright drives headless Debian Chromium against `python app.py`.
 
-Detect tab: drop an image, move the threshold slider and watch the table shrink, download the COCO JSON.
+Detect tab: drop an image, move the threshold slider and watch the table shrink, download the COCO JSON; stream
+Chromium's fake camera (playing the example images) and see the frames come back annotated with the frame rate;
+upload a short video and get it annotated, playing in the page, downloadable.
 Fine-tune tab: the synthetic sample, a one-epoch nano run to its end (surviving a page reload), the weights zip
 downloaded and loaded by `lwdetr.Detector`, and "Use in Detect". Screenshots go to test-artifacts/.
 
@@ -16,7 +18,10 @@ import re
 import zipfile
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
+from PIL import Image
 from test_app import REPO, bundled_or_test_assets, start_app_server, stop_app_server
 
 from lwdetr.detector import Detector
@@ -64,10 +69,29 @@ def app(tmp_path_factory, playwright_api):
     stop_app_server(process)
 
 
+def example_frames(examples: list[Path], count: int) -> list[np.ndarray]:
+    """`count` RGB frames [256, 256, 3]: the example images in turn, each held for two frames."""
+    images = [np.asarray(Image.open(path).convert("RGB").resize((256, 256))) for path in examples]
+    return [images[(index // 2) % len(images)] for index in range(count)]
+
+
 @pytest.fixture(scope="module")
-def chromium_browser(playwright_api):
+def fake_camera(tmp_path_factory, app) -> Path:
+    """A Y4M clip of the example images: what Chromium's fake camera plays (in a loop) to the webcam component."""
+    path = tmp_path_factory.mktemp("camera") / "camera.y4m"
+    with open(path, "wb") as handle:
+        handle.write(b"YUV4MPEG2 W256 H256 F10:1 Ip A1:1 C420jpeg\n")
+        for frame in example_frames(app["examples"], 12):
+            handle.write(b"FRAME\n" + cv2.cvtColor(frame, cv2.COLOR_RGB2YUV_I420).tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def chromium_browser(playwright_api, fake_camera):
+    camera = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+    camera.append(f"--use-file-for-fake-video-capture={fake_camera}")
     with playwright_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS + camera)
         yield chromium
         chromium.close()
 
@@ -183,6 +207,47 @@ def test_detect_tab_drop_image_and_refilter_with_the_slider(ui_page, app, playwr
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=ARTIFACTS / "detect-tab.png", full_page=True)
+
+
+def test_detect_tab_webcam_stream_and_video_upload(ui_page, app, playwright_api, tmp_path):
+    page, expect = ui_page, playwright_api.expect
+    page.get_by_role("tab", name="Webcam").click()
+    webcam = page.locator("#webcam")
+    webcam.get_by_text("Click to Access Webcam").click()
+    record = webcam.get_by_role("button", name="capture photo")  # "Record", then "Stop"
+    record.click()
+    status = page.locator("#webcam-status")
+    expect(status).to_contain_text(re.compile(r"\b[1-9]\d* boxes · \d+\.\d fps · the model: \d+ ms per frame"))
+    expect(page.locator("#webcam-output img")).to_be_visible()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "detect-webcam.png", full_page=True)
+    record.click()  # stop streaming
+
+    clip = tmp_path / "clip.webm"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"VP80"), 10, (256, 256))
+    for frame in example_frames(app["examples"], 8):
+        writer.write(np.ascontiguousarray(frame[:, :, ::-1]))
+    writer.release()
+    page.get_by_role("tab", name="Video").click()
+    page.locator("#input-video input[type=file]").set_input_files(clip)
+    expect(page.locator("#video-status")).to_contain_text(
+        re.compile(r"clip\.webm: 8 frames annotated in [\d.]+ s \([\d.]+ fps\), [1-9]\d* boxes in all\."),
+        timeout=120_000,
+    )
+    # The annotated WebM plays in Chromium: its frames decode in the page.
+    page.wait_for_function(
+        "() => { const v = document.querySelector('#output-video video'); return v && v.readyState >= 2 "
+        "&& v.videoWidth === 256 && v.duration > 0.5; }"
+    )
+    page.screenshot(path=ARTIFACTS / "detect-video.png", full_page=True)
+    with page.expect_download() as download:
+        page.locator("#download-video").click()
+    capture = cv2.VideoCapture(download.value.path(), cv2.CAP_FFMPEG)
+    frames = 0
+    while capture.read()[0]:
+        frames += 1
+    capture.release()
+    assert frames == 8
 
 
 def test_finetune_tab_short_run_download_and_use_in_detect(ui_page, other_visitor, app, playwright_api):
