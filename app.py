@@ -62,7 +62,7 @@ def port_is_free(host: str, port: int) -> bool:
 
 def _load_default_model(settings):
     """The default model, loaded once before the first request: (ModelChoice, ModelRegistry)."""
-    from lwdetr.cpu_kernels import start_background_build
+    from lwdetr.cpu import start_background_build
     from lwdetr_app.models import ModelChoice, ModelRegistry, choose_default_model
 
     start_background_build()  # detections run PyTorch's ops until our CPU kernels are ready; the UI says which run

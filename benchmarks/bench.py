@@ -69,7 +69,8 @@ def _cpu_model_and_flags() -> tuple[str, set[str]]:
 
 def _active_kernels() -> dict[str, bool]:
     """Which compiled CPU kernels the tiny preset would use on this machine (they compile on first call)."""
-    from lwdetr import cpu_kernels
+    from lwdetr.cpu.attention import attention_kernel
+    from lwdetr.cpu.sampling import deformable_kernel
 
     config = preset_config("tiny", num_labels=NUM_LABELS)
     vit = config.backbone_config
@@ -77,10 +78,10 @@ def _active_kernels() -> dict[str, bool]:
     decoder_head = config.d_model // config.decoder_self_attention_heads
     sampling_head = config.d_model // config.decoder_cross_attention_heads
     probes = {
-        f"ViT attention float32 (head {vit_head})": lambda: cpu_kernels.attention_kernel(vit_head),
-        f"decoder self-attention float32 (head {decoder_head})": lambda: cpu_kernels.attention_kernel(decoder_head),
-        f"ViT attention bfloat16 AMX (head {vit_head})": lambda: cpu_kernels.attention_kernel(vit_head, torch.bfloat16),
-        f"deformable sampling float32 (head {sampling_head})": lambda: cpu_kernels.deformable_kernel(sampling_head),
+        f"ViT attention float32 (head {vit_head})": lambda: attention_kernel(vit_head),
+        f"decoder self-attention float32 (head {decoder_head})": lambda: attention_kernel(decoder_head),
+        f"ViT attention bfloat16 AMX (head {vit_head})": lambda: attention_kernel(vit_head, torch.bfloat16),
+        f"deformable sampling float32 (head {sampling_head})": lambda: deformable_kernel(sampling_head),
     }
     active = {}
     for name, probe in probes.items():

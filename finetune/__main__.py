@@ -123,7 +123,7 @@ def _prepare_cpu_kernels(config: TrainConfig) -> None:
 
     if config.dry_run or torch.cuda.is_available():
         return
-    from lwdetr.cpu_kernels import prepare_kernels
+    from lwdetr.cpu import prepare_kernels
 
     print(f"finetune: {prepare_kernels()}", file=sys.stderr, flush=True)
 

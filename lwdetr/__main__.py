@@ -146,7 +146,7 @@ def _error(message: str) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from .cpu_kernels import kernel_status, start_background_build
+    from .cpu import kernel_status, start_background_build
     from .detector import Detector
     from .images import find_images, max_image_bytes_setting
 

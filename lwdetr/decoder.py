@@ -8,11 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu
 from .config import LwDetrConfig
-from .cpu_kernels import attention_kernel
 from .deformable import MultiScaleDeformableAttention
-from .feedforward import buffer_reusing_mlp, buffer_reusing_mlp_applies
-from .layers import MLP, activation_layer, derived_weights, onednn_usable, outside_tracing_on_cpu, pack_linear_weight
+from .layers import MLP, activation_layer
 
 __all__ = ["Decoder", "sine_embedding"]
 
@@ -57,16 +56,11 @@ class GroupSelfAttention(nn.Module):
 
     def _attend(self, q_in: torch.Tensor, v_in: torch.Tensor) -> torch.Tensor:
         """[entries, n, dim] query/key input and value input -> attention output before o_proj, [entries, n, dim]."""
+        if (fast := cpu.fast_group_attention(self, q_in, v_in)) is not None:
+            return fast
         entries, n, dim = v_in.shape
         head_dim = dim // self.heads
         dropout = self.dropout if self.training else 0.0
-        usable = dropout == 0.0 and outside_tracing_on_cpu(v_in)
-        kernel = attention_kernel(head_dim, v_in.dtype, needs_grad=torch.is_grad_enabled()) if usable else None
-        if kernel is not None:
-            # our kernel takes q, k, v side by side per token: q and k (same input) from one GEMM, then v
-            qk_weight = torch.cat((self.q_proj.weight, self.k_proj.weight))
-            qk_bias = None if self.q_proj.bias is None else torch.cat((self.q_proj.bias, self.k_proj.bias))
-            return kernel(torch.cat((F.linear(q_in, qk_weight, qk_bias), self.v_proj(v_in)), -1), self.heads)
 
         def heads(x: torch.Tensor) -> torch.Tensor:
             return x.view(entries, n, self.heads, head_dim).transpose(1, 2)
@@ -88,26 +82,13 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch, queries, dim] -> [batch, queries, dim]."""
+        if (fast := cpu.fast_decoder_ffn(self, x)) is not None:
+            return fast
         rows = x.reshape(-1, x.shape[-1])
-        if not self.training and isinstance(self.act, nn.ReLU) and onednn_usable(x, self.fc1.weight):
-            return self.fused_forward(rows).view(x.shape)
-        if (not self.training or self.dropout == 0) and buffer_reusing_mlp_applies(rows, self.fc1, self.act):
-            return x + buffer_reusing_mlp(rows, self.fc1, self.act, self.fc2).view(x.shape)
         # on 2-D rows fc1 returns a fresh tensor; on 3-D input it would return a view of one, and an in-place ReLU
         # on a view makes autograd copy the whole [rows, ffn_dim] gradient in the backward (CopySlices)
         y = F.dropout(self.act(self.fc1(rows)), self.dropout, self.training)
         return x + F.dropout(self.fc2(y), self.dropout, self.training).view(x.shape)
-
-    def fused_forward(self, rows: torch.Tensor) -> torch.Tensor:
-        """Inference in two oneDNN GEMMs with packed weights: the first applies ReLU, the second adds the residual."""
-        linear = torch.ops.mkldnn._linear_pointwise
-        fc1, fc2 = self.fc1, self.fc2
-
-        def pack() -> tuple[torch.Tensor, torch.Tensor]:
-            return pack_linear_weight(fc1.weight, rows.shape[0]), pack_linear_weight(fc2.weight, rows.shape[0])
-
-        w1, w2 = derived_weights(self, (fc1.weight, fc2.weight), pack)
-        return linear.binary(linear(rows, w1, fc1.bias, "relu", [], ""), rows, w2, fc2.bias, "add")
 
 
 class DecoderLayer(nn.Module):
@@ -175,21 +156,8 @@ class Decoder(nn.Module):
         return torch.stack(outputs)
 
     def projected_values(self, memory: torch.Tensor) -> list[torch.Tensor | None]:
-        """Every layer's deformable-attention values at once, at inference: [batch, dim, tokens] views.
-
-        All layers sample the same memory, each through its own `value_proj`; one GEMM with the weights side by side
-        (packed once, see `derived_weights`) replaces a small one per layer. Elsewhere (training, tracing, other
-        devices) each layer projects its own (None here).
-        """
-        projections = [layer.cross_attn.value_proj for layer in self.layers]
-        if not onednn_usable(memory, projections[0].weight):
-            return [None] * len(projections)
-        sources = tuple(t for proj in projections for t in (proj.weight, proj.bias))
-
-        def pack() -> tuple[torch.Tensor, torch.Tensor]:
-            weight = torch.cat([proj.weight for proj in projections])
-            return pack_linear_weight(weight, memory.shape[1]), torch.cat([proj.bias for proj in projections])
-
-        weight, bias = derived_weights(self, sources, pack)
-        values = torch.ops.mkldnn._linear_pointwise(memory, weight, bias, "none", [], "")  # [batch, tokens, L * dim]
-        return [chunk.transpose(1, 2) for chunk in values.chunk(len(projections), dim=-1)]
+        """Every layer's deformable-attention values at once where the CPU computes them in one GEMM (inference):
+        [batch, dim, tokens] views. All layers sample the same memory, each through its own `value_proj`; elsewhere
+        each layer projects its own (None here)."""
+        values = cpu.fast_decoder_values(self, memory)
+        return [None] * len(self.layers) if values is None else values

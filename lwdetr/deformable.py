@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_kernels import deformable_kernel
-from .layers import outside_tracing_on_cpu
+from . import cpu
 
 __all__ = ["MultiScaleDeformableAttention", "sample_levels"]
 
@@ -96,19 +95,14 @@ class MultiScaleDeformableAttention(nn.Module):
         # offsets are in units of half the reference box, spread over the points
         centre, size = reference_boxes[:, :, None, :, None, :2], reference_boxes[:, :, None, :, None, 2:]
         locations = centre + offsets * (size * (0.5 / self.points))
-        kernel = deformable_kernel(self.dim // self.heads, memory.dtype) if outside_tracing_on_cpu(memory) else None
-        if kernel is not None:
-            # the kernel reads each head's features in place from token-major values
-            tokens = self.value_proj(memory) if value is None else value.transpose(1, 2)  # [batch, tokens, dim]
+        sampled = cpu.fast_deformable_sampling(self, memory, memory_mask, spatial_shapes, locations, weights, value)
+        if sampled is None:
+            if value is None:
+                value = self.project_values(memory)  # [batch, dim, tokens]
             if memory_mask is not None:
-                tokens = tokens.masked_fill(~memory_mask[..., None], 0.0)
-            sampled = kernel(tokens.unflatten(-1, (self.heads, -1)), spatial_shapes, locations, weights)
-            return self.output_proj(sampled)
-        if value is None:
-            value = self.project_values(memory)  # [batch, dim, tokens]
-        if memory_mask is not None:
-            value = value.masked_fill(~memory_mask[:, None], 0.0)
-        return self.output_proj(sample_levels(value, spatial_shapes, locations, weights, self.heads))
+                value = value.masked_fill(~memory_mask[:, None], 0.0)
+            sampled = sample_levels(value, spatial_shapes, locations, weights, self.heads)
+        return self.output_proj(sampled)
 
     def project_values(self, memory: torch.Tensor) -> torch.Tensor:
         """value_proj(memory) channels first: [batch, tokens, dim] -> [batch, dim, tokens].

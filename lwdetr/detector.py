@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from .cpu_features import reduced_precision_fallback
+from .cpu import reduced_precision_fallback
 from .images import ImageLoadError, ImageSource, load_image, source_name
 from .processing import LwDetrImageProcessor, output_size
 from .remote import DEFAULT_TIMEOUT, fetch_url, is_url

@@ -16,18 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu
 from .checkpoint import PretrainedMixin
 from .config import LwDetrViTConfig
-from .cpu_kernels import attention_kernel
-from .feedforward import buffer_reusing_mlp, buffer_reusing_mlp_applies
-from .layers import (
-    activation_layer,
-    derived_weights,
-    onednn_usable,
-    outside_tracing_on_cpu,
-    pack_linear_weight,
-    weights_generation,
-)
+from .cpu.packing import weights_generation
+from .layers import activation_layer
 from .outputs import ModelOutput, finish_output, forward_options
 
 __all__ = ["LwDetrViTBackbone", "ViTOutput"]
@@ -55,13 +48,11 @@ class ViTAttention(nn.Module):
 
     def attend(self, qkv: torch.Tensor) -> torch.Tensor:
         """qkv: [batch, tokens, 3 * dim] -> attention output before the projection, [batch, tokens, dim]."""
+        if (fast := cpu.fast_vit_attention(self, qkv)) is not None:
+            return fast
         batch, tokens, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         head_dim = dim // self.num_heads
-        needs_grad = torch.is_grad_enabled() and qkv.requires_grad
         dropout = self.dropout if self.training else 0.0
-        usable = dropout == 0.0 and outside_tracing_on_cpu(qkv)  # our kernel has no dropout
-        if usable and (kernel := attention_kernel(head_dim, qkv.dtype, needs_grad=needs_grad)):
-            return kernel(qkv, self.num_heads)
         q, k, v = qkv.view(batch, tokens, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         return out.transpose(1, 2).reshape(batch, tokens, dim)
@@ -82,11 +73,12 @@ class ViTMlp(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., dim] -> [..., dim]."""
+        if (fast := cpu.fast_vit_mlp(self, x)) is not None:
+            return fast
         if self.training and self.dropout > 0:
             hidden = F.dropout(self.act(self.fc1(x)), self.dropout, training=True)
             return F.dropout(self.fc2(hidden), self.dropout, training=True)
-        if buffer_reusing_mlp_applies(x, self.fc1, self.act):
-            return buffer_reusing_mlp(x.reshape(-1, x.shape[-1]), self.fc1, self.act, self.fc2).view(x.shape)
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -115,52 +107,10 @@ class ViTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [batch * windows, tokens_per_window, dim] in window-major order."""
-        # the fused path has no dropout: a training-mode model with dropout takes the plain one even without autograd
-        if onednn_usable(x, self.attn.qkv.weight) and not (self.training and self.dropout > 0):
-            return self.fused_forward(x)
+        if (fast := cpu.fast_vit_block(self, x)) is not None:
+            return fast
         x = x + self.attn(self.attention_input(x)).reshape(x.shape) * self.gamma_1
         return x + self.mlp(self.norm2(x)) * self.gamma_2
-
-    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The same block in four oneDNN GEMMs that also add the bias, apply GELU or add the residual.
-
-        The layer scale is folded into the output projections (`gamma * (W h + b) = (gamma W) h + gamma b`), so the
-        residual sum happens inside the GEMM: no separate pass over the activations for the bias, GELU, scale or sum.
-        The weights come prepacked in oneDNN's blocked layout (`packed_weights`), which spares each GEMM a reorder.
-        """
-        linear = torch.ops.mkldnn._linear_pointwise
-        w = self.packed_weights(rows=x.shape[0] * x.shape[1])
-        qkv = linear(self.attention_input(x), w["qkv"], w["qkv_bias"], "none", [], "")
-        attended = self.attn.attend(qkv).reshape(x.shape)
-        x = linear.binary(attended, x, w["proj"], w["proj_bias"], "add")
-        hidden = self.norm2(x)
-        mlp = self.mlp
-        if isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none":
-            hidden = linear(hidden, w["fc1"], w["fc1_bias"], "gelu", [], "none")
-        else:
-            hidden = mlp.act(linear(hidden, w["fc1"], w["fc1_bias"], "none", [], ""))
-        return linear.binary(hidden, x, w["fc2"], w["fc2_bias"], "add")
-
-    def packed_weights(self, rows: int) -> dict[str, torch.Tensor | None]:
-        """The block's GEMM weights for `fused_forward`: layer scales folded in, packed for oneDNN (no autograd),
-        rebuilt when any source parameter changes (see `derived_weights`)."""
-        attn, mlp = self.attn, self.mlp
-        sources = (attn.qkv.weight, attn.q_bias, attn.v_bias, attn.proj.weight, attn.proj.bias, self.gamma_1)
-        sources += (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, self.gamma_2)
-
-        def pack() -> dict[str, torch.Tensor | None]:
-            return {
-                "qkv": pack_linear_weight(attn.qkv.weight, rows),
-                "qkv_bias": attn.qkv_bias(),
-                "proj": pack_linear_weight(attn.proj.weight * self.gamma_1[:, None], rows),
-                "proj_bias": attn.proj.bias * self.gamma_1,
-                "fc1": pack_linear_weight(mlp.fc1.weight, rows),
-                "fc1_bias": mlp.fc1.bias,
-                "fc2": pack_linear_weight(mlp.fc2.weight * self.gamma_2[:, None], rows),
-                "fc2_bias": mlp.fc2.bias * self.gamma_2,
-            }
-
-        return derived_weights(self, sources, pack)
 
 
 class ViTEmbeddings(nn.Module):
@@ -205,20 +155,10 @@ class ViTEmbeddings(nn.Module):
         return grid.permute(0, 2, 3, 1)
 
     def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The patch embedding: [batch, 3, H, W] -> [batch, H/patch, W/patch, dim].
-
-        In bf16 at inference it runs as one GEMM over the image cut into patches (a reshape and a copy, as the
-        patches do not overlap): oneDNN's bf16 convolution handles 3 input channels at half the GEMM's speed (in fp32
-        the two are even).
-        """
-        gemm = pixel_values.dtype == torch.bfloat16 and outside_tracing_on_cpu(pixel_values)
-        if torch.is_grad_enabled() or not gemm:
-            return self.projection(pixel_values).permute(0, 2, 3, 1)
-        batch, channels, height, width = pixel_values.shape
-        p = self.patch_size
-        patches = pixel_values.reshape(batch, channels, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
-        weight = self.projection.weight.reshape(self.projection.out_channels, -1)
-        return F.linear(patches.reshape(batch, height // p, width // p, -1), weight, self.projection.bias)
+        """The patch embedding: [batch, 3, H, W] -> [batch, H/patch, W/patch, dim]."""
+        if (fast := cpu.fast_patch_embedding(self, pixel_values)) is not None:
+            return fast
+        return self.projection(pixel_values).permute(0, 2, 3, 1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values: [batch, 3, H, W] -> tokens [batch, H/patch, W/patch, dim]."""

@@ -33,7 +33,7 @@ from PIL import Image
 
 from lwdetr.atomic import atomic_write_bytes, atomic_write_text
 from lwdetr.config import PRESETS
-from lwdetr.cpu_kernels import kernel_summary
+from lwdetr.cpu import kernel_summary
 from lwdetr.images import ImageLoadError, load_image
 
 from . import detection, video

@@ -10,15 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lwdetr import cpu_kernels, vit
+from lwdetr import vit
 from lwdetr.config import preset_config
+from lwdetr.cpu import attention, build, dispatch, sampling
 from lwdetr.modeling import LwDetrForObjectDetection
 
 needs_kernel = pytest.mark.skipif(
-    cpu_kernels.attention_kernel(16) is None, reason="the kernel needs x86-64 Linux, AVX-512 and a C compiler"
+    attention.attention_kernel(16) is None, reason="the kernel needs x86-64 Linux, AVX-512 and a C compiler"
 )
 needs_amx = pytest.mark.skipif(
-    cpu_kernels.attention_kernel(16, torch.bfloat16) is None, reason="the bf16 kernel needs AMX and a C compiler"
+    attention.attention_kernel(16, torch.bfloat16) is None, reason="the bf16 kernel needs AMX and a C compiler"
 )
 
 
@@ -27,9 +28,9 @@ def fresh_library(monkeypatch, tmp_path):
     """Forget the loaded library before and after the test; build into a private cache folder."""
     monkeypatch.setenv("LWDETR_CACHE", str(tmp_path))
     monkeypatch.delenv("LWDETR_CPU_KERNELS", raising=False)  # each test says what it plays
-    cpu_kernels.forget_loaded()
+    build.forget_loaded()
     yield tmp_path
-    cpu_kernels.forget_loaded()
+    build.forget_loaded()
 
 
 def torch_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
@@ -49,7 +50,7 @@ def test_kernel_matches_torch_attention(head_dim: int, tokens: int):
     with torch.no_grad():
         exact = torch_attention(qkv.double(), heads)
         torch_error = (torch_attention(qkv, heads) - exact).abs().max().item()
-        got = cpu_kernels.kernel_attention(qkv, heads)
+        got = attention.kernel_attention(qkv, heads)
     assert got.shape == exact.shape and got.dtype == torch.float32
     # about as close to the float64 result as PyTorch's own float32 attention is. Both err by ~1e-6 of the
     # output's scale (float32 rounding of scores up to ~30); which of the two is closer differs by case and by CPU
@@ -65,37 +66,37 @@ def test_kernel_long_sequence_and_strided_input():
     torch.manual_seed(0)
     wide = torch.randn(1, 1600, 2 * 3 * 192)
     qkv = wide[..., ::2]  # not contiguous: the wrapper copies it into the kernel's layout
-    got = cpu_kernels.kernel_attention(qkv, 12)
+    got = attention.kernel_attention(qkv, 12)
     assert (got - torch_attention(qkv.contiguous(), 12)).abs().max().item() < 1e-5
 
 
 @needs_kernel
 def test_kernel_keeps_the_input_dtype():
     qkv = torch.randn(2, 50, 3 * 64).bfloat16()
-    got = cpu_kernels.kernel_attention(qkv, 4)
+    got = attention.kernel_attention(qkv, 4)
     assert got.dtype == torch.bfloat16
     assert (got.float() - torch_attention(qkv.float(), 4)).abs().max().item() < 2e-2
 
 
 @needs_kernel
 def test_unsupported_head_sizes_fall_back():
-    assert cpu_kernels.attention_kernel(24) is None
-    assert cpu_kernels.attention_kernel(128) is None
+    assert attention.attention_kernel(24) is None
+    assert attention.attention_kernel(128) is None
 
 
 def test_switched_off_by_the_environment(fresh_library, monkeypatch):
     monkeypatch.setenv("LWDETR_CPU_KERNELS", "0")
-    assert cpu_kernels.attention_kernel(16) is None
+    assert attention.attention_kernel(16) is None
 
 
 @needs_kernel
 def test_builds_once_into_the_cache_folder(fresh_library):
-    assert cpu_kernels.attention_kernel(16) is not None
+    assert attention.attention_kernel(16) is not None
     built = list((fresh_library / "kernels").glob("attention_avx512-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
-    cpu_kernels.forget_loaded()
-    assert cpu_kernels.attention_kernel(16) is not None
+    build.forget_loaded()
+    assert attention.attention_kernel(16) is not None
     assert built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
     # no temporary left behind: the library and its lock file
     lock = ".attention_avx512-" + built[0].name.split("-")[1] + ".lock"
@@ -104,7 +105,7 @@ def test_builds_once_into_the_cache_folder(fresh_library):
 
 def test_a_failing_compiler_falls_back_to_torch(fresh_library, monkeypatch):
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    assert cpu_kernels.attention_kernel(16) is None
+    assert attention.attention_kernel(16) is None
     model = LwDetrForObjectDetection(preset_config("nano", num_labels=3)).eval()
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(1, 3, 128, 128)).logits).all()
@@ -119,13 +120,13 @@ def test_kernel_gradients_match_torch_attention(head_dim: int, tokens: int):
     qkv = torch.randn(2, tokens, 3 * heads * head_dim) * 2
     grad_out = torch.randn(2, tokens, heads * head_dim)
     grads = {}
-    for name, attention, dtype in [
+    for name, attend, dtype in [
         ("exact", torch_attention, torch.float64),
         ("torch", torch_attention, torch.float32),
-        ("kernel", cpu_kernels.kernel_attention, torch.float32),
+        ("kernel", attention.kernel_attention, torch.float32),
     ]:
         x = qkv.to(dtype).clone().requires_grad_()
-        attention(x, heads).backward(grad_out.to(dtype))
+        attend(x, heads).backward(grad_out.to(dtype))
         grads[name] = x.grad.double()
     # float32 rounding of sums over up to 257 keys (in another order than PyTorch's): the kernel's error measured
     # 0.2-2x PyTorch's over these shapes; a wrong index or a lost tail would be off by O(1)
@@ -141,7 +142,7 @@ def test_vit_attention_runs_in_the_kernel(monkeypatch):
     calls = []
 
     def counting(head_dim: int, dtype: torch.dtype, needs_grad: bool = False):
-        kernel = cpu_kernels.attention_kernel(head_dim, dtype, needs_grad)
+        kernel = attention.attention_kernel(head_dim, dtype, needs_grad)
         return None if kernel is None else lambda qkv, heads: calls.append(heads) or kernel(qkv, heads)
 
     torch.manual_seed(0)
@@ -149,7 +150,7 @@ def test_vit_attention_runs_in_the_kernel(monkeypatch):
     pixels = torch.randn(1, 3, 256, 256)
 
     def run(kernel_factory):
-        monkeypatch.setattr(vit, "attention_kernel", kernel_factory)
+        monkeypatch.setattr(dispatch, "attention_kernel", kernel_factory)
         backbone.zero_grad()
         maps = backbone(pixels).feature_maps
         sum(m.square().mean() for m in maps).backward()
@@ -176,7 +177,7 @@ def test_amx_kernel_matches_torch_bf16_attention(tokens: int):
     with torch.no_grad():
         exact = torch_attention(qkv.double(), heads)
         torch_error = (torch_attention(qkv, heads).double() - exact).abs().max().item()
-        got = cpu_kernels.amx_attention(qkv, heads)
+        got = attention.amx_attention(qkv, heads)
     assert got.dtype == torch.bfloat16 and got.shape == exact.shape
     # as close to the exact result as PyTorch's own bf16 attention is
     assert (got.double() - exact).abs().max().item() <= 1.5 * torch_error + 1e-6
@@ -184,10 +185,10 @@ def test_amx_kernel_matches_torch_bf16_attention(tokens: int):
 
 @needs_amx
 def test_amx_kernel_refuses_autograd():
-    assert cpu_kernels.attention_kernel(16, torch.bfloat16, needs_grad=True) is None  # callers then use PyTorch's
+    assert attention.attention_kernel(16, torch.bfloat16, needs_grad=True) is None  # callers then use PyTorch's
     qkv = torch.randn(1, 16, 3 * 16, dtype=torch.bfloat16, requires_grad=True)
     with pytest.raises(RuntimeError, match="no backward"):
-        cpu_kernels.amx_attention(qkv, 1)
+        attention.amx_attention(qkv, 1)
 
 
 @needs_amx
@@ -195,17 +196,17 @@ def test_bf16_vit_runs_its_attention_on_amx(monkeypatch):
     calls = []
 
     def counting(head_dim: int, dtype: torch.dtype, needs_grad: bool = False):
-        kernel = cpu_kernels.attention_kernel(head_dim, dtype, needs_grad)
+        kernel = attention.attention_kernel(head_dim, dtype, needs_grad)
         return None if kernel is None else lambda qkv, heads: calls.append(qkv.dtype) or kernel(qkv, heads)
 
     torch.manual_seed(0)
     backbone = vit.LwDetrViTBackbone(preset_config("tiny", num_labels=3).backbone_config).eval().bfloat16()
     pixels = torch.randn(1, 3, 256, 256).bfloat16()
-    monkeypatch.setattr(vit, "attention_kernel", counting)
+    monkeypatch.setattr(dispatch, "attention_kernel", counting)
     with torch.no_grad():
         fast = backbone(pixels).feature_maps
     assert calls == [torch.bfloat16] * len(backbone.encoder.layer)
-    monkeypatch.setattr(vit, "attention_kernel", lambda head_dim, dtype, needs_grad=False: None)
+    monkeypatch.setattr(dispatch, "attention_kernel", lambda head_dim, dtype, needs_grad=False: None)
     with torch.no_grad():
         slow = backbone(pixels).feature_maps
     for a, b in zip(fast, slow):  # two bf16 computations: rounding of a few bf16 ulps of the maps' scale
@@ -215,7 +216,7 @@ def test_bf16_vit_runs_its_attention_on_amx(monkeypatch):
 @needs_kernel
 def test_kernel_rejects_a_bad_qkv():
     with pytest.raises(ValueError, match="qkv must be"):
-        cpu_kernels.kernel_attention(torch.randn(2, 10, 3 * 16 + 1), 1)
+        attention.kernel_attention(torch.randn(2, 10, 3 * 16 + 1), 1)
 
 
 # ---------------------------------------------------------------------------------------------- on any machine
@@ -223,16 +224,16 @@ def test_kernel_rejects_a_bad_qkv():
 
 
 def test_a_cpu_without_avx512_runs_pytorch_and_says_why_once(fresh_library, monkeypatch, caplog):
-    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset({"sse4_2", "avx", "avx2", "fma"}))
-    with caplog.at_level("INFO", logger="lwdetr.cpu_kernels"):
-        assert cpu_kernels.attention_kernel(16) is None
-        assert cpu_kernels.attention_kernel(16) is None  # decided once
-        assert cpu_kernels.deformable_kernel(32) is None
-        assert cpu_kernels.attention_kernel(16, torch.bfloat16) is None
+    monkeypatch.setattr(build, "cpu_flags", lambda: frozenset({"sse4_2", "avx", "avx2", "fma"}))
+    with caplog.at_level("INFO", logger="lwdetr.cpu.build"):
+        assert attention.attention_kernel(16) is None
+        assert attention.attention_kernel(16) is None  # decided once
+        assert sampling.deformable_kernel(32) is None
+        assert attention.attention_kernel(16, torch.bfloat16) is None
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "lacks avx512f" in warnings[0] and "PyTorch" in warnings[0]
     assert not list(fresh_library.rglob("*.so"))  # nothing was compiled
-    status = cpu_kernels.kernel_status()
+    status = build.kernel_status()
     assert "off" in status and "lacks avx512f" in status and "active" not in status
     model = LwDetrForObjectDetection(preset_config("nano", num_labels=3)).eval()
     with torch.no_grad():
@@ -240,12 +241,12 @@ def test_a_cpu_without_avx512_runs_pytorch_and_says_why_once(fresh_library, monk
 
 
 def test_a_missing_compiler_falls_back_with_a_warning(fresh_library, monkeypatch, caplog):
-    monkeypatch.setattr(cpu_kernels, "_unsupported", lambda build: None)  # play a machine the kernels fit
+    monkeypatch.setattr(build, "_unsupported", lambda build: None)  # play a machine the kernels fit
     monkeypatch.setenv("CC", str(fresh_library / "no-such-compiler"))
-    with caplog.at_level("WARNING", logger="lwdetr.cpu_kernels"):
-        assert cpu_kernels.attention_kernel(16) is None
+    with caplog.at_level("WARNING", logger="lwdetr.cpu.build"):
+        assert attention.attention_kernel(16) is None
     assert "build failed" in caplog.records[0].getMessage()
-    assert "build failed" in cpu_kernels.kernel_status()
+    assert "build failed" in build.kernel_status()
 
 
 def test_requests_during_the_background_build_use_pytorch(fresh_library, monkeypatch):
@@ -257,16 +258,16 @@ def test_requests_during_the_background_build_use_pytorch(fresh_library, monkeyp
         built.append(build.source)
         return object()  # stands for a loaded library: nothing calls into it here
 
-    monkeypatch.setattr(cpu_kernels, "_load_now", slow_load)
-    thread = cpu_kernels.start_background_build()
+    monkeypatch.setattr(build, "_load_now", slow_load)
+    thread = build.start_background_build()
     assert thread is not None and thread.is_alive()
-    assert cpu_kernels.attention_kernel(16) is None  # does not wait for the build
-    assert "building in the background" in cpu_kernels.kernel_status()
+    assert attention.attention_kernel(16) is None  # does not wait for the build
+    assert "building in the background" in build.kernel_status()
     release.set()
     thread.join(30)
     assert sorted(built) == ["attention_amx_bf16.c", "attention_avx512.c", "deformable_avx512.c"]
-    assert cpu_kernels.attention_kernel(16) is cpu_kernels.kernel_attention
-    assert cpu_kernels.start_background_build() is None  # nothing left to build
+    assert attention.attention_kernel(16) is attention.kernel_attention
+    assert build.start_background_build() is None  # nothing left to build
 
 
 def test_concurrent_builds_compile_once_and_other_flags_keep_their_builds(tmp_path, monkeypatch):
@@ -287,10 +288,10 @@ def test_concurrent_builds_compile_once_and_other_flags_keep_their_builds(tmp_pa
     monkeypatch.setenv("CC", str(tmp_path / "cc-a"))
     # threads stand for processes: flock locks belong to each open() of the lock file, not to the process
     with ThreadPoolExecutor(2) as pool:
-        paths = set(pool.map(cpu_kernels._compile, [cpu_kernels._DEFORMABLE] * 2))
+        paths = set(pool.map(build._compile, [build.DEFORMABLE_AVX512] * 2))
     assert log.read_text().split() == ["cc-a"] and len(paths) == 1
     monkeypatch.setenv("CC", str(tmp_path / "cc-b"))
-    other = cpu_kernels._compile(cpu_kernels._DEFORMABLE)
+    other = build._compile(build.DEFORMABLE_AVX512)
     assert other not in paths and other.exists() and paths.pop().exists()
 
 
@@ -298,5 +299,5 @@ def test_an_unwritable_cache_builds_into_a_private_folder(tmp_path, monkeypatch)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("LWDETR_CACHE", str(blocker / "cache"))  # mkdir fails, even for root
-    folder = cpu_kernels._writable_cache()
+    folder = build._writable_cache()
     assert folder.is_dir() and os.access(folder, os.W_OK) and blocker not in folder.parents

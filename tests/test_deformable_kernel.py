@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lwdetr import cpu_kernels, deformable
+from lwdetr.cpu import dispatch, sampling
 from lwdetr.deformable import MultiScaleDeformableAttention, sample_levels
 
 needs_kernel = pytest.mark.skipif(
-    cpu_kernels.deformable_kernel(16) is None, reason="the kernel needs x86-64 Linux, AVX-512 and a C compiler"
+    sampling.deformable_kernel(16) is None, reason="the kernel needs x86-64 Linux, AVX-512 and a C compiler"
 )
 
 
@@ -54,7 +54,7 @@ def test_kernel_matches_grid_sample(heads, head_dim, shapes, points, on_the_latt
         return sample_levels(v.transpose(1, 2), shapes, loc, w, heads)
 
     def kernel_sampler(v, loc, w):
-        return cpu_kernels.kernel_deformable_sampling(v.view(batch, tokens, heads, head_dim), shapes, loc, w)
+        return sampling.kernel_deformable_sampling(v.view(batch, tokens, heads, head_dim), shapes, loc, w)
 
     exact = _run(torch_sampler, value, locations, weights, grad_out, torch.float64)
     single = _run(torch_sampler, value, locations, weights, grad_out, torch.float32)
@@ -74,8 +74,8 @@ def test_kernel_reads_strided_values():
     wide = torch.cat((torch.randn_like(value), value, torch.randn_like(value)), -1)  # token stride 3 * 256
     strided = wide[..., 256:512].unflatten(-1, (8, 32))
     assert strided.stride(1) == 3 * 256
-    dense = cpu_kernels.kernel_deformable_sampling(value.unflatten(-1, (8, 32)), [(12, 10)], locations, weights)
-    got = cpu_kernels.kernel_deformable_sampling(strided, [(12, 10)], locations, weights)
+    dense = sampling.kernel_deformable_sampling(value.unflatten(-1, (8, 32)), [(12, 10)], locations, weights)
+    got = sampling.kernel_deformable_sampling(strided, [(12, 10)], locations, weights)
     assert torch.equal(got, dense)
 
 
@@ -83,7 +83,7 @@ def test_kernel_reads_strided_values():
 def test_kernel_rejects_levels_that_do_not_add_up():
     value, locations, weights, _ = _inputs(2, 16, [(4, 4)], 1)
     with pytest.raises(RuntimeError, match="unsupported shape"):
-        cpu_kernels.kernel_deformable_sampling(value.float().view(2, 16, 2, 16), [(4, 5)], locations, weights)
+        sampling.kernel_deformable_sampling(value.float().view(2, 16, 2, 16), [(4, 5)], locations, weights)
 
 
 @needs_kernel
@@ -91,13 +91,13 @@ def test_kernel_rejects_mismatched_shapes():
     value, locations, weights, _ = _inputs(2, 16, [(4, 4)], 3)
     value, locations, weights = value.float().view(2, 16, 2, 16), locations.float(), weights.float()
     with pytest.raises(ValueError, match="sampling_locations must be"):
-        cpu_kernels.kernel_deformable_sampling(value, [(4, 4)], locations[:1], weights[:1])
+        sampling.kernel_deformable_sampling(value, [(4, 4)], locations[:1], weights[:1])
     with pytest.raises(ValueError, match="sampling_locations must be"):
-        cpu_kernels.kernel_deformable_sampling(value, [(2, 4), (2, 4)], locations, weights)
+        sampling.kernel_deformable_sampling(value, [(2, 4), (2, 4)], locations, weights)
     with pytest.raises(ValueError, match="attention_weights must be"):
-        cpu_kernels.kernel_deformable_sampling(value, [(4, 4)], locations, weights[..., :2])
+        sampling.kernel_deformable_sampling(value, [(4, 4)], locations, weights[..., :2])
     with pytest.raises(ValueError, match="value must be"):
-        cpu_kernels.kernel_deformable_sampling(value.flatten(2), [(4, 4)], locations, weights)
+        sampling.kernel_deformable_sampling(value.flatten(2), [(4, 4)], locations, weights)
 
 
 @needs_kernel
@@ -118,7 +118,7 @@ def test_deformable_attention_runs_in_the_kernel(monkeypatch, with_value):
     mask = torch.ones(2, 100, dtype=torch.bool)
     mask[1, 60:80] = False
     calls = []
-    real = deformable.deformable_kernel
+    real = dispatch.deformable_kernel
 
     def counting(head_dim, dtype):
         kernel = real(head_dim, dtype)
@@ -132,10 +132,10 @@ def test_deformable_attention_runs_in_the_kernel(monkeypatch, with_value):
         out.square().sum().backward()
         return [out.detach(), memory_leaf.grad, module.sampling_offsets.weight.grad, module.value_proj.weight.grad]
 
-    monkeypatch.setattr(deformable, "deformable_kernel", counting)
+    monkeypatch.setattr(dispatch, "deformable_kernel", counting)
     fast = run()
     assert calls == [1]
-    monkeypatch.setattr(deformable, "deformable_kernel", lambda head_dim, dtype: None)
+    monkeypatch.setattr(dispatch, "deformable_kernel", lambda head_dim, dtype: None)
     slow = run()
     for name, a, b in zip(["out", "memory", "offsets", "value_proj"], fast, slow):
         assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item(), name

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lwdetr.feedforward import buffer_reusing_mlp, buffer_reusing_mlp_applies
+from lwdetr.cpu.buffer_reusing_mlp import buffer_reusing_mlp, buffer_reusing_mlp_applies
 
 
 def _layers(activation: nn.Module, dim: int = 24, hidden: int = 40, seed: int = 0):
@@ -80,8 +80,8 @@ def test_applies_only_to_cpu_training_steps() -> None:
 
 
 def test_model_training_step_uses_it_and_matches_the_plain_layers(monkeypatch) -> None:
-    from lwdetr import decoder, vit
     from lwdetr.config import preset_config
+    from lwdetr.cpu import dispatch
     from lwdetr.modeling import LwDetrForObjectDetection
 
     torch.manual_seed(0)
@@ -96,19 +96,17 @@ def test_model_training_step_uses_it_and_matches_the_plain_layers(monkeypatch) -
         return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     calls = []
-    original = vit.buffer_reusing_mlp
+    original = dispatch.buffer_reusing_mlp
 
     def counting(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(vit, "buffer_reusing_mlp", counting)
-    monkeypatch.setattr(decoder, "buffer_reusing_mlp", counting)
+    monkeypatch.setattr(dispatch, "buffer_reusing_mlp", counting)
     fast = grads()
     config = model.config
     assert len(calls) == config.backbone_config.num_hidden_layers + config.decoder_layers
-    monkeypatch.setattr(vit, "buffer_reusing_mlp_applies", lambda *args: False)
-    monkeypatch.setattr(decoder, "buffer_reusing_mlp_applies", lambda *args: False)
+    monkeypatch.setattr(dispatch, "buffer_reusing_mlp_applies", lambda *args: False)
     plain = grads()
     assert len(fast) == len(plain)
     for got, expected in zip(fast, plain):

@@ -7,7 +7,7 @@ import torch
 import transformers
 from model_utils import outputs_with_the_same_proposals, ragged_batch, random_labels, relative_error, twin_models
 
-from lwdetr import vit
+from lwdetr import cpu
 from lwdetr.checkpoint import from_reference_state_dict, to_reference_state_dict
 from lwdetr.config import PRESETS, preset_config
 from lwdetr.modeling import LwDetrForObjectDetection
@@ -58,7 +58,7 @@ def test_training_parity_losses_and_gradients(preset: str, monkeypatch):
     # queries. The projector's channels-last convolutions still round differently, hence 50 queries per group (fewer
     # near ties than the presets' 300) and an input on which both models pick the same proposals (see the helper).
     # The compiled kernel's gradients are checked against PyTorch's in test_cpu_kernels.py.
-    monkeypatch.setattr(vit, "attention_kernel", lambda head_dim, dtype, needs_grad=False: None)
+    monkeypatch.setattr(cpu, "fast_vit_attention", lambda attn, qkv: None)
     reference, ours = twin_models(preset, num_labels=5, num_queries=50)
     reference.train()
     ours.train()

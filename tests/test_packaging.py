@@ -27,7 +27,7 @@ DEMO_MODEL = REPO / "examples" / "demo_model"
 DEMO_IMAGE = REPO / "examples" / "images" / "shapes_1.jpg"
 # Training and app dependencies: inference never needs them.
 NOT_FOR_INFERENCE = ("gradio", "accelerate", "albumentations", "pandas", "matplotlib", "pycocotools", "datasets")
-KERNEL_SOURCES = sorted(p.name for p in (REPO / "lwdetr" / "kernels").iterdir() if p.suffix in {".c", ".h"})
+KERNEL_SOURCES = sorted(p.name for p in (REPO / "lwdetr" / "cpu" / "kernels").iterdir() if p.suffix in {".c", ".h"})
 # Run-time and checkout-only folders: copying them would only slow the build down.
 _NOT_SOURCES = shutil.ignore_patterns(
     ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "app_data", "runs", "test-artifacts"
@@ -91,7 +91,7 @@ def test_wheel_holds_the_packages_and_the_kernel_sources(wheel: Path) -> None:
     names, _ = _metadata(wheel)
     tops = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert tops == {"lwdetr", "finetune", "lwdetr_app"}
-    assert sorted(n.split("/")[-1] for n in names if n.startswith("lwdetr/kernels/")) == KERNEL_SOURCES
+    assert sorted(n.split("/")[-1] for n in names if n.startswith("lwdetr/cpu/kernels/")) == KERNEL_SOURCES
     assert KERNEL_SOURCES, "no kernel sources in the checkout"
 
 
@@ -132,7 +132,7 @@ def test_installed_package_detects_from_another_folder(venv: Path, tmp_path: Pat
         "import pathlib, sys, lwdetr\n"
         "package = pathlib.Path(lwdetr.__file__).parent\n"
         "print(package.relative_to(sys.prefix))\n"
-        "print(sorted(p.name for p in (package / 'kernels').iterdir()))\n"
+        "print(sorted(p.name for p in (package / 'cpu' / 'kernels').iterdir()))\n"
         f"detector = lwdetr.Detector.from_pretrained({str(DEMO_MODEL)!r})\n"
         f"print(len(detector.predict({str(DEMO_IMAGE)!r})))\n"
         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({NOT_FOR_INFERENCE!r})))\n"

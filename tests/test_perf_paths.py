@@ -82,7 +82,7 @@ def test_bfloat16_detector_finds_the_float32_detections() -> None:
 def avx2_only_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Play a CPU without native bfloat16 (AVX2 only): the capability checks say no, and oneDNN's bf16 weight
     packing raises as it does there, so any bf16 fast path that forgets to ask fails the test."""
-    from lwdetr import cpu_features, decoder, layers, vit
+    from lwdetr.cpu import features, fused
 
     def refuse_bf16(pack):
         def packed(weight, *args):
@@ -92,12 +92,10 @@ def avx2_only_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
         return packed
 
-    monkeypatch.setattr(cpu_features, "native_bfloat16", lambda: False)
-    monkeypatch.setattr(layers, "native_bfloat16", lambda: False)
-    for module in (vit, decoder):
-        monkeypatch.setattr(module, "pack_linear_weight", refuse_bf16(layers.pack_linear_weight))
-    monkeypatch.setattr(layers, "pack_conv_weight", refuse_bf16(layers.pack_conv_weight))
-    cpu_features._warn_once.cache_clear()
+    monkeypatch.setattr(features, "native_bfloat16", lambda: False)
+    monkeypatch.setattr(fused, "pack_linear_weight", refuse_bf16(fused.pack_linear_weight))
+    monkeypatch.setattr(fused, "pack_conv_weight", refuse_bf16(fused.pack_conv_weight))
+    features._warn_once.cache_clear()
 
 
 def test_bfloat16_detector_without_native_bfloat16_runs_float32(avx2_only_cpu, caplog) -> None:
@@ -105,7 +103,7 @@ def test_bfloat16_detector_without_native_bfloat16_runs_float32(avx2_only_cpu, c
     once, and finds every float32 detection scoring 0.5 or more (same label, IoU >= 0.9)."""
     images = sorted((EXAMPLES / "images").glob("*.jpg"))
     full = Detector.from_pretrained(DEMO_MODEL, device="cpu").predict(images, threshold=0.5)
-    with caplog.at_level("WARNING", logger="lwdetr.cpu_features"):
+    with caplog.at_level("WARNING", logger="lwdetr.cpu.features"):
         detector = Detector.from_pretrained(DEMO_MODEL, device="cpu", dtype="bfloat16")
         Detector.from_pretrained(DEMO_MODEL, device="cpu", dtype="bfloat16")
     assert detector.dtype == torch.float32
@@ -234,12 +232,12 @@ def _run_group_attention(attention, hidden, position) -> tuple[torch.Tensor, ...
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "pytorch"])
 def test_decoder_self_attention_keeps_groups_apart(monkeypatch, kernel: bool) -> None:
     """Changing one group's queries leaves the other groups' outputs alone, on either attention path."""
-    from lwdetr import decoder
+    from lwdetr.cpu import dispatch
 
-    if kernel and decoder.attention_kernel(32, torch.float32) is None:
+    if kernel and dispatch.attention_kernel(32, torch.float32) is None:
         pytest.skip("no compiled attention kernel on this machine (needs AVX-512): the PyTorch case still runs")
     if not kernel:
-        monkeypatch.setattr(decoder, "attention_kernel", lambda head_dim, dtype, needs_grad=False: None)
+        monkeypatch.setattr(dispatch, "attention_kernel", lambda head_dim, dtype, needs_grad=False: None)
     attention, hidden, position = _group_attention_case()
     with torch.no_grad():
         edited = hidden.detach().clone()
@@ -250,13 +248,13 @@ def test_decoder_self_attention_keeps_groups_apart(monkeypatch, kernel: bool) ->
 
 
 def test_decoder_self_attention_kernel_matches_pytorch_attention(monkeypatch) -> None:
-    from lwdetr import decoder
+    from lwdetr.cpu import dispatch
 
-    if decoder.attention_kernel(32, torch.float32) is None:
+    if dispatch.attention_kernel(32, torch.float32) is None:
         pytest.skip("no compiled attention kernel on this machine (needs AVX-512)")
     case = _group_attention_case()
     fast = _run_group_attention(*case)
-    monkeypatch.setattr(decoder, "attention_kernel", lambda head_dim, dtype, needs_grad=False: None)
+    monkeypatch.setattr(dispatch, "attention_kernel", lambda head_dim, dtype, needs_grad=False: None)
     plain = _run_group_attention(*case)
     for got, expected in zip(fast, plain):
         # float32 rounding differs between the two (and PyTorch's own between CPU kinds): 1e-5 of each tensor's scale

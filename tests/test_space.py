@@ -174,7 +174,7 @@ def test_reload_mode_finds_a_module_level_demo_and_loads_the_model_once(tmp_path
 
     import gradio as gr
 
-    import lwdetr.cpu_kernels
+    import lwdetr.cpu
     from lwdetr_app import models
 
     for name in ("GRADIO_TEMP_DIR", "GRADIO_EXAMPLES_CACHE", "MPLCONFIGDIR", "TMPDIR"):
@@ -182,7 +182,7 @@ def test_reload_mode_finds_a_module_level_demo_and_loads_the_model_once(tmp_path
     monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
     monkeypatch.setenv("LWDETR_APP_DEMO_MODEL", str(assets[0]))
     monkeypatch.setenv("LWDETR_APP_HUB_TIMEOUT", "1")
-    monkeypatch.setattr(lwdetr.cpu_kernels, "start_background_build", lambda: None)
+    monkeypatch.setattr(lwdetr.cpu, "start_background_build", lambda: None)
     launched, loads = [], []
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.append(self))
     real_load = models.Detector.__dict__["from_pretrained"].__func__

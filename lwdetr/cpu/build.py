@@ -1,19 +1,17 @@
-"""Hand-written CPU kernels, compiled once per machine with its C compiler and loaded with ctypes.
+"""Our hand-written CPU kernels (`kernels/*.c`), compiled once per machine with its C compiler and loaded with ctypes.
 
-Softmax attention for LW-DETR's short heads, faster than PyTorch's CPU flash attention (`benchmarks/bench.py`):
-- `kernels/attention_avx512.c`: float32, forward and backward, head sizes 16, 32, 48 and 64, AVX-512;
-- `kernels/attention_amx_bf16.c`: bfloat16 forward, head size 16, on the AMX tile unit (Sapphire Rapids and later).
-And the deformable attention's sampling, in place of a `grid_sample` per level:
-- `kernels/deformable_avx512.c`: float32, forward and backward, head sizes 16, 32, 48 and 64, AVX-512.
+`_BUILDS` lists them, one `_Build` entry each (source, exported functions, compiler flags, CPU features):
+- `kernels/attention_avx512.c`: float32 softmax attention, forward and backward, AVX-512 (`attention.py`);
+- `kernels/attention_amx_bf16.c`: bfloat16 attention forward on the AMX tile unit (`attention.py`);
+- `kernels/deformable_avx512.c`: the deformable attention's sampling, forward and backward, AVX-512 (`sampling.py`).
 
 Everything here is optional: without x86-64 Linux, the CPU features, a C compiler or PyTorch's OpenMP runtime, or
-with `LWDETR_CPU_KERNELS=0`, `attention_kernel()` and `deformable_kernel()` return None and the model uses
-`F.scaled_dot_product_attention` and `F.grid_sample`.
+with `LWDETR_CPU_KERNELS=0`, `load()` returns None and the model runs PyTorch's ops.
 The compiled libraries are cached under `$LWDETR_CACHE` (default `~/.cache/lwdetr/kernels`), keyed by the source
 and compiler command, built under a file lock and written atomically. They are built on first use, or ahead of
 it: `start_background_build()` (the app and the predict CLI; PyTorch's ops run until it is done) and
 `prepare_kernels()` (training, so that every step runs the same ops). `kernel_status()` says which are active and
-why the others are off; the float32 kernels' absence is logged once at WARNING.
+why the others are off; the float32 attention's absence is logged once at WARNING.
 """
 
 from __future__ import annotations
@@ -31,22 +29,20 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
-from .cpu_features import cpu_flags
+from .features import cpu_flags
 
 __all__ = [
-    "amx_attention",
-    "attention_kernel",
-    "deformable_kernel",
+    "ATTENTION_AMX_BF16",
+    "ATTENTION_AVX512",
+    "DEFORMABLE_AVX512",
+    "check",
     "forget_loaded",
-    "kernel_attention",
-    "kernel_deformable_sampling",
     "kernel_status",
     "kernel_summary",
+    "library",
+    "load",
     "prepare_kernels",
     "start_background_build",
 ]
@@ -59,50 +55,46 @@ _BASE_FLAGS = ["-O3", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-m
 
 @dataclasses.dataclass(frozen=True)
 class _Build:
-    """One kernel library: its source, the extra compiler flags and the CPU features (/proc/cpuinfo) it needs."""
+    """One kernel library: its source, the extra compiler flags and the CPU features (/proc/cpuinfo) it needs.
+    Adding a kernel is one entry in `_BUILDS` (and its selector beside the wrapper, as in `attention.py`)."""
 
     source: str
     functions: tuple[tuple[str, tuple[type, ...]], ...]  # (name, ctypes argument types)
     flags: tuple[str, ...] = ()
     cpu_features: tuple[str, ...] = ("avx512f", "avx512dq", "avx512bw", "avx512vl")
     probe: str | None = None  # a function returning nonzero when the library may run in this process
+    description: str = dataclasses.field(kw_only=True)  # what it runs, for `kernel_status`
 
 
 _POINTER, _I64 = ctypes.c_void_p, ctypes.c_int64
 _ATTENTION_SIZES = (_I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int)  # batch, heads, n, d, scale, threads
 _DEFORMABLE_SIZES = (_I64,) * 9 + (ctypes.c_int,)  # batch ... value_batch_step, threads
-_FLOAT32 = _Build(
+ATTENTION_AVX512 = _Build(
     "attention_avx512.c",
     (
         ("lwdetr_attention_forward", (_POINTER,) * 3 + _ATTENTION_SIZES),
         ("lwdetr_attention_backward", (_POINTER,) * 5 + _ATTENTION_SIZES),
     ),
+    description="float32 attention (AVX-512)",
 )
-_DEFORMABLE = _Build(
+DEFORMABLE_AVX512 = _Build(
     "deformable_avx512.c",
     (
         ("lwdetr_deformable_forward", (_POINTER,) * 5 + _DEFORMABLE_SIZES),
         ("lwdetr_deformable_backward", (_POINTER,) * 8 + _DEFORMABLE_SIZES),
     ),
+    description="deformable sampling (AVX-512)",
 )
-_AMX_BF16 = _Build(
+ATTENTION_AMX_BF16 = _Build(
     "attention_amx_bf16.c",
     (("lwdetr_attention_forward_amx", (_POINTER,) * 2 + _ATTENTION_SIZES),),
     ("-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
     ("avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16"),
     probe="lwdetr_amx_available",  # Linux grants AMX tile state per process, on request
+    description="bf16 attention (AMX)",
 )
-_BUILDS = (_FLOAT32, _DEFORMABLE, _AMX_BF16)
-_DESCRIPTIONS = {
-    _FLOAT32: "float32 attention (AVX-512)",
-    _DEFORMABLE: "deformable sampling (AVX-512)",
-    _AMX_BF16: "bf16 attention (AMX)",
-}
-_FLOAT32_HEAD_SIZES = (16, 32, 48, 64)
-_AMX_HEAD_SIZES = (16,)
-
-AttentionFn = Callable[[torch.Tensor, int], torch.Tensor]
-DeformableFn = Callable[[torch.Tensor, list[tuple[int, int]], torch.Tensor, torch.Tensor], torch.Tensor]
+# every kernel, in build order (`prepare_kernels`, `start_background_build`) and status order (`kernel_status`)
+_BUILDS = (ATTENTION_AVX512, DEFORMABLE_AVX512, ATTENTION_AMX_BF16)
 
 
 def _cache_dir() -> Path:
@@ -206,7 +198,7 @@ _LOAD_LOCK = threading.Lock()
 _background: threading.Thread | None = None
 
 
-def _load(build: _Build) -> ctypes.CDLL | None:
+def load(build: _Build) -> ctypes.CDLL | None:
     """`build`'s library, built and loaded on first use; None where it cannot run, and also (without waiting)
     while `start_background_build` is still compiling: callers run PyTorch's ops meanwhile."""
     if build in _LOADED:
@@ -231,7 +223,7 @@ def _load_now(build: _Build) -> ctypes.CDLL | None:
     if reason is not None:
         _OFF_REASONS[build.source] = reason
         # the float32 kernels are the main fast path: their absence is said once at WARNING, the rest at INFO
-        level = logging.WARNING if build is _FLOAT32 and not reason.startswith("switched off") else logging.INFO
+        level = logging.WARNING if build is ATTENTION_AVX512 and not reason.startswith("switched off") else logging.INFO
         logger.log(level, "fast CPU kernel %s off (%s): PyTorch's ops run instead", build.source, reason)
         return None
     _OFF_REASONS.pop(build.source, None)
@@ -252,13 +244,13 @@ def prepare_kernels() -> str:
     """Build and load every kernel this machine can run, now (a training run calls this before its first step, so
     every step runs the same ops); returns `kernel_status()`."""
     for build in _BUILDS:
-        _load(build)
+        load(build)
     return kernel_status()
 
 
 def start_background_build() -> threading.Thread | None:
     """Build and load every kernel this machine can run in a daemon thread, so a server or CLI starts at once; until
-    it finishes, `attention_kernel` and `deformable_kernel` return None (PyTorch's ops run). Returns the thread
+    it finishes, `load` returns None (PyTorch's ops run). Returns the thread
     (join it to wait), or None when there is nothing to build."""
     global _background
     pending = [build for build in _BUILDS if build not in _LOADED]
@@ -282,9 +274,9 @@ def kernel_summary() -> str:
     """A few words for a UI next to a timing: which attention ran on this CPU."""
     if _background is not None and _background.is_alive():
         return "PyTorch attention; our CPU kernels are building"
-    if _LOADED.get(_FLOAT32) is not None:
+    if _LOADED.get(ATTENTION_AVX512) is not None:
         return "our AVX-512 kernels"
-    reason = _OFF_REASONS.get(_FLOAT32.source)
+    reason = _OFF_REASONS.get(ATTENTION_AVX512.source)
     return f"PyTorch attention ({reason})" if reason else "PyTorch attention"
 
 
@@ -292,190 +284,23 @@ def kernel_status() -> str:
     """One line for logs and status bars: which fast CPU kernels are active, or why they are off."""
     if _background is not None and _background.is_alive() and threading.current_thread() is not _background:
         return "CPU kernels: building in the background (PyTorch's ops until then)"
-    active = [name for build, name in _DESCRIPTIONS.items() if _LOADED.get(build) is not None]
-    off = [
-        f"{name} ({_OFF_REASONS[build.source]})"
-        for build, name in _DESCRIPTIONS.items()
-        if build.source in _OFF_REASONS
-    ]
+    active = [build.description for build in _BUILDS if _LOADED.get(build) is not None]
+    off = [f"{build.description} ({_OFF_REASONS[build.source]})" for build in _BUILDS if build.source in _OFF_REASONS]
     parts = [f"active: {', '.join(active)}"] if active else []
     parts += [f"off: {'; '.join(off)}"] if off else []
     return "CPU kernels " + (" | ".join(parts) if parts else "not loaded yet")
 
 
-def attention_kernel(head_dim: int, dtype: torch.dtype = torch.float32, needs_grad: bool = False) -> AttentionFn | None:
-    """The compiled attention for heads of `head_dim` features in `dtype` on this machine, or None.
-
-    float32: `kernel_attention` (with autograd), head sizes 16, 32, 48, 64, AVX-512. bfloat16: `amx_attention`
-    (inference only, so None when the caller `needs_grad`), head size 16, AMX.
-    """
-    if dtype == torch.float32 and head_dim in _FLOAT32_HEAD_SIZES and _load(_FLOAT32) is not None:
-        return kernel_attention
-    if dtype == torch.bfloat16 and not needs_grad and head_dim in _AMX_HEAD_SIZES and _load(_AMX_BF16) is not None:
-        return amx_attention
-    return None
-
-
-def _library(build: _Build = _FLOAT32) -> ctypes.CDLL:
-    library = _load(build)
-    if library is None:
+def library(build: _Build) -> ctypes.CDLL:
+    """`build`'s loaded library, for a kernel's wrapper that its selector (`load` not None) has let run."""
+    loaded = load(build)
+    if loaded is None:
         raise RuntimeError(f"the CPU kernel {build.source} is not available on this machine")
-    return library
+    return loaded
 
 
-def _check(status: int, what: str) -> None:
+def check(status: int, what: str) -> None:
+    """Raise when a kernel function returned a nonzero status (the C sources' error codes)."""
     if status != 0:
         reason = {1: "out of memory", 2: "unsupported shape", 3: "AMX refused"}.get(status, f"status {status}")
         raise RuntimeError(f"CPU kernel ({what}) failed: {reason}")
-
-
-def _sizes(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, int, float, int]:
-    """The kernels' size arguments; checks that qkv is a CPU [batch, tokens, 3 * num_heads * head_dim] tensor."""
-    if qkv.device.type != "cpu" or qkv.dim() != 3 or qkv.shape[2] % (3 * num_heads):
-        raise ValueError(f"qkv must be a CPU [batch, tokens, 3 * {num_heads} * head_dim] tensor, got {qkv.shape}")
-    batch, tokens, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-    head_dim = dim // num_heads
-    return batch, num_heads, tokens, head_dim, head_dim**-0.5, torch.get_num_threads()
-
-
-def _forward(qkv: torch.Tensor, num_heads: int, with_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """qkv: contiguous float32 [batch, tokens, 3 * dim] -> (out [batch, tokens, dim], lse [batch, heads, tokens])."""
-    out = qkv.new_empty(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
-    lse = qkv.new_empty(qkv.shape[0], num_heads, qkv.shape[1]) if with_lse else None
-    status = _library().lwdetr_attention_forward(
-        qkv.data_ptr(), out.data_ptr(), None if lse is None else lse.data_ptr(), *_sizes(qkv, num_heads)
-    )
-    _check(status, "forward")
-    return out, lse
-
-
-class _KernelAttention(torch.autograd.Function):
-    """Autograd for the kernel: the forward keeps each row's log-sum-exp, the backward recomputes the scores."""
-
-    @staticmethod
-    def forward(ctx, qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-        out, lse = _forward(qkv, num_heads, with_lse=True)
-        ctx.save_for_backward(qkv, out, lse)
-        ctx.num_heads = num_heads
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
-        qkv, out, lse = ctx.saved_tensors
-        grad_out = grad_out.to(torch.float32).contiguous()
-        grad_qkv = torch.empty_like(qkv)
-        status = _library().lwdetr_attention_backward(
-            qkv.data_ptr(), out.data_ptr(), grad_out.data_ptr(), lse.data_ptr(), grad_qkv.data_ptr(),
-            *_sizes(qkv, ctx.num_heads),
-        )  # fmt: skip
-        _check(status, "backward")
-        return grad_qkv, None
-
-
-def kernel_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Multi-head softmax attention (scale 1/sqrt(head_dim), no mask) with the compiled kernel, with autograd.
-
-    qkv: [batch, tokens, 3 * dim], the fused projection's output (q, k, v each `num_heads` heads wide), on the CPU
-    -> [batch, tokens, dim] in the input's dtype. Computes in float32.
-    """
-    dtype = qkv.dtype
-    qkv = qkv.to(torch.float32).contiguous()
-    if torch.is_grad_enabled() and qkv.requires_grad:
-        out = _KernelAttention.apply(qkv, num_heads)
-    else:
-        out, _ = _forward(qkv, num_heads, with_lse=False)
-    return out.to(dtype)
-
-
-def amx_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Multi-head softmax attention for bfloat16 [batch, tokens, 3 * dim] (head_dim 16) on AMX -> bfloat16
-    [batch, tokens, dim]. Scores and softmax in float32; no autograd."""
-    if torch.is_grad_enabled() and qkv.requires_grad:
-        raise RuntimeError("amx_attention has no backward; use it under torch.no_grad()")
-    qkv = qkv.to(torch.bfloat16).contiguous()
-    out = qkv.new_empty(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
-    status = _library(_AMX_BF16).lwdetr_attention_forward_amx(qkv.data_ptr(), out.data_ptr(), *_sizes(qkv, num_heads))
-    _check(status, "AMX forward")
-    return out
-
-
-_DEFORMABLE_HEAD_SIZES = (16, 32, 48, 64)
-
-
-def deformable_kernel(head_dim: int, dtype: torch.dtype = torch.float32) -> DeformableFn | None:
-    """The compiled deformable sampling (`kernel_deformable_sampling`, with autograd) for heads of `head_dim`
-    features in `dtype` on this machine, or None: float32, head sizes 16, 32, 48 and 64, AVX-512."""
-    if dtype == torch.float32 and head_dim in _DEFORMABLE_HEAD_SIZES and _load(_DEFORMABLE) is not None:
-        return kernel_deformable_sampling
-    return None
-
-
-def _deformable_sizes(value: torch.Tensor, locations: torch.Tensor) -> tuple[int, ...]:
-    batch, tokens, heads, head_dim = value.shape
-    queries, num_levels, points = locations.shape[1], locations.shape[3], locations.shape[4]
-    return (batch, tokens, heads, head_dim, queries, num_levels, points, value.stride(1), value.stride(0))
-
-
-class _DeformableSampling(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, value, locations, weights, levels):
-        out = value.new_empty(value.shape[0], locations.shape[1], value.shape[2] * value.shape[3])
-        sizes = _deformable_sizes(value, locations)
-        status = _library(_DEFORMABLE).lwdetr_deformable_forward(
-            value.data_ptr(), locations.data_ptr(), weights.data_ptr(), out.data_ptr(), levels.data_ptr(), *sizes,
-            torch.get_num_threads(),
-        )  # fmt: skip
-        _check(status, "deformable forward")
-        ctx.save_for_backward(value, locations, weights, levels)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        value, locations, weights, levels = ctx.saved_tensors
-        grad_out = grad_out.to(torch.float32).contiguous()
-        grad_value = torch.zeros(value.shape, dtype=value.dtype)  # the kernel scatters into it
-        grad_locations, grad_weights = torch.empty_like(locations), torch.empty_like(weights)
-        status = _library(_DEFORMABLE).lwdetr_deformable_backward(
-            value.data_ptr(), locations.data_ptr(), weights.data_ptr(), grad_out.data_ptr(), grad_value.data_ptr(),
-            grad_locations.data_ptr(), grad_weights.data_ptr(), levels.data_ptr(),
-            *_deformable_sizes(value, locations), torch.get_num_threads(),
-        )  # fmt: skip
-        _check(status, "deformable backward")
-        return grad_value, grad_locations, grad_weights, None
-
-
-def kernel_deformable_sampling(
-    value: torch.Tensor,
-    spatial_shapes: list[tuple[int, int]],
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-) -> torch.Tensor:
-    """`deformable.sample_levels` with the compiled kernel, with autograd; float32 on the CPU.
-
-    value: [batch, tokens, heads, head_dim], the levels' tokens one after another (any batch and token strides;
-    heads and features contiguous, as in the value projection's output); sampling_locations: [batch, queries,
-    heads, levels, points, 2] in [0, 1] (x, y); attention_weights: [batch, queries, heads, levels, points]
-    -> [batch, queries, heads * head_dim].
-    """
-    if value.device.type != "cpu" or value.dim() != 4:
-        raise ValueError(f"value must be a CPU [batch, tokens, heads, head_dim] tensor, got {tuple(value.shape)}")
-    batch, _, heads, _ = value.shape
-    expected = (batch, sampling_locations.shape[1], heads, len(spatial_shapes))
-    if sampling_locations.dim() != 6 or sampling_locations.shape[:4] != expected or sampling_locations.shape[5] != 2:
-        raise ValueError(
-            f"sampling_locations must be [batch, queries, heads, levels, points, 2] = [{', '.join(map(str, expected))}"
-            f", points, 2], got {tuple(sampling_locations.shape)}"
-        )
-    if attention_weights.shape != sampling_locations.shape[:5]:
-        raise ValueError(
-            f"attention_weights must be {tuple(sampling_locations.shape[:5])} (the locations' shape without the "
-            f"last axis), got {tuple(attention_weights.shape)}"
-        )
-    if value.stride(3) != 1 or value.stride(2) != value.shape[3]:
-        value = value.contiguous()
-    levels = torch.tensor(spatial_shapes, dtype=torch.int64).reshape(-1, 2)
-    return _DeformableSampling.apply(
-        value.float(), sampling_locations.float().contiguous(), attention_weights.float().contiguous(), levels
-    )

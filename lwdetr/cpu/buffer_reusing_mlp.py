@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import outside_tracing_on_cpu
+from .guards import outside_tracing_on_cpu
 
 __all__ = ["buffer_reusing_mlp_applies", "buffer_reusing_mlp"]
 
