@@ -116,10 +116,10 @@ class AppSettings:
     max_image_pixels: int = 40_000_000
     max_zip_ratio: float = 100.0  # a dataset zip entry (or the whole zip) expanding more is refused as a bomb
     max_zip_entries: int = 20_000
-    max_video_seconds: float = 120.0  # an uploaded video lasting longer is refused
-    max_video_frames: int = 300  # frames annotated per video: a longer one is sampled (every k-th frame)
+    max_video_seconds: float = 120.0  # an uploaded video lasting longer (by its header or frame times) is refused
+    max_video_frames: int = 300  # frames annotated per video: a longer one is sampled (by the frames' timestamps)
     max_video_pixels: int = 1920 * 1088  # per video or webcam frame (1080p, as codecs store it)
-    max_video_fps: float = 120.0
+    max_video_fps: float = 120.0  # a header claiming more is not trusted; frames decoded <= seconds x fps
     datasets_budget: str = "10gb"  # datasets/, results/, runs/: oldest evicted past these (what is in use is kept)
     results_budget: str = "200mb"
     runs_budget: str = "20gb"

@@ -10,9 +10,13 @@ A public app reads whatever a visitor uploads, so:
   demuxer by content or name: a text playlist (HLS, concat) names other files or URLs to read.
 - FFmpeg opens the upload through a link with a server-made name: a visitor's file name is never parsed by it (an
   image-sequence pattern such as `a%d.jpg` would make FFmpeg read other files).
-- Frame size, frame rate and declared duration are checked before any frame is annotated; decoding stops after
-  `max_seconds` worth of frames whatever the header claimed, and at most `max_frames` frames are annotated: a longer
-  video is sampled (every k-th frame), so the work per video is bounded.
+- Frame size and (when the header's timing is plausible) declared duration are checked before any frame is
+  annotated. A header whose timing is missing or implausible, as in a browser's recording, is not trusted: the frames'
+  timestamps are read first (`frame_times`), and a video longer than `max_seconds` by them is refused before any frame
+  is annotated. Whatever the header claimed, no pass over the frames decodes more than `max_seconds` of video by the
+  timestamps or more than `max_seconds` x `max_fps` frames, and at most `max_frames` frames are annotated: a longer
+  video is sampled on a grid of constant rate, so the work per video is bounded.
+- Frames are decoded upright: a phone's rotation metadata is applied, as browsers apply it.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from PIL import Image
 from lwdetr.detector import Detector
 
 from . import detection
+from .frame_times import Grid, Sampling, Timing, header_timing, measured_timing, plan_sampling
 
 __all__ = [
     "CONTAINERS",
@@ -46,8 +51,8 @@ __all__ = [
     "annotate_video",
     "container_of",
     "output_size",
+    "max_frames_read",
     "probe_video",
-    "sample_step",
     "status_line",
 ]
 
@@ -67,45 +72,54 @@ class VideoLimits:
 
     max_pixels: int = 1920 * 1088
     max_seconds: float = 120.0
-    max_fps: float = 120.0
+    max_fps: float = 120.0  # a header's rate above it is not trusted; with max_seconds it bounds the frames decoded
     max_frames: int = 300  # frames annotated; a longer video is sampled
+
+
+def max_frames_read(limits: VideoLimits) -> int:
+    """The most frames decoded from one video, whatever its header and timestamps say."""
+    return math.ceil(limits.max_seconds * limits.max_fps)
 
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What a video's header says: frame size, frame rate and frame count (0 when the container does not say)."""
+    """What a video's header says: frame size (upright), frame rate and frame count (0 when the container does not
+    say). A browser's recording may claim any rate: `timing` is None unless it is plausible."""
 
     width: int
     height: int
     fps: float
     frame_count: int
-
-    @property
-    def seconds(self) -> float | None:
-        return self.frame_count / self.fps if self.frame_count > 0 else None
+    timing: Timing | None = None
 
 
 @dataclass
 class AnnotatedVideo:
     """The outcome of `annotate_video`.
 
-    `detections` holds, per annotated frame, its index in the source video and the detections kept by the filters
-    (boxes in source pixels). `fps` is the annotated video's frame rate: the source's divided by `step`.
+    `detections` holds, per annotated frame, its index in the source video (in decoding order) and the detections
+    kept by the filters (boxes in source pixels). The annotated video has `written` frames at `fps`: the annotated
+    ones, each held over the grid points until the next (`frame_times`).
     """
 
     info: VideoInfo
-    step: int
+    sampling: Sampling
     detections: list[tuple[int, list[dict[str, Any]]]] = field(default_factory=list)
+    written: int = 0
     seconds: float = 0.0
-    truncated: bool = False  # decoding stopped at a limit (frames annotated, seconds read) with frames left
+    truncated: bool = False  # the video went on past the length its header gave, and was cut at `max_frames`
 
     @property
     def frames(self) -> int:
         return len(self.detections)
 
     @property
+    def step(self) -> int:
+        return self.sampling.step
+
+    @property
     def fps(self) -> float:
-        return self.info.fps / self.step
+        return self.sampling.fps
 
     @property
     def processing_fps(self) -> float:
@@ -140,27 +154,39 @@ def container_of(path: str | os.PathLike[str]) -> str | None:
 
 
 @contextmanager
-def _capture(path: str | os.PathLike[str], name: str) -> Iterator[cv2.VideoCapture]:
-    """An opened FFmpeg capture of the video at `path`; `VideoError` naming `name` when it is not a video."""
+def _linked(path: str | os.PathLike[str], name: str) -> Iterator[Path]:
+    """A link with a server-made name to the video at `path`, for FFmpeg to open; `VideoError` naming `name` when
+    its first bytes are not a video container's."""
     if container_of(path) is None:
         raise VideoError(f"{name}: not a video ({CONTAINERS} expected)")
     with tempfile.TemporaryDirectory(prefix="video-") as folder:
         link = Path(folder) / "input"
         link.symlink_to(Path(path).resolve())
-        capture = cv2.VideoCapture(str(link), cv2.CAP_FFMPEG)
-        try:
-            if not capture.isOpened():
-                raise VideoError(f"{name}: cannot be decoded (a damaged file, or a codec not supported here)")
-            yield capture
-        finally:
-            capture.release()
+        yield link
+
+
+@contextmanager
+def _opened(link: Path, name: str) -> Iterator[cv2.VideoCapture]:
+    """An FFmpeg capture of the video at `link`, decoding frames upright; `VideoError` naming `name` if it fails."""
+    capture = cv2.VideoCapture(str(link), cv2.CAP_FFMPEG)
+    try:
+        if not capture.isOpened():
+            raise VideoError(f"{name}: cannot be decoded (a damaged file, or a codec not supported here)")
+        # A phone stores a portrait video as landscape frames and a rotation, which browsers apply: so do we. It is
+        # OpenCV's default, set anyway: the frame size read from the capture is the upright one only with it on.
+        capture.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1)
+        yield capture
+    finally:
+        capture.release()
 
 
 def _info(capture: cv2.VideoCapture, name: str, limits: VideoLimits) -> VideoInfo:
-    """The header's numbers, checked against `limits`; `VideoError` for anything out of bounds."""
+    """The header's numbers, checked against `limits`; `VideoError` for a frame size out of bounds, or a plausible
+    timing (`header_timing`) longer than `max_seconds`."""
     width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
     fps, count = float(capture.get(cv2.CAP_PROP_FPS)), capture.get(cv2.CAP_PROP_FRAME_COUNT)
-    info = VideoInfo(width, height, fps, int(count) if math.isfinite(count) and count > 0 else 0)
+    count = int(count) if math.isfinite(count) and count > 0 else 0
+    info = VideoInfo(width, height, fps, count, header_timing(fps, count, limits.max_fps))
     if width < 1 or height < 1:
         raise VideoError(f"{name}: no video frames found")
     if width * height > limits.max_pixels:
@@ -168,28 +194,58 @@ def _info(capture: cv2.VideoCapture, name: str, limits: VideoLimits) -> VideoInf
             f"{name}: frames of {width} x {height} pixels, more than the limit of {limits.max_pixels / 1e6:.1f} "
             "megapixels"
         )
-    if not (math.isfinite(fps) and 0 < fps <= limits.max_fps):
-        raise VideoError(f"{name}: a frame rate of {fps:g} fps; it must be above 0 and at most {limits.max_fps:g}")
-    if info.seconds is not None and info.seconds > limits.max_seconds:
-        raise VideoError(f"{name}: {info.seconds:.0f} s long, more than the limit of {limits.max_seconds:g} s")
+    if info.timing is not None and info.timing.seconds > limits.max_seconds:
+        raise VideoError(f"{name}: {info.timing.seconds:.0f} s long, more than the limit of {limits.max_seconds:g} s")
     return info
 
 
+def _frame_times(capture: cv2.VideoCapture, name: str, limits: VideoLimits) -> Iterator[float]:
+    """Decode the frames of `capture` one by one (`grab`: not yet converted to BGR), yielding each one's timestamp
+    in seconds from the first frame's.
+
+    Raises:
+        VideoError: past the limits whatever the header said: a timestamp more than `max_seconds` after the first,
+            or more than `max_frames_read` frames (a frame rate above `max_fps`).
+    """
+    most = max_frames_read(limits)
+    start = None
+    for index in range(most + 1):
+        if not capture.grab():
+            return  # the end, or a truncated file: what was decoded so far is the video
+        if index == most:
+            raise VideoError(
+                f"{name}: more than {most} frames, past the limit of {limits.max_seconds:g} s at {limits.max_fps:g} fps"
+            )
+        stamp = capture.get(cv2.CAP_PROP_POS_MSEC) / 1000
+        if not math.isfinite(stamp):
+            raise VideoError(f"{name}: a frame without a usable timestamp")
+        start = stamp if start is None else start
+        if stamp - start > limits.max_seconds:
+            raise VideoError(f"{name}: longer than the limit of {limits.max_seconds:g} s by its frame times")
+        yield stamp - start
+
+
+def _timing(link: Path, name: str, limits: VideoLimits) -> tuple[VideoInfo, Timing]:
+    """(the checked header, the timing to sample by): the header's when plausible, else measured on every frame's
+    timestamp (a first pass that decodes without annotating, bounded as `_frame_times` is)."""
+    with _opened(link, name) as capture:
+        info = _info(capture, name, limits)
+        if info.timing is not None:
+            return info, info.timing
+        times = list(_frame_times(capture, name, limits))
+    if not times:
+        raise VideoError(f"{name}: no frame could be decoded (a truncated or damaged file?)")
+    return info, measured_timing(times)
+
+
 def probe_video(path: str | os.PathLike[str], name: str, limits: VideoLimits) -> VideoInfo:
-    """The header of the video at `path` (frame size, rate, count), checked against `limits`.
+    """The header of the video at `path` (upright frame size, rate, count), checked against `limits`.
 
     Raises:
         VideoError: one line naming `name`: not a video, not decodable, or past a limit.
     """
-    with _capture(path, name) as capture:
+    with _linked(path, name) as link, _opened(link, name) as capture:
         return _info(capture, name, limits)
-
-
-def sample_step(info: VideoInfo, limits: VideoLimits) -> int:
-    """Annotate every `step`-th frame, so that at most `limits.max_frames` frames of the video (or of
-    `limits.max_seconds` of it, when the header gives no frame count) are annotated."""
-    frames = info.frame_count or math.ceil(limits.max_seconds * info.fps)
-    return max(1, math.ceil(frames / max(1, limits.max_frames)))
 
 
 def output_size(width: int, height: int, max_side: int = _OUTPUT_MAX_SIDE) -> tuple[int, int]:
@@ -200,52 +256,64 @@ def output_size(width: int, height: int, max_side: int = _OUTPUT_MAX_SIDE) -> tu
 
 
 def _sampled_frames(
-    capture: cv2.VideoCapture, info: VideoInfo, step: int, limits: VideoLimits, name: str, result: AnnotatedVideo
-) -> Iterator[tuple[int, np.ndarray]]:
-    """(index, BGR frame [H, W, 3] uint8) of every `step`-th frame, at most `max_frames` of them and never past
-    `max_seconds` of video, whatever the header said; `result.truncated` is set when frames were left."""
-    last = math.ceil(limits.max_seconds * info.fps)
-    kept = 0
-    for index in range(last):
-        if index % step:
-            if not capture.grab():  # decodes (later frames depend on it) without converting to BGR
-                return
-            continue
-        ok, frame = capture.read()
+    capture: cv2.VideoCapture, limits: VideoLimits, name: str, result: AnnotatedVideo
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(index, grid point, BGR frame [H, W, 3] uint8) of each frame kept by the sampling's grid, at most
+    `max_frames` grid points; `result.truncated` is set when the video goes on past them (its header said less)."""
+    grid = Grid(result.sampling)
+    for index, seconds in enumerate(_frame_times(capture, name, limits)):
+        point = grid.point(seconds)
+        if point is None:
+            continue  # decoded (later frames depend on it), never converted
+        if point >= limits.max_frames:
+            result.truncated = True
+            return
+        ok, frame = capture.retrieve()
         if not ok or frame is None:
-            return  # the end, or a truncated file: what was decoded so far is the video
+            return
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.shape[0] * frame.shape[1] > limits.max_pixels:
             raise VideoError(f"{name}: a frame of {frame.shape[1]} x {frame.shape[0]} pixels is past the limit")
-        yield index, frame
-        kept += 1
-        if kept >= limits.max_frames:
-            break
-    result.truncated = capture.grab()
+        yield index, point, frame
 
 
-def _open_writer(target: Path, fps: float, size: tuple[int, int], name: str) -> cv2.VideoWriter:
-    writer = cv2.VideoWriter(str(target), cv2.CAP_FFMPEG, _VP8, fps, size)
-    if not writer.isOpened():
-        raise VideoError(f"{name}: the annotated video could not be encoded (no VP8 encoder)")
-    return writer
+class _GridWriter:
+    """The annotated video's VP8 encoder at the grid's rate: a frame kept for grid point k is written as frame k,
+    and the frame before it is held (written again) over the points in between."""
+
+    def __init__(self, target: Path, fps: float, size: tuple[int, int], name: str) -> None:
+        self.size, self.written, self._last = size, 0, None
+        self._writer = cv2.VideoWriter(str(target), cv2.CAP_FFMPEG, _VP8, fps, size)
+        if not self._writer.isOpened():
+            raise VideoError(f"{name}: the annotated video could not be encoded (no VP8 encoder)")
+
+    def write(self, point: int, frame: np.ndarray) -> None:
+        """Write `frame` (BGR [H, W, 3] uint8 of `size`) at grid point `point`, after the last written one."""
+        while self.written < point:
+            self._writer.write(self._last)
+            self.written += 1
+        self._writer.write(frame)
+        self._last, self.written = frame, self.written + 1
+
+    def release(self) -> None:
+        self._writer.release()
 
 
 def _annotate_batch(
     detector: Detector,
-    batch: list[tuple[int, np.ndarray]],
-    writer: cv2.VideoWriter,
-    size: tuple[int, int],
+    batch: list[tuple[int, int, np.ndarray]],
+    writer: _GridWriter,
     filters: tuple[float, int, Sequence[str]],
     result: AnnotatedVideo,
 ) -> None:
     """Detect on the frames of `batch` in one call, keep what passes `filters` (threshold, max detections, classes)
-    and write each frame, scaled to `size`, with its boxes drawn."""
-    rgb = [np.ascontiguousarray(frame[:, :, ::-1]) for _, frame in batch]
+    and write each frame, scaled to the writer's size, with its boxes drawn at its grid point."""
+    rgb = [np.ascontiguousarray(frame[:, :, ::-1]) for _, _, frame in batch]
     # As for an image: the model at the floor, then the visitor's filters, so a frame gives what the image path gives.
     predictions = detector.predict_many(
         rgb, detection.FLOOR_THRESHOLD, detection.FLOOR_MAX_DETECTIONS, batch_size=len(rgb)
     )
-    for (index, frame), prediction in zip(batch, predictions):
+    size = writer.size
+    for (index, point, frame), prediction in zip(batch, predictions):
         if prediction.error is not None:
             raise VideoError(f"frame {index}: {prediction.error}")
         kept = detection.filter_detections(detection.as_dicts(prediction.detections), *filters)
@@ -254,7 +322,7 @@ def _annotate_batch(
                                d["box"][3] * scale_y]} for d in kept]  # fmt: skip
         small = cv2.resize(frame, size, interpolation=cv2.INTER_AREA) if size != frame.shape[1::-1] else frame
         drawn = detection.draw(Image.fromarray(small[:, :, ::-1]), shown)
-        writer.write(np.ascontiguousarray(np.asarray(drawn)[:, :, ::-1]))
+        writer.write(point, np.ascontiguousarray(np.asarray(drawn)[:, :, ::-1]))
         result.detections.append((index, kept))
 
 
@@ -271,36 +339,35 @@ def annotate_video(
     progress: Callable[[int, int], None] | None = None,
 ) -> AnnotatedVideo:
     """Write `target` (a `.webm`): the video at `source` with the detections passing the filters drawn on every
-    sampled frame (`sample_step`), at most `_OUTPUT_MAX_SIDE` pixels large.
+    frame the sampling keeps (`frame_times`), at most `_OUTPUT_MAX_SIDE` pixels large.
 
-    `progress(done, expected)` is called after each batch of `batch_size` frames (expected is an estimate when the
-    header gives no frame count).
+    `progress(done, expected)` is called after each batch of `batch_size` frames.
 
     Raises:
         VideoError: one line naming `name`: not a video, past a limit, or no frame decodable.
     """
     start = time.perf_counter()
-    with _capture(source, name) as capture:
-        info = _info(capture, name, limits)
-        step = sample_step(info, limits)
-        result = AnnotatedVideo(info, step)
-        expected = min(limits.max_frames, math.ceil((info.frame_count or limits.max_seconds * info.fps) / step))
-        size = output_size(info.width, info.height)
-        writer = _open_writer(Path(target), result.fps, size, name)
+    with _linked(source, name) as link:
+        info, timing = _timing(link, name, limits)
+        result = AnnotatedVideo(info, plan_sampling(timing, limits.max_frames))
+        expected = min(limits.max_frames, result.sampling.expected_frames)
         filters = (threshold, max_detections, classes)
-        try:
-            batch: list[tuple[int, np.ndarray]] = []
-            for item in _sampled_frames(capture, info, step, limits, name, result):
-                batch.append(item)
-                if len(batch) == batch_size:
-                    _annotate_batch(detector, batch, writer, size, filters, result)
-                    batch = []
-                    if progress is not None:
-                        progress(result.frames, max(expected, result.frames))
-            if batch:
-                _annotate_batch(detector, batch, writer, size, filters, result)
-        finally:
-            writer.release()
+        with _opened(link, name) as capture:  # from the first frame again, after `_timing`'s pass if it made one
+            writer = _GridWriter(Path(target), result.fps, output_size(info.width, info.height), name)
+            try:
+                batch: list[tuple[int, int, np.ndarray]] = []
+                for item in _sampled_frames(capture, limits, name, result):
+                    batch.append(item)
+                    if len(batch) == batch_size:
+                        _annotate_batch(detector, batch, writer, filters, result)
+                        batch = []
+                        if progress is not None:
+                            progress(result.frames, max(expected, result.frames))
+                if batch:
+                    _annotate_batch(detector, batch, writer, filters, result)
+            finally:
+                writer.release()
+                result.written = writer.written
     if not result.frames:
         raise VideoError(f"{name}: no frame could be decoded (a truncated or damaged file?)")
     result.seconds = time.perf_counter() - start
@@ -314,11 +381,16 @@ def status_line(result: AnnotatedVideo, name: str, limits: VideoLimits) -> str:
         f"{name}: {result.frames} frames annotated in {result.seconds:.1f} s ({result.processing_fps:.1f} fps), "
         f"{boxes} boxes in all."
     )
+    timing = result.sampling.timing
     if result.step > 1:
+        measured = " (measured on its frame times)" if timing.measured else ""
         line += (
-            f" One frame in {result.step} of the {result.info.fps:.3g} fps video was annotated (at most "
+            f" One frame in {result.step} of the {timing.fps:.3g} fps video{measured} was annotated (at most "
             f"{limits.max_frames} frames): the result plays at {result.fps:.3g} fps."
         )
     if result.truncated:
-        line += f" It stopped at a limit ({limits.max_frames} frames, {limits.max_seconds:g} s): the rest was not read."
+        line += (
+            f" It stopped at {limits.max_frames} frames: the video goes on longer than its header says, the rest was "
+            "not read."
+        )
     return line

@@ -250,6 +250,21 @@ def test_detect_tab_webcam_stream_and_video_upload(ui_page, app, playwright_api,
     assert frames == 8
 
 
+def test_detect_tab_annotates_a_browser_recording_at_its_real_frame_rate(ui_page, playwright_api):
+    # Chromium's own MediaRecorder WebM, whose header gives OpenCV 1000 fps (tests/assets/record_browser_videos.py).
+    page, expect = ui_page, playwright_api.expect
+    page.get_by_role("tab", name="Video").click()
+    page.locator("#input-video input[type=file]").set_input_files(REPO / "tests" / "assets" / "mediarecorder.webm")
+    expect(page.locator("#video-status")).to_contain_text(
+        re.compile(r"mediarecorder\.webm: \d\d frames annotated in"), timeout=120_000
+    )
+    # It plays in the page for as long as the recording (1.5 s): at its real rate, not 1000 fps.
+    page.wait_for_function(
+        "() => { const v = document.querySelector('#output-video video'); return v && v.readyState >= 2 "
+        "&& v.videoWidth === 160 && v.duration > 1.2 && v.duration < 1.8; }"
+    )
+
+
 def test_finetune_tab_short_run_download_and_use_in_detect(ui_page, other_visitor, app, playwright_api):
     page, expect = ui_page, playwright_api.expect
     page.get_by_role("tab", name="Fine-tune").click()

@@ -3,6 +3,10 @@ of the example images (every frame, or a sample of a longer one) into a WebM tha
 its limits and hostile files in one line; `AppContext.annotate_video` keeps the results under a server-side id and
 `AppContext.stream_frame` annotates webcam frames with the same filters and says the frame rate.
 `tests/test_browser.py` drives both in Chromium.
+
+Real visitors' videos: a browser's recording (MediaRecorder) whose header gives OpenCV a false frame rate (1000 fps)
+and a phone-style MP4 (variable rate, rotated) are in tests/assets/, recorded by Chromium
+(tests/assets/record_browser_videos.py); a WebM whose header lies is also made here from an OpenCV one.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import io
 import json
 import os
 import re
+import struct
 import warnings
 from pathlib import Path
 
@@ -21,12 +26,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lwdetr_app import detection, video
+from lwdetr_app import detection, frame_times, video
 from lwdetr_app.ui import build_demo
 
 FPS = 10
 FRAMES = 12
 RESULT_FOLDER = re.compile(r"[0-9a-f]{32}")
+ASSETS = Path(__file__).parent / "assets"
+RECORDED_WEBM = ASSETS / "mediarecorder.webm"  # 160 x 120, 1.5 s, ~30 fps with jitter; OpenCV reads 1000 fps
+ROTATED_MP4 = ASSETS / "mediarecorder_rotated.mp4"  # H.264 stored 160 x 120, shown 120 x 160 (90 degrees clockwise)
 
 
 def source_frames(examples: list[Path], count: int = FRAMES) -> list[np.ndarray]:
@@ -45,6 +53,31 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float = FPS, codec: s
         writer.write(np.ascontiguousarray(frame[:, :, ::-1]))
     writer.release()
     return path
+
+
+def with_header(path: Path, frame_ns: int | None = None, duration_ms: float | None = None) -> Path:
+    """The Matroska file at `path` (written by OpenCV) with its header rewritten in place: the track's frame duration
+    (`frame_ns`, the rate FFmpeg reports) and the segment's duration (`duration_ms`, 0 for none). The frames keep
+    their own timestamps."""
+    data = bytearray(path.read_bytes())
+    if frame_ns is not None:
+        at = data.index(bytes.fromhex("23E38384")) + 4  # DefaultDuration, 4 bytes
+        data[at : at + 4] = struct.pack(">I", frame_ns)
+    if duration_ms is not None:
+        at = data.index(bytes.fromhex("448988")) + 3  # Duration, an 8-byte float
+        data[at : at + 8] = struct.pack(">d", duration_ms)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def frame_times_of(path: Path) -> list[float]:
+    """The timestamps (ms) of every frame of the video at `path`, as OpenCV decodes them."""
+    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    times = []
+    while capture.grab():
+        times.append(capture.get(cv2.CAP_PROP_POS_MSEC))
+    capture.release()
+    return times
 
 
 def decoded(path: Path) -> tuple[list[np.ndarray], str]:
@@ -131,17 +164,60 @@ def test_a_long_video_is_sampled_down_to_the_frame_limit(detector, clip, tmp_pat
     assert "One frame in 3 of the 10 fps video was annotated" in video.status_line(result, "clip.avi", limits)
 
 
-def test_a_video_whose_header_gives_no_length_is_read_only_up_to_the_limit(detector, clip, tmp_path, monkeypatch):
-    header = video._info
+@pytest.fixture
+def lying_clip(assets, tmp_path) -> Path:
+    """The clip's 12 frames at 10 fps in a WebM whose header says what a browser's recording often says: 1000 fps
+    and no duration (OpenCV reads no frame count)."""
+    path = write_video(tmp_path / "lying.webm", source_frames(assets[1]), codec="VP80")
+    return with_header(path, frame_ns=1_000_000, duration_ms=0.0)
 
-    def without_length(capture, name, limits):
-        return video.VideoInfo(**{**vars(header(capture, name, video.VideoLimits())), "frame_count": 0})
 
-    monkeypatch.setattr(video, "_info", without_length)
-    limits = video.VideoLimits(max_seconds=0.5)
-    result = annotate(detector, clip, tmp_path / "out.webm", limits)
-    assert result.frames == 5 and result.truncated  # 0.5 s at 10 fps, and frames were left
-    assert "stopped at a limit (300 frames, 0.5 s)" in video.status_line(result, "clip.avi", limits)
+def test_a_header_with_a_false_frame_rate_and_no_length_is_timed_by_the_frame_timestamps(
+    detector, lying_clip, tmp_path
+):
+    capture = cv2.VideoCapture(str(lying_clip), cv2.CAP_FFMPEG)
+    assert capture.get(cv2.CAP_PROP_FPS) == 1000 and capture.get(cv2.CAP_PROP_FRAME_COUNT) <= 0
+    capture.release()
+    result = annotate(detector, lying_clip, tmp_path / "out.webm")
+    assert result.info.timing is None and result.sampling.timing.measured
+    assert result.fps == pytest.approx(FPS) and result.step == 1 and not result.truncated
+    assert [index for index, _ in result.detections] == list(range(FRAMES)) and result.written == FRAMES
+    # The annotated video plays at the source's rate: 12 frames, 100 ms apart.
+    assert frame_times_of(tmp_path / "out.webm") == pytest.approx([100.0 * k for k in range(FRAMES)], abs=1)
+
+
+def test_a_video_sampled_by_its_frame_timestamps_keeps_its_timing(detector, lying_clip, tmp_path):
+    limits = video.VideoLimits(max_frames=5)
+    result = annotate(detector, lying_clip, tmp_path / "out.webm", limits)
+    assert result.step == 3 and [index for index, _ in result.detections] == [0, 3, 6, 9]
+    assert result.fps == pytest.approx(FPS / 3) and result.written == 4
+    line = video.status_line(result, "lying.webm", limits)
+    assert "One frame in 3 of the 10 fps video (measured on its frame times) was annotated" in line
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        (video.VideoLimits(max_seconds=1.0), "longer than the limit of 1 s by its frame times"),
+        (video.VideoLimits(max_seconds=2.0, max_fps=5), "more than 10 frames, past the limit of 2 s at 5 fps"),
+    ],
+)
+def test_a_header_that_gives_no_length_cannot_pass_the_limits(detector, lying_clip, tmp_path, limits, message):
+    with pytest.raises(video.VideoError) as caught:
+        annotate(detector, lying_clip, tmp_path / "out.webm", limits)
+    assert str(caught.value) == f"lying.webm: {message}"
+    assert not (tmp_path / "out.webm").exists()  # refused on a first pass, before any frame was annotated
+
+
+def test_a_header_that_says_less_than_the_video_holds_is_cut_at_the_frame_limit(detector, assets, tmp_path):
+    short = with_header(write_video(tmp_path / "short.webm", source_frames(assets[1]), codec="VP80"), duration_ms=400)
+    limits = video.VideoLimits(max_frames=5)
+    result = annotate(detector, short, tmp_path / "out.webm", limits)
+    assert result.info.frame_count == 4 and result.step == 1  # the header: 4 frames at 10 fps
+    assert result.frames == 5 and result.written == 5 and result.truncated
+    assert "It stopped at 5 frames: the video goes on longer than its header says" in video.status_line(
+        result, "short.webm", limits
+    )
 
 
 @pytest.mark.parametrize(
@@ -149,7 +225,6 @@ def test_a_video_whose_header_gives_no_length_is_read_only_up_to_the_limit(detec
     [
         (video.VideoLimits(max_pixels=256 * 255), "frames of 256 x 256 pixels, more than the limit of 0.1 megapixels"),
         (video.VideoLimits(max_seconds=1.0), "1 s long, more than the limit of 1 s"),
-        (video.VideoLimits(max_fps=5), "a frame rate of 10 fps; it must be above 0 and at most 5"),
     ],
 )
 def test_videos_past_the_limits_are_refused_before_any_frame_is_annotated(detector, clip, tmp_path, limits, message):
@@ -157,6 +232,60 @@ def test_videos_past_the_limits_are_refused_before_any_frame_is_annotated(detect
         annotate(detector, clip, tmp_path / "out.webm", limits)
     assert str(caught.value) == f"clip.avi: {message}"
     assert not (tmp_path / "out.webm").exists()
+
+
+def test_a_browser_recording_is_annotated_at_its_real_frame_rate(detector, tmp_path):
+    capture = cv2.VideoCapture(str(RECORDED_WEBM), cv2.CAP_FFMPEG)
+    assert capture.get(cv2.CAP_PROP_FPS) > video.VideoLimits().max_fps  # what refused it before
+    capture.release()
+    times = frame_times_of(RECORDED_WEBM)
+    result = annotate(detector, RECORDED_WEBM, tmp_path / "out.webm")
+    assert result.sampling.timing.measured and 20 < result.fps < 40 and result.step == 1
+    assert result.sampling.timing.frames == len(times)
+    # Frames are chosen by time: those stamped too close to the one before share its grid point and are skipped,
+    # frames over a gap are held, so the annotated video lasts as long as the recording.
+    assert len(times) * 0.7 < result.frames <= len(times)
+    out = frame_times_of(tmp_path / "out.webm")
+    assert len(out) == result.written and out[-1] == pytest.approx(times[-1], abs=1000 / result.fps)
+    # Each annotated frame gives what the image path gives for it.
+    sources, _ = decoded(RECORDED_WEBM)
+    for index, kept in result.detections[::10]:
+        found, _ = detection.run_detection(detector, Image.fromarray(np.ascontiguousarray(sources[index])))
+        assert kept == detection.filter_detections(found, 0.3, 100), index
+
+
+def test_a_browser_recording_is_sampled_and_bounded_by_its_timestamps(detector, tmp_path):
+    limits = video.VideoLimits(max_frames=10)
+    result = annotate(detector, RECORDED_WEBM, tmp_path / "out.webm", limits)
+    assert result.written <= 10 and 5 <= result.frames <= 10 and result.step == 5 and 4 < result.fps < 8
+    with pytest.raises(video.VideoError) as caught:
+        annotate(detector, RECORDED_WEBM, tmp_path / "refused.webm", video.VideoLimits(max_seconds=1.0))
+    assert str(caught.value) == "mediarecorder.webm: longer than the limit of 1 s by its frame times"
+
+
+def test_a_rotated_phone_video_is_annotated_upright(detector, tmp_path):
+    stored = cv2.VideoCapture(str(ROTATED_MP4), cv2.CAP_FFMPEG)
+    stored.set(cv2.CAP_PROP_ORIENTATION_AUTO, 0)
+    ok, landscape = stored.read()  # as the file stores it: 160 x 120
+    stored.release()
+    assert ok and landscape.shape == (120, 160, 3)
+    result = annotate(detector, ROTATED_MP4, tmp_path / "out.webm", threshold=1.0)  # no box: the frames as they are
+    assert (result.info.width, result.info.height) == (120, 160) and not result.sampling.timing.measured
+    first = decoded(tmp_path / "out.webm")[0][0].astype(int)
+    assert first.shape == (160, 120, 3)
+    upright = np.rot90(landscape[:, :, ::-1], k=-1)  # 90 degrees clockwise, as Chromium shows it (see the script)
+    assert np.abs(first - upright).mean() < 8 < np.abs(first - np.rot90(landscape[:, :, ::-1], k=1)).mean()
+
+
+def test_frames_are_kept_for_the_grid_point_they_reach_and_held_over_gaps():
+    sampling = frame_times.plan_sampling(frame_times.Timing(fps=10, frames=30), max_frames=10)
+    grid = frame_times.Grid(sampling)  # a point every 0.3 s
+    stamps = [0.0, 0.1, 0.2, 0.299, 0.4, 1.5, 1.6, 1.8]  # a rounded stamp, then a gap
+    assert [grid.point(t) for t in stamps] == [0, None, None, 1, None, 5, None, 6]
+    assert frame_times.measured_timing([0.0, 0.033, 0.07, 0.1]).fps == pytest.approx(30)
+    assert frame_times.measured_timing([0.0, 0.0, 0.0]).fps == 1.0  # no usable span
+    assert frame_times.header_timing(1000.0, 1460, max_fps=120) is None
+    assert frame_times.header_timing(30.0, 0, max_fps=120) is None
 
 
 def _hostile(kind: str, clip: Path, folder: Path) -> Path:
