@@ -52,7 +52,6 @@ __all__ = [
     "container_of",
     "output_size",
     "max_frames_read",
-    "probe_video",
     "status_line",
 ]
 
@@ -236,16 +235,6 @@ def _timing(link: Path, name: str, limits: VideoLimits) -> tuple[VideoInfo, Timi
     if not times:
         raise VideoError(f"{name}: no frame could be decoded (a truncated or damaged file?)")
     return info, measured_timing(times)
-
-
-def probe_video(path: str | os.PathLike[str], name: str, limits: VideoLimits) -> VideoInfo:
-    """The header of the video at `path` (upright frame size, rate, count), checked against `limits`.
-
-    Raises:
-        VideoError: one line naming `name`: not a video, not decodable, or past a limit.
-    """
-    with _linked(path, name) as link, _opened(link, name) as capture:
-        return _info(capture, name, limits)
 
 
 def output_size(width: int, height: int, max_side: int = _OUTPUT_MAX_SIDE) -> tuple[int, int]:
