@@ -3,6 +3,7 @@
 Modules (import them directly; this package imports nothing heavy on purpose):
 
 - `finetune.data`: find, load and validate a dataset (Roboflow export, plain COCO, zip, Hugging Face datasets).
+  Its modules: `sources` (dataset forms), `coco` (one annotation file, checked), `records`, `report`, `loading`.
 - `finetune.transforms`: the torch dataset, albumentations augmentations and multi-scale batching.
 - `finetune.synthetic`: a generator of simple-shape datasets for tests and demos.
 - `finetune.archive`: safe zip extraction.
