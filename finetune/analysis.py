@@ -218,10 +218,10 @@ def analyse_run(run_dir: str | os.PathLike, batch_size: int = 8, onnx: bool = Tr
     its run.json; writes `analysis/` and, with `onnx`, model.onnx. Returns the analysis folder."""
     import torch
 
+    from finetune.config import load_run_config
     from finetune.data import load_detection_data
     from finetune.errors import ConfigError
     from finetune.evaluate import predict_detections
-    from finetune.train import load_run_config
     from finetune.transforms import DetectionDataset, build_eval_transform, collate_detection
     from lwdetr.modeling import LwDetrForObjectDetection
 

@@ -14,9 +14,10 @@ import pytest
 from PIL import Image
 
 from finetune.analysis import analyse_run, class_analysis, read_analysis, write_analysis
+from finetune.config import TrainConfig
 from finetune.data import load_detection_data
 from finetune.synthetic import make_synthetic_dataset
-from finetune.train import TrainConfig, train
+from finetune.train import train
 from lwdetr_app.handlers import AppContext
 from lwdetr_app.models import ModelChoice, ModelRegistry
 from lwdetr_app.runs import owner_key

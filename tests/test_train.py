@@ -15,10 +15,12 @@ import pytest
 import torch
 from shared_data import microcontrollers_dataset
 
+from finetune.config import TrainConfig, resume_config
 from finetune.ema import ModelEma
+from finetune.errors import ConfigError
 from finetune.optim import OptimizerSettings, lr_factor, param_groups
 from finetune.synthetic import make_synthetic_dataset
-from finetune.train import ConfigError, TrainConfig, epoch_batches, resume_config, train
+from finetune.train import epoch_batches, train
 
 
 def _nano(num_labels: int = 3):
@@ -268,7 +270,7 @@ def test_best_folder_loads_in_transformers_and_detector(resumed_run):
 
 
 def test_pretrained_start_keeps_weights_and_renews_class_heads(resumed_run):
-    from finetune.train import build_model
+    from finetune.build import build_model
     from lwdetr.modeling import LwDetrForObjectDetection
 
     best = resumed_run["root"] / "run" / "best"
@@ -309,10 +311,11 @@ def test_bf16_grad_accum_frozen_backbone_without_ema(tiny_data, tmp_path):
 
 
 def _two_process_worker(data: str, output: str, record_dir: str) -> None:
+    import finetune.checkpoints as checkpoints
     import finetune.train as loop
 
     seen = []
-    original_batches, original_save = loop.epoch_batches, loop._save_state
+    original_batches, original_save = loop.epoch_batches, checkpoints.save_state
 
     def recording_batches(*args, **kwargs):
         batches = original_batches(*args, **kwargs)
@@ -327,7 +330,7 @@ def _two_process_worker(data: str, output: str, record_dir: str) -> None:
             {"params": flat, "seen": seen, "world": run.accelerator.num_processes}, Path(record_dir) / f"rank{rank}.pt"
         )
 
-    loop.epoch_batches, loop._save_state = recording_batches, recording_save
+    loop.epoch_batches, checkpoints.save_state = recording_batches, recording_save
     config = _tiny_config(Path(data), Path(output), epochs=2, batch_size=2)
     result = loop.train(config)
     assert result.epochs_completed == 2
@@ -390,9 +393,9 @@ def test_short_run_on_microcontrollers(tmp_path):
 def test_nano_learns_synthetic_shapes(tmp_path):
     """From scratch, nano goes from AP50 ~0 to >= 0.7 on easy shapes (about 3 minutes on an idle AVX-512 2-core
     machine; `benchmarks/` is where times are measured, not here)."""
+    from finetune.build import build_model
     from finetune.data import load_detection_data
     from finetune.evaluate import coco_metrics, predict_detections
-    from finetune.train import build_model
     from finetune.transforms import DetectionDataset, build_eval_transform, collate_detection
 
     data_dir = tmp_path / "shapes"
