@@ -1,7 +1,7 @@
 """What a run saves and when: best/, last/ and state/ under a disk-full guard (every `save_every_steps` steps, or
 about every `AUTO_SAVE_SECONDS`, and at epoch ends), the run files (metrics.jsonl, plots, model card) and, at the
-end, the analysis and ONNX export of best/. The files themselves are written by `finetune.export` and
-`finetune.state`, atomically."""
+end, the analysis and ONNX export of the weights the run offers (best/, else last/). The files themselves are
+written by `finetune.export` and `finetune.state`, atomically."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from finetune.export import (
     save_model_folder,
     write_metrics_jsonl,
 )
-from finetune.result import eval_metrics
+from finetune.result import eval_metrics, offered_model_dir
 from finetune.state import save_state
 
 if TYPE_CHECKING:
@@ -135,16 +135,17 @@ def _card(run: _Run, row: dict[str, Any] | None) -> str:
 
 
 def write_final_analysis(run: _Run) -> None:
-    """The finished run's per-class AP, precision-recall curves, validation gallery and model.onnx, of best/ (see
-    `finetune.analysis`); every process predicts its share, the main process writes."""
+    """The finished run's per-class AP, precision-recall curves, validation gallery and model.onnx, of the weights it
+    offers (best/, else last/: `offered_model_dir`; see `finetune.analysis`); every process predicts its share, the
+    main process writes."""
     from finetune.analysis import write_analysis, write_onnx
     from finetune.evaluate import gather_detections
     from lwdetr.modeling import LwDetrForObjectDetection
 
-    best = run.output / "best"
-    if not (best / "config.json").is_file():
+    model_dir = offered_model_dir(run.output)
+    if model_dir is None:
         return
-    model = LwDetrForObjectDetection.from_pretrained(best).to(run.accelerator.device)
+    model = LwDetrForObjectDetection.from_pretrained(model_dir).to(run.accelerator.device)
     detections = gather_detections(model, run.val_set, run.accelerator, run.config.batch_size, run.config.num_workers)
     if run.accelerator.is_main_process:
         with disk_full_guard(run.output, FILES_BYTES + 2 * _tensor_bytes(model.state_dict())):

@@ -15,11 +15,21 @@ from finetune.state import saved_config
 if TYPE_CHECKING:
     from finetune.optim import OptimizerSettings
 
-__all__ = ["RESUME_OVERRIDES", "TrainConfig", "check_config", "load_run_config", "resume_config", "resumed_config"]
+__all__ = [
+    "RESUME_OVERRIDES",
+    "TrainConfig",
+    "check_config",
+    "config_from_json",
+    "load_run_config",
+    "resume_config",
+    "resumed_config",
+]
 
 # Fields a resumed run takes from the config passed to `train` rather than from the saved run: to extend or re-pace
 # it. Everything else comes from the saved configuration; build the config with `resume_config(output)`.
 RESUME_OVERRIDES = ("epochs", "max_steps", "eval_every", "num_workers", "threads", "dry_run", "save_every_steps")
+# The fields a model card's command names even at their defaults.
+_ALWAYS_SHOWN = ("data", "model", "output", "epochs", "batch_size", "image_size", "lr")
 
 
 @dataclass
@@ -68,21 +78,38 @@ class TrainConfig:
     dry_run: bool = False  # load and check the data, return its report, train nothing
     command: str | None = None  # the command line, recorded in the model card
 
+    def to_args(self) -> list[str]:
+        """This configuration as `python -m finetune` arguments, how it crosses into another process (the app's
+        training child): each field that differs from its default as `--field-name VALUE` (the flag of field `a_b`
+        is `--a-b`; booleans `--a-b` / `--no-a-b`), in field order. `command` is left out: it records the command
+        line these arguments make. `finetune.__main__.config_from_args` reads them back to this configuration."""
+        return self._args(shown=())
+
     def to_command(self) -> str:
-        """A `python -m finetune ...` command line for this configuration (the CLI flag of field `a_b` is `--a-b`)."""
-        always = {"data", "model", "output", "epochs", "batch_size", "image_size", "lr"}
-        defaults, parts = TrainConfig(), ["python", "-m", "finetune"]
+        """The `python -m finetune ...` command line that starts this run, for the model card: without --resume,
+        --force and --dry-run, and naming the data, model, output and main hyperparameters even at their defaults."""
+        started = dataclasses.replace(self, resume=False, force=False, dry_run=False)
+        return shlex.join(["python", "-m", "finetune", *started._args(shown=_ALWAYS_SHOWN)])
+
+    def _args(self, shown: tuple[str, ...]) -> list[str]:
+        """`--flag value` pairs for the fields that differ from their defaults, and for the `shown` ones."""
+        defaults, args = TrainConfig(), []
         for spec in dataclasses.fields(self):
-            value, flag = getattr(self, spec.name), "--" + spec.name.replace("_", "-")
-            if spec.name in ("command", "dry_run", "resume", "force") or value is None:
+            value, default = getattr(self, spec.name), getattr(defaults, spec.name)
+            if spec.name == "command" or (value is None and default is None):
                 continue
-            if spec.name not in always and value == getattr(defaults, spec.name):
+            if spec.name not in shown and value == default:
                 continue
+            flag = "--" + spec.name.replace("_", "-")
+            if value is None:
+                raise ConfigError(f"{flag} has no command-line form for None (its default is {default!r})")
             if isinstance(value, bool):
-                parts.append(flag if value else "--no-" + flag[2:])
+                args.append(flag if value else "--no-" + flag[2:])
+            elif str(value).startswith("-"):
+                args.append(f"{flag}={value}")  # argparse would take a separate "-x" for an option
             else:
-                parts += [flag, str(value)]
-        return shlex.join(parts)
+                args += [flag, str(value)]  # str(float) is its shortest exact form: it reads back equal
+        return args
 
     def optimizer_settings(self) -> OptimizerSettings:
         """LW-DETR's groups. The decays protect pretrained features; a preset starts from random weights, where
@@ -101,9 +128,15 @@ class TrainConfig:
 def load_run_config(output: str | Path) -> TrainConfig:
     """The configuration saved in the run at `output` (for `--resume`), with `output` as its run folder wherever the
     run now is (moved or copied). An interrupted save is finished first."""
+    return dataclasses.replace(config_from_json(saved_config(output)), output=str(output))
+
+
+def config_from_json(values: dict[str, Any]) -> TrainConfig:
+    """A configuration saved as JSON (its `dataclasses.asdict`) by this or an earlier version, in a run's state or
+    the app's run record: fields this version no longer has are left out and new ones take their defaults, so that
+    an older run still resumes."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    fields = {k: v for k, v in saved_config(output).items() if k in known}
-    return TrainConfig(**{**fields, "output": str(output)})
+    return TrainConfig(**{k: v for k, v in values.items() if k in known})
 
 
 def resume_config(output: str | Path, **changes: Any) -> TrainConfig:

@@ -33,6 +33,7 @@ import torch
 from finetune.errors import ConfigError
 from finetune.export import atomic_folder, recover_folder, remove_leftovers
 from finetune.faults import crash_point
+from finetune.result import RESULT_FILE
 
 __all__ = [
     "PREVIOUS",
@@ -96,7 +97,7 @@ def repair_run_folder(output: str | Path) -> None:
     recover_folder(output / STATE, keep=PREVIOUS)
     recover_folder(output / "best")
     recover_folder(output / "last")
-    remove_leftovers(output, RUN_FILES)
+    remove_leftovers(output, (*RUN_FILES, RESULT_FILE))
 
 
 def _candidates(output: Path) -> list[Path]:
@@ -280,6 +281,6 @@ def claim_run_folder(output: str | Path, force: bool, accelerator) -> None:
     if accelerator.is_main_process:  # every rank gets here (force is the same on all), whatever it saw on disk
         for name in ("state", "state.prev", "state.old", "best", "last", "analysis"):
             shutil.rmtree(output / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "loss.png", "ap.png", "README.md", "model.onnx", "ONNX_MISSING.txt"):
+        for name in ("metrics.jsonl", "loss.png", "ap.png", "README.md", "model.onnx", "ONNX_MISSING.txt", RESULT_FILE):
             (output / name).unlink(missing_ok=True)
     accelerator.wait_for_everyone()

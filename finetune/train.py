@@ -19,8 +19,9 @@ Run folder (`config.output`):
     metrics.jsonl         one line per finished epoch: epoch, step, mean train losses, lr, AP metrics, times
     loss.png  ap.png      curves
     README.md             the model card (data summary, command, hyperparameters, metrics)
-    analysis/  model.onnx at the end of a run, of best/: per-class AP, precision-recall curves, a validation gallery
-                          (`finetune.analysis`) and the ONNX export
+    analysis/  model.onnx at the end of a run, of best/ (else last/): per-class AP, precision-recall curves, a
+                          validation gallery (`finetune.analysis`) and the ONNX export
+    result.json           the `TrainResult` of a session that ended (done or stopped; `finetune.result`)
 
 All writes are atomic (see `finetune.export`): a kill at any moment leaves the previous good version, and a resume
 repairs the folder first. A new run refuses a folder that holds one (unless `force`).
@@ -61,7 +62,7 @@ from finetune.export import disk_full_guard
 from finetune.faults import crash_point
 from finetune.loss_log import LOGGED_LOSSES, LossLog, epoch_losses
 from finetune.optim import build_optimizer, lr_factor, set_lr
-from finetune.result import TrainResult, eval_metrics
+from finetune.result import RESULT_FILE, TrainResult, eval_metrics, offered_model_dir, write_result
 from finetune.state import Progress as _Progress
 from finetune.state import apply_state as _load_state
 from finetune.state import claim_run_folder, open_state, repair_run_folder
@@ -199,12 +200,10 @@ def train(
         if not finished_epoch:
             run.touch_elapsed()
             save_checkpoints(run, last=True)
-            run.emit("stopped", _last_metrics(run), f"stopped at step {run.progress.step}; resume with --resume")
-            return _result(run, stopped=True)
+            return _end_session(run, "stopped", f"stopped at step {run.progress.step}; resume with --resume")
         _end_epoch(run)
     write_final_analysis(run)
-    run.emit("done", _last_metrics(run), _done_message(run))
-    return _result(run, stopped=False)
+    return _end_session(run, "done", _done_message(run))
 
 
 def _setup(config: TrainConfig, accelerator, data, callback: Callback | None) -> _Run:
@@ -219,6 +218,7 @@ def _setup(config: TrainConfig, accelerator, data, callback: Callback | None) ->
         with accelerator.main_process_first():  # one process finishes interrupted saves, then all read
             if accelerator.is_main_process:
                 repair_run_folder(output)
+                (output / RESULT_FILE).unlink(missing_ok=True)  # the last session's: this one writes its own
             saved = open_state(output, accelerator.device, primary=accelerator.is_main_process)
         model = saved.model
         if config.freeze_backbone:
@@ -426,6 +426,17 @@ def _done_message(run: _Run) -> str:
     return f"done: {run.progress.epoch} epochs, {run.progress.step} steps, {best_text}; saved in {run.output}"
 
 
+def _end_session(run: _Run, kind: str, message: str) -> TrainResult:
+    """The session's result, written to result.json (main process) before its last event (`kind`) is sent: a
+    program that follows the events finds the result there once it sees "done" or "stopped"."""
+    result = _result(run, stopped=kind == "stopped")
+    if run.accelerator.is_main_process:
+        with disk_full_guard(run.output, FILES_BYTES):
+            write_result(result)
+    run.emit(kind, _last_metrics(run), message)
+    return result
+
+
 def _result(run: _Run, stopped: bool) -> TrainResult:
     progress, output = run.progress, run.output
     best = output / "best"
@@ -442,4 +453,5 @@ def _result(run: _Run, stopped: bool) -> TrainResult:
         metrics=eval_metrics(progress.history[-1]) if progress.history else {},
         history=list(progress.history),
         report=run.report_text,
+        model_dir=offered_model_dir(output),
     )
