@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: list[str]) -> TrainConfig:
+    """The configuration `argv` gives (`TrainConfig.to_args` writes such arguments), its command line recorded in
+    `command`; with --resume, the run's saved one with the changes a resume allows (`resume_config`)."""
     given = vars(build_parser().parse_args(argv))
     given["command"] = shlex.join(["python", "-m", "finetune", *argv])
     if given.get("resume"):
