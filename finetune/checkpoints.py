@@ -23,7 +23,7 @@ from finetune.result import eval_metrics, offered_model_dir
 from finetune.state import save_state
 
 if TYPE_CHECKING:
-    from finetune.train import _Run
+    from finetune.train import Run
 
 __all__ = [
     "AUTO_SAVE_SECONDS",
@@ -43,7 +43,7 @@ _AUTO_SAVE_TIMED_STEPS = 5
 FILES_BYTES = 1 << 20
 
 
-def step_save_due(run: _Run) -> bool:
+def step_save_due(run: Run) -> bool:
     """Whether to save state/ after this step: every `save_every_steps` steps, or, by default, about every
     `AUTO_SAVE_SECONDS` of training, as an interval in steps fixed from the first steps this session timed (the
     same on every rank: all must save at the same step)."""
@@ -57,7 +57,7 @@ def step_save_due(run: _Run) -> bool:
     return run.save_every > 0 and run.progress.step % run.save_every == 0
 
 
-def _auto_save_interval(run: _Run) -> int | None:
+def _auto_save_interval(run: Run) -> int | None:
     if run.timing_start is None:  # the first step of the session pays for warm-up: time from its end
         run.timing_start = (time.monotonic(), run.progress.step)
         return None
@@ -71,7 +71,7 @@ def _auto_save_interval(run: _Run) -> int | None:
     return max(1, int(AUTO_SAVE_SECONDS / max(seconds.item(), 1e-6)))
 
 
-def save_checkpoints(run: _Run, last: bool, best_row: dict[str, Any] | None = None) -> None:
+def save_checkpoints(run: Run, last: bool, best_row: dict[str, Any] | None = None) -> None:
     """Save best/ (when `best_row`, the improved epoch's metrics, is given), last/ (when `last`) and state/; a full
     disk becomes a one-line `DiskFullError` saying how many bytes these folders need."""
     folders = (best_row is not None) + last
@@ -97,7 +97,7 @@ def _tensor_bytes(tree: Any) -> int:
     return 0
 
 
-def write_run_files(run: _Run) -> None:
+def write_run_files(run: Run) -> None:
     """metrics.jsonl, loss.png, ap.png and README.md from the run's history (main process)."""
     progress = run.progress
     write_metrics_jsonl(run.output / "metrics.jsonl", progress.history)
@@ -106,14 +106,14 @@ def write_run_files(run: _Run) -> None:
     atomic_write_text(run.output / "README.md", _card(run, best_row))
 
 
-def _save_last_and_state(run: _Run) -> None:
+def _save_last_and_state(run: Run) -> None:
     if run.accelerator.is_main_process:
         evaluated = next((r for r in reversed(run.progress.history) if "AP" in r), None)
         save_model_folder(run.eval_model, run.config.image_size, run.output / "last", _card(run, evaluated))
     save_state(run)
 
 
-def _card(run: _Run, row: dict[str, Any] | None) -> str:
+def _card(run: Run, row: dict[str, Any] | None) -> str:
     """The model card, with the metrics of history `row` (an evaluated epoch) when given."""
     config = run.config
     hidden = {"command", "dry_run", "resume", "force"}
@@ -134,7 +134,7 @@ def _card(run: _Run, row: dict[str, Any] | None) -> str:
     )
 
 
-def write_final_analysis(run: _Run) -> None:
+def write_final_analysis(run: Run) -> None:
     """The finished run's per-class AP, precision-recall curves, validation gallery and model.onnx, of the weights it
     offers (best/, else last/: `offered_model_dir`; see `finetune.analysis`); every process predicts its share, the
     main process writes."""

@@ -11,7 +11,7 @@ import torch
 from lwdetr import host_sync
 
 if TYPE_CHECKING:
-    from finetune.train import _Run
+    from finetune.train import Run
 
 __all__ = ["DEVICE_READ_EVERY", "LOGGED_LOSSES", "LossLog", "epoch_losses"]
 
@@ -29,7 +29,7 @@ class LossLog:
     epoch's sums in `progress` and raises `FloatingPointError` on a non-finite loss.
     """
 
-    def __init__(self, run: _Run):
+    def __init__(self, run: Run):
         self.run = run
         self.sums: torch.Tensor | None = None  # float64 [len(LOGGED_LOSSES)]
         self.steps = 0
@@ -65,7 +65,7 @@ class LossLog:
         return {name: value / steps for name, value in zip(LOGGED_LOSSES, sums)}
 
 
-def epoch_losses(run: _Run) -> dict[str, float]:
+def epoch_losses(run: Run) -> dict[str, float]:
     """Mean per-step training losses of the epoch, averaged over the processes."""
     progress = run.progress
     values = torch.tensor(

@@ -181,7 +181,7 @@ def _absolute_paths(config: dict[str, Any]) -> dict[str, str]:
 
 def save_state(run) -> None:
     """Write state/ atomically (main process; the previous one becomes state.prev/), with every rank's RNG state
-    gathered to it. `run` is `finetune.train`'s live run (config, progress, model, optimizer, ema, output)."""
+    gathered to it. `run` is `finetune.train.Run` (config, progress, model, optimizer, ema, output)."""
     from accelerate.utils import gather_object
     from safetensors.torch import save_file
 

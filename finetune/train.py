@@ -68,7 +68,7 @@ from finetune.state import apply_state as _load_state
 from finetune.state import claim_run_folder, open_state, repair_run_folder
 from lwdetr import host_sync
 
-__all__ = ["TrainConfig", "TrainResult", "epoch_batches", "train"]
+__all__ = ["Run", "TrainConfig", "TrainResult", "epoch_batches", "train"]
 
 
 def epoch_batches(num_items: int, epoch: int, seed: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
@@ -114,8 +114,9 @@ def _plan(config: TrainConfig, num_train: int, world: int) -> _Plan:
 
 
 @dataclass
-class _Run:
-    """The live objects of one run, passed to the loop's helpers instead of a dozen arguments."""
+class Run:
+    """The live objects of one run, passed to the loop's helpers (here, `finetune.checkpoints`, `finetune.loss_log`,
+    `finetune.state`) instead of a dozen arguments."""
 
     config: TrainConfig
     accelerator: Any
@@ -206,7 +207,7 @@ def train(
     return _end_session(run, "done", _done_message(run))
 
 
-def _setup(config: TrainConfig, accelerator, data, callback: Callback | None) -> _Run:
+def _setup(config: TrainConfig, accelerator, data, callback: Callback | None) -> Run:
     """Model, datasets, optimizer, EMA and, when resuming, the saved state."""
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
@@ -237,7 +238,7 @@ def _setup(config: TrainConfig, accelerator, data, callback: Callback | None) ->
     optimizer = build_optimizer(model, config.optimizer_settings())
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = ModelEma(accelerator.unwrap_model(model), config.ema_decay, config.ema_tau) if config.ema else None
-    run = _Run(
+    run = Run(
         config,
         accelerator,
         model,
@@ -262,7 +263,7 @@ def _setup(config: TrainConfig, accelerator, data, callback: Callback | None) ->
     return run
 
 
-def _train_epoch(run: _Run, stop_event: threading.Event | None) -> bool:
+def _train_epoch(run: Run, stop_event: threading.Event | None) -> bool:
     """Train on the rest of the current epoch; False if a stop request ended it early."""
     config, progress, acc = run.config, run.progress, run.accelerator
     epoch = progress.epoch
@@ -323,7 +324,7 @@ def _stop_requested(stop_event: threading.Event | None, accelerator) -> bool:
     return bool(votes.item() > 0)
 
 
-def _optimizer_step(run: _Run, micro_batches: list) -> tuple[torch.Tensor, float]:
+def _optimizer_step(run: Run, micro_batches: list) -> tuple[torch.Tensor, float]:
     """One optimizer step over `micro_batches` (gradient accumulation); returns the logged losses (float64
     [len(LOGGED_LOSSES)], means over the micro-batches, on the training device) and the learning rate.
 
@@ -365,7 +366,7 @@ def _optimizer_step(run: _Run, micro_batches: list) -> tuple[torch.Tensor, float
 # ------------------------------------------------------------------------------------------------------ epoch end
 
 
-def _end_epoch(run: _Run) -> None:
+def _end_epoch(run: Run) -> None:
     """Evaluate (every `eval_every` epochs and after the last), log, save best/ last/ state/, report."""
     from finetune.evaluate import evaluate_split
 
@@ -398,17 +399,17 @@ def _end_epoch(run: _Run) -> None:
     run.emit("epoch", row, f"epoch {progress.epoch}/{config.epochs}: loss {row.get('loss', math.nan):.3f}, {ap_text}")
 
 
-def _current_lr(run: _Run) -> float:
+def _current_lr(run: Run) -> float:
     """The learning rate of the base groups (`config.lr` times the schedule's factor)."""
     group = run.optimizer.param_groups[0]
     return run.config.lr * group["lr"] / group["base_lr"]
 
 
-def _last_metrics(run: _Run) -> dict[str, float]:
+def _last_metrics(run: Run) -> dict[str, float]:
     return dict(run.progress.history[-1]) if run.progress.history else {}
 
 
-def _start_message(run: _Run) -> str:
+def _start_message(run: Run) -> str:
     config, plan = run.config, run.plan
     where = "starting"
     if config.resume:
@@ -420,13 +421,13 @@ def _start_message(run: _Run) -> str:
     )
 
 
-def _done_message(run: _Run) -> str:
+def _done_message(run: Run) -> str:
     best = run.progress.best_ap
     best_text = f"best AP {best:.3f} at epoch {run.progress.best_epoch}" if best >= 0 else "no evaluation"
     return f"done: {run.progress.epoch} epochs, {run.progress.step} steps, {best_text}; saved in {run.output}"
 
 
-def _end_session(run: _Run, kind: str, message: str) -> TrainResult:
+def _end_session(run: Run, kind: str, message: str) -> TrainResult:
     """The session's result, written to result.json (main process) before its last event (`kind`) is sent: a
     program that follows the events finds the result there once it sees "done" or "stopped"."""
     result = _result(run, stopped=kind == "stopped")
@@ -437,7 +438,7 @@ def _end_session(run: _Run, kind: str, message: str) -> TrainResult:
     return result
 
 
-def _result(run: _Run, stopped: bool) -> TrainResult:
+def _result(run: Run, stopped: bool) -> TrainResult:
     progress, output = run.progress, run.output
     best = output / "best"
     return TrainResult(
