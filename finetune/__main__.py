@@ -21,7 +21,7 @@ import typing
 from collections.abc import Iterator
 from pathlib import Path
 
-from finetune.train import TrainConfig
+from finetune.config import TrainConfig
 
 HELP = {
     "data": "training data: a Roboflow/COCO export folder (train/ valid/ test/), a COCO .json, a .zip of either, "
@@ -97,10 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: list[str]) -> TrainConfig:
+    """The configuration `argv` gives (`TrainConfig.to_args` writes such arguments), its command line recorded in
+    `command`; with --resume, the run's saved one with the changes a resume allows (`resume_config`)."""
     given = vars(build_parser().parse_args(argv))
     given["command"] = shlex.join(["python", "-m", "finetune", *argv])
     if given.get("resume"):
-        from finetune.train import resume_config
+        from finetune.config import resume_config
 
         given.pop("command")  # the model card keeps the command that started the run
         given.pop("resume")
@@ -131,8 +133,8 @@ def _prepare_cpu_kernels(config: TrainConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from finetune.callbacks import EventLog, TqdmProgress, fan_out
-    from finetune.errors import DataError, DiskFullError
-    from finetune.train import ConfigError, train
+    from finetune.errors import ConfigError, DataError, DiskFullError
+    from finetune.train import train
     from lwdetr.hub import ModelNotFoundError
 
     progress = TqdmProgress()

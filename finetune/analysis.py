@@ -10,8 +10,8 @@
 The folder is written whole under a temporary name and swapped in (`finetune.export.atomic_folder`), so a reader
 sees the previous analysis or the new one, never half of one. `write_onnx` puts `model.onnx` (or, without the onnx
 package, `ONNX_MISSING.txt` saying so) beside it, for the downloadable bundle. `analyse_run` (or
-`python -m finetune.analysis RUN_DIR`) does all of it on demand for a finished run folder (its best/ model on its own
-validation split); `train` calls the same at the end of a run.
+`python -m finetune.analysis RUN_DIR`) does all of it on demand for a finished run folder (the model it offers, best/
+else last/, on its own validation split); `train` calls the same at the end of a run.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from PIL import Image
 from finetune.errors import DataError
 from finetune.evaluate import run_cocoeval
 from finetune.export import atomic_folder, atomic_write_text
+from finetune.result import offered_model_dir
 
 __all__ = [
     "ANALYSIS_DIR",
@@ -214,19 +215,20 @@ def read_analysis(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def analyse_run(run_dir: str | os.PathLike, batch_size: int = 8, onnx: bool = True) -> Path:
-    """Analyse a finished run on demand: its best/ model (else last/) on its validation split, as configured in
-    its run.json; writes `analysis/` and, with `onnx`, model.onnx. Returns the analysis folder."""
+    """Analyse a finished run on demand: the model it offers (`offered_model_dir`: best/, else last/) on its
+    validation split, as configured in its saved state; writes `analysis/` and, with `onnx`, model.onnx. Returns
+    the analysis folder."""
     import torch
 
+    from finetune.config import load_run_config
     from finetune.data import load_detection_data
     from finetune.errors import ConfigError
     from finetune.evaluate import predict_detections
-    from finetune.train import load_run_config
     from finetune.transforms import DetectionDataset, build_eval_transform, collate_detection
     from lwdetr.modeling import LwDetrForObjectDetection
 
     run_dir = Path(run_dir)
-    model_dir = next((run_dir / n for n in ("best", "last") if (run_dir / n / "config.json").is_file()), None)
+    model_dir = offered_model_dir(run_dir)
     if model_dir is None:
         raise ConfigError(f"run {run_dir.name} has no saved model (best/ or last/)")
     config = load_run_config(run_dir)

@@ -33,6 +33,7 @@ import torch
 from finetune.errors import ConfigError
 from finetune.export import atomic_folder, recover_folder, remove_leftovers
 from finetune.faults import crash_point
+from finetune.result import RESULT_FILE
 
 __all__ = [
     "PREVIOUS",
@@ -41,6 +42,7 @@ __all__ = [
     "Progress",
     "SavedState",
     "apply_state",
+    "claim_run_folder",
     "open_state",
     "read_state",
     "repair_run_folder",
@@ -95,7 +97,7 @@ def repair_run_folder(output: str | Path) -> None:
     recover_folder(output / STATE, keep=PREVIOUS)
     recover_folder(output / "best")
     recover_folder(output / "last")
-    remove_leftovers(output, RUN_FILES)
+    remove_leftovers(output, (*RUN_FILES, RESULT_FILE))
 
 
 def _candidates(output: Path) -> list[Path]:
@@ -179,7 +181,7 @@ def _absolute_paths(config: dict[str, Any]) -> dict[str, str]:
 
 def save_state(run) -> None:
     """Write state/ atomically (main process; the previous one becomes state.prev/), with every rank's RNG state
-    gathered to it. `run` is `finetune.train`'s live run (config, progress, model, optimizer, ema, output)."""
+    gathered to it. `run` is `finetune.train.Run` (config, progress, model, optimizer, ema, output)."""
     from accelerate.utils import gather_object
     from safetensors.torch import save_file
 
@@ -262,3 +264,23 @@ def apply_state(run, saved: SavedState) -> None:
         tensors, updates = saved.ema
         run.ema.load_state_dict(tensors, updates)
     set_rng_state(saved.rng[min(run.accelerator.process_index, len(saved.rng) - 1)])
+
+
+def claim_run_folder(output: str | Path, force: bool, accelerator) -> None:
+    """A new run must not overwrite an earlier one by accident: refuse an output folder holding a run, unless
+    `force`, which deletes that run's files first (not its extracted data/)."""
+    output = Path(output)
+    held = [name for name in ("state", "state.prev", "state.old", "metrics.jsonl") if (output / name).exists()]
+    if held and not force:
+        raise ConfigError(
+            f"{output} already holds a run ({held[0]}): continue it with --resume, choose another --output, "
+            "or pass --force to start over there (its checkpoints and metrics are deleted)"
+        )
+    if not force:
+        return
+    if accelerator.is_main_process:  # every rank gets here (force is the same on all), whatever it saw on disk
+        for name in ("state", "state.prev", "state.old", "best", "last", "analysis"):
+            shutil.rmtree(output / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "loss.png", "ap.png", "README.md", "model.onnx", "ONNX_MISSING.txt", RESULT_FILE):
+            (output / name).unlink(missing_ok=True)
+    accelerator.wait_for_everyone()

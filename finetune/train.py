@@ -19,315 +19,56 @@ Run folder (`config.output`):
     metrics.jsonl         one line per finished epoch: epoch, step, mean train losses, lr, AP metrics, times
     loss.png  ap.png      curves
     README.md             the model card (data summary, command, hyperparameters, metrics)
-    analysis/  model.onnx at the end of a run, of best/: per-class AP, precision-recall curves, a validation gallery
-                          (`finetune.analysis`) and the ONNX export
+    analysis/  model.onnx at the end of a run, of best/ (else last/): per-class AP, precision-recall curves, a
+                          validation gallery (`finetune.analysis`) and the ONNX export
+    result.json           the `TrainResult` of a session that ended (done or stopped; `finetune.result`)
 
 All writes are atomic (see `finetune.export`): a kill at any moment leaves the previous good version, and a resume
 repairs the folder first. A new run refuses a folder that holds one (unless `force`).
+
+The loop's parts live beside it: `finetune.config` (`TrainConfig`, resume settings), `finetune.build` (accelerator,
+model, datasets), `finetune.checkpoints` (what is saved, and when), `finetune.loss_log` (the logged losses),
+`finetune.state` (the run state on disk) and `finetune.result` (`TrainResult`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import os
 import random
-import shlex
-import shutil
-import sys
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
+from finetune.build import build_model, load_data, make_accelerator, make_datasets, size_limits
 from finetune.callbacks import Callback, EtaClock, TrainEvent
+from finetune.checkpoints import (
+    FILES_BYTES,
+    save_checkpoints,
+    step_save_due,
+    write_final_analysis,
+    write_run_files,
+)
+from finetune.config import TrainConfig, check_config, resumed_config
 from finetune.ema import ModelEma
 from finetune.errors import ConfigError
-from finetune.export import (
-    atomic_write_text,
-    disk_full_guard,
-    model_card,
-    plot_history,
-    save_model_folder,
-    write_metrics_jsonl,
-)
+from finetune.export import disk_full_guard
 from finetune.faults import crash_point
-from finetune.optim import OptimizerSettings, build_optimizer, lr_factor, set_lr
+from finetune.loss_log import LOGGED_LOSSES, LossLog, epoch_losses
+from finetune.optim import build_optimizer, lr_factor, set_lr
+from finetune.result import RESULT_FILE, TrainResult, eval_metrics, offered_model_dir, write_result
 from finetune.state import Progress as _Progress
 from finetune.state import apply_state as _load_state
-from finetune.state import open_state, repair_run_folder, saved_config
-from finetune.state import save_state as _save_state
+from finetune.state import claim_run_folder, open_state, repair_run_folder
 from lwdetr import host_sync
 
-__all__ = [
-    "ConfigError",
-    "TrainConfig",
-    "TrainResult",
-    "build_model",
-    "epoch_batches",
-    "load_run_config",
-    "resume_config",
-    "train",
-]
-
-LOGGED_LOSSES = ("loss", "loss_ce", "loss_bbox", "loss_giou")
-# On a GPU the logged losses are read (one wait for the device) every this many steps; on the CPU every step.
-_DEVICE_READ_EVERY = 20
-# Fields a resumed run takes from the config passed to `train` rather than from the saved run: to extend or re-pace
-# it. Everything else comes from the saved configuration; build the config with `resume_config(output)`.
-RESUME_OVERRIDES = ("epochs", "max_steps", "eval_every", "num_workers", "threads", "dry_run", "save_every_steps")
-# Without --save-every-steps a run saves its state about this often (from the measured step time), so that a kill
-# loses at most this much work.
-AUTO_SAVE_SECONDS = 600.0
-# Steps timed (after the first of a session) before the automatic interval is fixed.
-_AUTO_SAVE_TIMED_STEPS = 5
-# Room for metrics.jsonl, the plots, the model cards and the configs of a save.
-_FILES_BYTES = 1 << 20
-
-
-@dataclass
-class TrainConfig:
-    """Everything a fine-tuning run needs, as plain data (the CLI fills it from its arguments, the app directly).
-
-    Learning-rate defaults are LW-DETR's (lr 1e-4, encoder 1.5e-4, layer decay 0.8, component decay 0.7,
-    weight decay 1e-4, gradient clipping at 0.1; see `finetune.optim`), except that the two decays default to 1
-    for a preset trained from scratch. EMA defaults are rf-detr's.
-    """
-
-    data: str | None = None  # dataset folder, COCO json, zip or Hugging Face dataset (see finetune.data)
-    val_data: str | None = None  # optional separate validation set (same forms)
-    model: str = "nano"  # preset name (random init), local HF folder or hub id
-    output: str = "runs/finetune"  # the run folder
-    epochs: int = 10
-    batch_size: int = 4  # per process, per micro-batch
-    image_size: int = 640  # square side; a multiple of the model's size_divisor
-    lr: float = 1e-4
-    lr_encoder: float | None = None  # ViT learning rate before layer decay; None: 1.5 x lr
-    weight_decay: float = 1e-4
-    layer_decay: float | None = None  # ViT lr decay per block from the top; None: 0.8 pretrained, 1.0 preset
-    component_decay: float | None = None  # decoder lr factor (ViT: its square); None: 0.7 pretrained, 1.0 preset
-    warmup_epochs: float = 1.0
-    warmup_steps: int | None = None  # overrides warmup_epochs when set
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
-    min_lr_ratio: float = 0.05  # cosine floor, as a fraction of the base rates
-    grad_accum: int = 1
-    clip_grad: float = 0.1  # max gradient norm; 0 disables
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    ema: bool = True
-    ema_decay: float = 0.993
-    ema_tau: float = 100.0
-    freeze_backbone: bool = False
-    multi_scale: bool = True  # a random square size per batch in [0.7, 1.4] x image_size
-    augment: bool = True  # flip, box-safe crop, colour jitter; False: plain resize
-    resume: bool = False
-    force: bool = False  # start a new run in an output folder that holds one (its files are deleted first)
-    save_every_steps: int | None = None  # state/ every N steps too; None: about every 10 minutes; 0: epoch ends only
-    num_workers: int = 2
-    threads: int | None = None  # torch CPU threads per process; None: the machine's cores shared among processes
-    seed: int = 0
-    eval_every: int = 1  # evaluate every N epochs (and always after the last)
-    max_steps: int | None = None  # stop after this many optimizer steps in total (quick runs)
-    val_fraction: float = 0.15  # held-out share of train when the data has no validation split
-    dry_run: bool = False  # load and check the data, return its report, train nothing
-    command: str | None = None  # the command line, recorded in the model card
-
-    def to_command(self) -> str:
-        """A `python -m finetune ...` command line for this configuration (the CLI flag of field `a_b` is `--a-b`)."""
-        always = {"data", "model", "output", "epochs", "batch_size", "image_size", "lr"}
-        defaults, parts = TrainConfig(), ["python", "-m", "finetune"]
-        for spec in dataclasses.fields(self):
-            value, flag = getattr(self, spec.name), "--" + spec.name.replace("_", "-")
-            if spec.name in ("command", "dry_run", "resume", "force") or value is None:
-                continue
-            if spec.name not in always and value == getattr(defaults, spec.name):
-                continue
-            if isinstance(value, bool):
-                parts.append(flag if value else "--no-" + flag[2:])
-            else:
-                parts += [flag, str(value)]
-        return shlex.join(parts)
-
-    def optimizer_settings(self) -> OptimizerSettings:
-        """LW-DETR's groups. The decays protect pretrained features; a preset starts from random weights, where
-        holding the lower layers back only slows learning, so there they default to 1 (measured on synthetic
-        shapes: AP50 0.68 -> 0.76 after 400 nano steps)."""
-        from lwdetr.config import PRESETS
-
-        scratch = self.model in PRESETS and not Path(self.model).exists()
-        layer_decay = self.layer_decay if self.layer_decay is not None else (1.0 if scratch else 0.8)
-        component_decay = self.component_decay if self.component_decay is not None else (1.0 if scratch else 0.7)
-        lr_encoder = self.lr_encoder if self.lr_encoder is not None else 1.5 * self.lr
-        return OptimizerSettings(self.lr, lr_encoder, self.weight_decay, layer_decay, component_decay)
-
-
-@dataclass
-class TrainResult:
-    """What a run produced. `stopped` is True when a `stop_event` ended it before its planned steps."""
-
-    output_dir: Path
-    best_dir: Path | None = None
-    last_dir: Path | None = None
-    best_ap: float | None = None
-    best_epoch: int | None = None
-    epochs_completed: int = 0
-    step: int = 0
-    total_steps: int = 0
-    stopped: bool = False
-    metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation
-    history: list[dict[str, Any]] = field(default_factory=list)  # the metrics.jsonl rows
-    report: str = ""  # the data validation report
-
-
-# ---------------------------------------------------------------------------------------------------- set-up
-
-
-def load_run_config(output: str | Path) -> TrainConfig:
-    """The configuration saved in the run at `output` (for `--resume`), with `output` as its run folder wherever the
-    run now is (moved or copied). An interrupted save is finished first."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    fields = {k: v for k, v in saved_config(output).items() if k in known}
-    return TrainConfig(**{**fields, "output": str(output)})
-
-
-def resume_config(output: str | Path, **changes: Any) -> TrainConfig:
-    """The configuration to pass to `train` to continue the run in `output`: the saved one, with `changes` to the
-    `RESUME_OVERRIDES` fields (e.g. `epochs=20` to extend it) and `resume=True`. Other changes must equal the saved
-    values: a resumed run keeps its data and hyperparameters (`ConfigError` naming the first that differs)."""
-    saved = load_run_config(output)
-    for name, value in changes.items():
-        if name in (*RESUME_OVERRIDES, "output", "resume", "force", "command"):
-            continue
-        if not _same_setting(getattr(saved, name), value):
-            flag = "--" + name.replace("_", "-")
-            old = getattr(saved, name)
-            raise ConfigError(
-                f"{output}: a resumed run keeps its saved settings, but {flag} differs (saved {old!r}, given "
-                f"{value!r}): leave {flag} out to resume, or start a new run with another --output (or --force to "
-                "overwrite this one)"
-            )
-    allowed = {k: v for k, v in changes.items() if k in RESUME_OVERRIDES}
-    return dataclasses.replace(saved, **allowed, resume=True)
-
-
-def _same_setting(saved: Any, given: Any) -> bool:
-    if saved == given:
-        return True
-    if isinstance(saved, str) and isinstance(given, str) and Path(saved).exists() and Path(given).exists():
-        return Path(saved).resolve() == Path(given).resolve()
-    return False
-
-
-def _resume_config(config: TrainConfig) -> TrainConfig:
-    """What a resumed run uses: the saved configuration, except the `RESUME_OVERRIDES` fields of `config`."""
-    saved = load_run_config(config.output)
-    return dataclasses.replace(saved, **{name: getattr(config, name) for name in RESUME_OVERRIDES}, resume=True)
-
-
-def _claim_output(config: TrainConfig, accelerator) -> None:
-    """A new run must not overwrite an earlier one by accident: refuse an output folder holding a run, unless
-    `force`, which deletes that run's files first (not its extracted data/)."""
-    output = Path(config.output)
-    held = [name for name in ("state", "state.prev", "state.old", "metrics.jsonl") if (output / name).exists()]
-    if held and not config.force:
-        raise ConfigError(
-            f"{output} already holds a run ({held[0]}): continue it with --resume, choose another --output, "
-            "or pass --force to start over there (its checkpoints and metrics are deleted)"
-        )
-    if not config.force:
-        return
-    if accelerator.is_main_process:  # every rank gets here (force is the same on all), whatever it saw on disk
-        for name in ("state", "state.prev", "state.old", "best", "last", "analysis"):
-            shutil.rmtree(output / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "loss.png", "ap.png", "README.md", "model.onnx", "ONNX_MISSING.txt"):
-            (output / name).unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-
-
-def _make_accelerator(config: TrainConfig):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    # accelerate keeps one global state per process; a second run in the same process (tests, the app) may want
-    # another mixed precision, which the old state would refuse.
-    AcceleratorState._reset_state()
-    # On a machine without CUDA, cpu=True makes several processes use gloo; otherwise each would train alone.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
-    if accelerator.device.type == "cpu" and config.mixed_precision == "fp16" and accelerator.is_main_process:
-        # accelerate ignores fp16 on the CPU without a word
-        print("finetune: --mixed-precision fp16 needs a CUDA GPU; on the CPU this run trains in float32 (bf16 is "
-              "the CPU's mixed precision)", file=sys.stderr)  # fmt: skip
-    if accelerator.device.type == "cpu":
-        # torch gives every process a thread per core; K processes on the same cores then fight over them, and
-        # oversubscribed OpenMP threads spin-wait each other (we measured steps 10x slower).
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-        torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // local))
-    return accelerator
-
-
-def build_model(config: TrainConfig, id2label: dict[int, str]):
-    """The model to fine-tune: a preset (random init) or a pretrained folder / hub id with heads for `id2label`.
-
-    With a pretrained model, class heads whose shape changes (another number of labels) keep a fresh
-    initialisation; with the same number of labels but other names they are re-initialised too, since the old
-    classes mean nothing for the new ones. Everything else keeps its pretrained weights.
-    """
-    from lwdetr.checkpoint import load_config
-    from lwdetr.config import PRESETS, preset_config
-    from lwdetr.modeling import LwDetrForObjectDetection
-
-    label2id = {name: label for label, name in id2label.items()}
-    if config.model in PRESETS and not Path(config.model).exists():
-        model_config = preset_config(config.model, num_labels=len(id2label), id2label=id2label, label2id=label2id)
-        model = LwDetrForObjectDetection(model_config)
-    else:
-        base, _ = load_config(config.model)
-        old = {int(k): v for k, v in base.id2label.items()}
-        model = LwDetrForObjectDetection.from_pretrained(
-            config.model, ignore_mismatched_sizes=True, id2label=id2label, label2id=label2id
-        )
-        if len(old) == len(id2label) and old != id2label:
-            model.reset_class_heads()
-    if config.freeze_backbone:
-        model.model.backbone.backbone.requires_grad_(False)
-    return model.train()
-
-
-def _size_limits(model) -> tuple[int, int]:
-    """(size divisor, smallest square side) of the model's inputs. The smallest side leaves at least
-    `num_queries` tokens on the stride-`patch` feature map, which query selection needs."""
-    vit = model.model.backbone.backbone
-    divisor, patch = vit.size_divisor, vit.embeddings.patch_size
-    side = math.ceil(math.sqrt(model.config.num_queries)) * patch
-    return divisor, math.ceil(side / divisor) * divisor
-
-
-def _datasets(config: TrainConfig, data, size_divisor: int, smallest: int):
-    """(train dataset, its collate function, eval dataset); multi-scale sizes below `smallest` are left out."""
-    from finetune.transforms import (
-        DetectionDataset,
-        MultiScaleCollate,
-        build_eval_transform,
-        build_train_transform,
-        multiscale_sizes,
-    )
-
-    sizes = [config.image_size]
-    if config.multi_scale:
-        sizes = [size for size in multiscale_sizes(config.image_size, size_divisor) if size >= smallest]
-    if config.augment:
-        transform = build_train_transform(max(sizes), size_divisor)
-    else:
-        transform = build_eval_transform(max(sizes), size_divisor)
-    train_set = DetectionDataset(data.train, transform, train=True, seed=config.seed)
-    collate = MultiScaleCollate(sizes, seed=config.seed, size_divisor=size_divisor)
-    val_set = DetectionDataset(data.val, build_eval_transform(config.image_size, size_divisor), train=False)
-    return train_set, collate, val_set
+__all__ = ["Run", "TrainConfig", "TrainResult", "epoch_batches", "train"]
 
 
 def epoch_batches(num_items: int, epoch: int, seed: int, batch_size: int, rank: int, world: int) -> list[list[int]]:
@@ -373,8 +114,9 @@ def _plan(config: TrainConfig, num_train: int, world: int) -> _Plan:
 
 
 @dataclass
-class _Run:
-    """The live objects of one run, passed to the loop's helpers instead of a dozen arguments."""
+class Run:
+    """The live objects of one run, passed to the loop's helpers (here, `finetune.checkpoints`, `finetune.loss_log`,
+    `finetune.state`) instead of a dozen arguments."""
 
     config: TrainConfig
     accelerator: Any
@@ -441,60 +183,31 @@ def train(
     for settings that cannot work (e.g. an image size the model cannot take).
     """
     if config.resume:
-        config = _resume_config(config)
-    _check_config(config)
-    accelerator = _make_accelerator(config)
+        config = resumed_config(config)
+    check_config(config)
+    accelerator = make_accelerator(config)
     if not config.resume and not config.dry_run:
-        _claim_output(config, accelerator)
-    data = _load_data(config, accelerator)
+        claim_run_folder(config.output, config.force, accelerator)
+    data = load_data(config, accelerator)
     if config.dry_run:
         return TrainResult(output_dir=Path(config.output), report=data.report.to_text())
     run = _setup(config, accelerator, data, callback)
     if config.resume and accelerator.is_main_process and run.progress.history:
-        with disk_full_guard(run.output, _FILES_BYTES):
-            _write_run_files(run)  # a kill after state/ was saved may have left them one epoch behind
+        with disk_full_guard(run.output, FILES_BYTES):
+            write_run_files(run)  # a kill after state/ was saved may have left them one epoch behind
     run.emit("start", message=_start_message(run))
     while run.progress.epoch < config.epochs and run.progress.step < run.plan.total_steps:
         finished_epoch = _train_epoch(run, stop_event)
         if not finished_epoch:
             run.touch_elapsed()
-            _save_guarded(run, last=True)
-            run.emit("stopped", _last_metrics(run), f"stopped at step {run.progress.step}; resume with --resume")
-            return _result(run, stopped=True)
+            save_checkpoints(run, last=True)
+            return _end_session(run, "stopped", f"stopped at step {run.progress.step}; resume with --resume")
         _end_epoch(run)
-    _write_analysis(run)
-    run.emit("done", _last_metrics(run), _done_message(run))
-    return _result(run, stopped=False)
+    write_final_analysis(run)
+    return _end_session(run, "done", _done_message(run))
 
 
-def _check_config(config: TrainConfig) -> None:
-    if config.data is None:
-        raise ConfigError("no training data given (config.data)")
-    for name in ("epochs", "batch_size", "image_size", "grad_accum", "eval_every"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"{name} must be at least 1, got {getattr(config, name)}")
-    if config.schedule not in ("cosine", "step", "constant"):
-        raise ConfigError(f"schedule must be cosine, step or constant, got {config.schedule!r}")
-    if config.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {config.mixed_precision!r}")
-    if config.max_steps is not None and config.max_steps < 1:
-        raise ConfigError(f"max_steps must be at least 1, got {config.max_steps}")
-
-
-def _load_data(config: TrainConfig, accelerator):
-    from finetune.data import load_detection_data
-
-    with accelerator.main_process_first():  # a zip is extracted once, by the main process, then reused
-        return load_detection_data(
-            config.data,
-            config.val_data,
-            val_fraction=config.val_fraction,
-            seed=config.seed,
-            work_dir=None if config.dry_run else Path(config.output) / "data",
-        )
-
-
-def _setup(config: TrainConfig, accelerator, data, callback: Callback | None) -> _Run:
+def _setup(config: TrainConfig, accelerator, data, callback: Callback | None) -> Run:
     """Model, datasets, optimizer, EMA and, when resuming, the saved state."""
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
@@ -506,25 +219,26 @@ def _setup(config: TrainConfig, accelerator, data, callback: Callback | None) ->
         with accelerator.main_process_first():  # one process finishes interrupted saves, then all read
             if accelerator.is_main_process:
                 repair_run_folder(output)
+                (output / RESULT_FILE).unlink(missing_ok=True)  # the last session's: this one writes its own
             saved = open_state(output, accelerator.device, primary=accelerator.is_main_process)
         model = saved.model
         if config.freeze_backbone:
             model.model.backbone.backbone.requires_grad_(False)
     else:
         model = build_model(config, data.id2label)
-    divisor, smallest = _size_limits(model)
+    divisor, smallest = size_limits(model)
     if config.image_size % divisor or config.image_size < smallest:
         fit = max(smallest, round(config.image_size / divisor) * divisor)
         raise ConfigError(
             f"image size {config.image_size} does not fit this model: use a multiple of {divisor}, "
             f"at least {smallest} (e.g. {fit})"
         )
-    train_set, collate, val_set = _datasets(config, data, divisor, smallest)
+    train_set, collate, val_set = make_datasets(config, data, divisor, smallest)
     plan = _plan(config, len(train_set), accelerator.num_processes)
     optimizer = build_optimizer(model, config.optimizer_settings())
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = ModelEma(accelerator.unwrap_model(model), config.ema_decay, config.ema_tau) if config.ema else None
-    run = _Run(
+    run = Run(
         config,
         accelerator,
         model,
@@ -549,7 +263,7 @@ def _setup(config: TrainConfig, accelerator, data, callback: Callback | None) ->
     return run
 
 
-def _train_epoch(run: _Run, stop_event: threading.Event | None) -> bool:
+def _train_epoch(run: Run, stop_event: threading.Event | None) -> bool:
     """Train on the rest of the current epoch; False if a stop request ended it early."""
     config, progress, acc = run.config, run.progress, run.accelerator
     epoch = progress.epoch
@@ -569,7 +283,7 @@ def _train_epoch(run: _Run, stop_event: threading.Event | None) -> bool:
         # and a run resumed mid-epoch makes one more loader than an uninterrupted one
         generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
     )
-    log = _LossLog(run)
+    log = LossLog(run)
     for micro_batches in _chunks(loader, config.grad_accum):
         losses, lr = _optimizer_step(run, micro_batches)
         progress.batch_in_epoch += len(micro_batches)
@@ -581,85 +295,12 @@ def _train_epoch(run: _Run, stop_event: threading.Event | None) -> bool:
         if _stop_requested(stop_event, acc):
             log.read()
             return False
-        if progress.batch_in_epoch < run.plan.batches_per_epoch and _step_save_due(run):
+        if progress.batch_in_epoch < run.plan.batches_per_epoch and step_save_due(run):
             log.read()  # the epoch's loss sums so far belong in the state
             run.touch_elapsed()
-            _save_guarded(run, last=False)
+            save_checkpoints(run, last=False)
     log.read()
     return True
-
-
-def _step_save_due(run: _Run) -> bool:
-    """Whether to save state/ after this step: every `save_every_steps` steps, or, by default, about every
-    `AUTO_SAVE_SECONDS` of training, as an interval in steps fixed from the first steps this session timed (the
-    same on every rank: all must save at the same step)."""
-    if run.save_every is None:
-        if run.config.save_every_steps is not None:
-            run.save_every = run.config.save_every_steps
-        else:
-            run.save_every = _auto_save_interval(run)
-            if run.save_every is None:
-                return False
-    return run.save_every > 0 and run.progress.step % run.save_every == 0
-
-
-def _auto_save_interval(run: _Run) -> int | None:
-    if run.timing_start is None:  # the first step of the session pays for warm-up: time from its end
-        run.timing_start = (time.monotonic(), run.progress.step)
-        return None
-    started, first_step = run.timing_start
-    timed = run.progress.step - first_step
-    if timed < _AUTO_SAVE_TIMED_STEPS:
-        return None
-    seconds = torch.tensor([(time.monotonic() - started) / timed], device=run.accelerator.device)
-    if run.accelerator.num_processes > 1:
-        seconds = run.accelerator.reduce(seconds, reduction="mean")
-    return max(1, int(AUTO_SAVE_SECONDS / max(seconds.item(), 1e-6)))
-
-
-class _LossLog:
-    """The logged losses of the steps not yet read, summed where they were computed.
-
-    Reading them (`tolist`) is free on the CPU, so there every step is read and reported. On a GPU it would wait
-    for the device after every step, so they are read every `_DEVICE_READ_EVERY` steps and at the end of the epoch
-    (and before a stop), and a step event in between reports the learning rate only. `read` adds the steps to the
-    epoch's sums in `progress` and raises `FloatingPointError` on a non-finite loss.
-    """
-
-    def __init__(self, run: _Run):
-        self.run = run
-        self.sums: torch.Tensor | None = None  # float64 [len(LOGGED_LOSSES)]
-        self.steps = 0
-
-    def add(self, losses: torch.Tensor) -> None:
-        self.sums = losses if self.sums is None else self.sums + losses
-        self.steps += 1
-
-    def read_if_due(self) -> dict[str, float]:
-        """The mean losses of the steps since the last read when it is time to read them, else {}."""
-        if self.sums is None:
-            return {}
-        progress, plan = self.run.progress, self.run.plan
-        due = (
-            host_sync.reads_are_free(self.sums)
-            or progress.step % _DEVICE_READ_EVERY == 0
-            or progress.step >= plan.total_steps
-            or progress.batch_in_epoch >= plan.batches_per_epoch
-        )
-        return self.read() if due else {}
-
-    def read(self) -> dict[str, float]:
-        if self.sums is None:
-            return {}
-        sums, steps = self.sums.tolist(), self.steps
-        self.sums, self.steps = None, 0
-        progress = self.run.progress
-        if not math.isfinite(sums[0]):
-            raise FloatingPointError(f"the loss became {sums[0]} by step {progress.step}; try a lower --lr")
-        progress.loss_steps += steps
-        for name, value in zip(LOGGED_LOSSES, sums):
-            progress.loss_sums[name] = progress.loss_sums.get(name, 0.0) + value
-        return {name: value / steps for name, value in zip(LOGGED_LOSSES, sums)}
 
 
 def _chunks(loader: Iterable, size: int) -> Iterable[list]:
@@ -683,12 +324,12 @@ def _stop_requested(stop_event: threading.Event | None, accelerator) -> bool:
     return bool(votes.item() > 0)
 
 
-def _optimizer_step(run: _Run, micro_batches: list) -> tuple[torch.Tensor, float]:
+def _optimizer_step(run: Run, micro_batches: list) -> tuple[torch.Tensor, float]:
     """One optimizer step over `micro_batches` (gradient accumulation); returns the logged losses (float64
     [len(LOGGED_LOSSES)], means over the micro-batches, on the training device) and the learning rate.
 
     The host reads no device value here: the batch is copied without waiting, the pixel mask and the labels are
-    checked on the host (the labels by the loss), and the losses stay on the device until `_LossLog` reads them.
+    checked on the host (the labels by the loss), and the losses stay on the device until `LossLog` reads them.
     """
     acc, model, config = run.accelerator, run.model, run.config
     plan = run.plan
@@ -708,7 +349,7 @@ def _optimizer_step(run: _Run, micro_batches: list) -> tuple[torch.Tensor, float
             acc.backward(out.loss / len(micro_batches))
         parts = [out.loss, *(out.loss_dict[k] for k in LOGGED_LOSSES[1:])]
         losses += torch.stack(parts).detach().double() / len(micro_batches)
-    # Stop before a non-finite loss reaches the weights. On a GPU that check would wait for the device: `_LossLog`
+    # Stop before a non-finite loss reaches the weights. On a GPU that check would wait for the device: `LossLog`
     # makes it when it reads the losses.
     if host_sync.reads_are_free(losses) and not math.isfinite(loss := losses[0].item()):
         raise FloatingPointError(f"the loss became {loss} at step {run.progress.step}; try a lower --lr")
@@ -722,10 +363,10 @@ def _optimizer_step(run: _Run, micro_batches: list) -> tuple[torch.Tensor, float
     return losses, config.lr * factor
 
 
-# -------------------------------------------------------------------------------------------- epoch end, saving
+# ------------------------------------------------------------------------------------------------------ epoch end
 
 
-def _end_epoch(run: _Run) -> None:
+def _end_epoch(run: Run) -> None:
     """Evaluate (every `eval_every` epochs and after the last), log, save best/ last/ state/, report."""
     from finetune.evaluate import evaluate_split
 
@@ -739,7 +380,7 @@ def _end_epoch(run: _Run) -> None:
     row = {
         "epoch": progress.epoch,
         "step": progress.step,
-        **_epoch_losses(run),
+        **epoch_losses(run),
         "lr": _current_lr(run),
         **metrics,
         "time": round(progress.elapsed, 2),
@@ -749,125 +390,26 @@ def _end_epoch(run: _Run) -> None:
     improved = "AP" in metrics and metrics["AP"] > progress.best_ap
     if improved:
         progress.best_ap, progress.best_epoch = metrics["AP"], progress.epoch
-    _save_guarded(run, last=True, best_row=row if improved else None)
+    save_checkpoints(run, last=True, best_row=row if improved else None)
     crash_point("epoch-saved")
     if acc.is_main_process:
-        with disk_full_guard(run.output, _FILES_BYTES):
-            _write_run_files(run)
+        with disk_full_guard(run.output, FILES_BYTES):
+            write_run_files(run)
     ap_text = f"AP {metrics['AP']:.3f} AP50 {metrics['AP50']:.3f}" if metrics else "not evaluated"
     run.emit("epoch", row, f"epoch {progress.epoch}/{config.epochs}: loss {row.get('loss', math.nan):.3f}, {ap_text}")
 
 
-def _epoch_losses(run: _Run) -> dict[str, float]:
-    """Mean per-step training losses of the epoch, averaged over the processes."""
-    progress = run.progress
-    values = torch.tensor(
-        [progress.loss_sums.get(k, 0.0) for k in LOGGED_LOSSES] + [float(progress.loss_steps)],
-        device=run.accelerator.device,
-    )
-    if run.accelerator.num_processes > 1:
-        values = run.accelerator.reduce(values, reduction="sum")
-    steps = max(values[-1].item(), 1.0)
-    return {name: round(values[i].item() / steps, 5) for i, name in enumerate(LOGGED_LOSSES)}
-
-
-def _current_lr(run: _Run) -> float:
+def _current_lr(run: Run) -> float:
     """The learning rate of the base groups (`config.lr` times the schedule's factor)."""
     group = run.optimizer.param_groups[0]
     return run.config.lr * group["lr"] / group["base_lr"]
 
 
-def _eval_part(row: dict[str, Any]) -> dict[str, float]:
-    """The evaluation metrics of a history row (AP..., AR..., AP/<class>)."""
-    return {k: v for k, v in row.items() if k.startswith(("AP", "AR"))}
-
-
-def _save_guarded(run: _Run, last: bool, best_row: dict[str, Any] | None = None) -> None:
-    """Save best/ (when `best_row`, the improved epoch's metrics, is given), last/ (when `last`) and state/; a full
-    disk becomes a one-line `DiskFullError` saying how many bytes these folders need."""
-    folders = (best_row is not None) + last
-    model_bytes = _tensor_bytes(run.unwrapped.state_dict())
-    needed = model_bytes * (folders + 1 + (run.ema is not None)) + _tensor_bytes(run.optimizer.state_dict()["state"])
-    with disk_full_guard(run.output, needed + _FILES_BYTES):
-        if run.accelerator.is_main_process and best_row is not None:
-            save_model_folder(run.eval_model, run.config.image_size, run.output / "best", _card(run, best_row))
-        if last:
-            _save_last_and_state(run)
-        else:
-            _save_state(run)
-
-
-def _tensor_bytes(tree: Any) -> int:
-    """The bytes of the tensors in a (nested) dict or list."""
-    if torch.is_tensor(tree):
-        return tree.numel() * tree.element_size()
-    if isinstance(tree, dict):
-        return sum(_tensor_bytes(v) for v in tree.values())
-    if isinstance(tree, list | tuple):
-        return sum(_tensor_bytes(v) for v in tree)
-    return 0
-
-
-def _write_run_files(run: _Run) -> None:
-    """metrics.jsonl, loss.png, ap.png and README.md from the run's history (main process)."""
-    progress = run.progress
-    write_metrics_jsonl(run.output / "metrics.jsonl", progress.history)
-    plot_history(progress.history, run.output)
-    best_row = next((r for r in progress.history if r["epoch"] == progress.best_epoch), None)
-    atomic_write_text(run.output / "README.md", _card(run, best_row))
-
-
-def _save_last_and_state(run: _Run) -> None:
-    if run.accelerator.is_main_process:
-        evaluated = next((r for r in reversed(run.progress.history) if "AP" in r), None)
-        save_model_folder(run.eval_model, run.config.image_size, run.output / "last", _card(run, evaluated))
-    _save_state(run)
-
-
-def _card(run: _Run, row: dict[str, Any] | None) -> str:
-    """The model card, with the metrics of history `row` (an evaluated epoch) when given."""
-    config = run.config
-    hidden = {"command", "dry_run", "resume", "force"}
-    hyperparameters = {k: v for k, v in dataclasses.asdict(config).items() if k not in hidden}
-    settings = config.optimizer_settings()  # the values in force where the config says "default"
-    for name in ("lr_encoder", "layer_decay", "component_decay"):
-        hyperparameters[name] = getattr(settings, name)
-    hyperparameters["processes"] = run.accelerator.num_processes
-    return model_card(
-        title=f"LW-DETR fine-tuned from `{config.model}`",
-        command=config.command or config.to_command(),
-        hyperparameters=hyperparameters,
-        data_summary=run.report_text,
-        metrics=_eval_part(row) if row else {},
-        epoch=row["epoch"] if row else None,
-        id2label=run.unwrapped.config.id2label,
-        ema=config.ema,
-    )
-
-
-def _write_analysis(run: _Run) -> None:
-    """The finished run's per-class AP, precision-recall curves, validation gallery and model.onnx, of best/ (see
-    `finetune.analysis`); every process predicts its share, the main process writes."""
-    from finetune.analysis import write_analysis, write_onnx
-    from finetune.evaluate import gather_detections
-    from lwdetr.modeling import LwDetrForObjectDetection
-
-    best = run.output / "best"
-    if not (best / "config.json").is_file():
-        return
-    model = LwDetrForObjectDetection.from_pretrained(best).to(run.accelerator.device)
-    detections = gather_detections(model, run.val_set, run.accelerator, run.config.batch_size, run.config.num_workers)
-    if run.accelerator.is_main_process:
-        with disk_full_guard(run.output, _FILES_BYTES + 2 * _tensor_bytes(model.state_dict())):
-            write_analysis(run.output, run.val_set.split, detections)
-            write_onnx(model, run.config.image_size, run.output)
-
-
-def _last_metrics(run: _Run) -> dict[str, float]:
+def _last_metrics(run: Run) -> dict[str, float]:
     return dict(run.progress.history[-1]) if run.progress.history else {}
 
 
-def _start_message(run: _Run) -> str:
+def _start_message(run: Run) -> str:
     config, plan = run.config, run.plan
     where = "starting"
     if config.resume:
@@ -879,13 +421,24 @@ def _start_message(run: _Run) -> str:
     )
 
 
-def _done_message(run: _Run) -> str:
+def _done_message(run: Run) -> str:
     best = run.progress.best_ap
     best_text = f"best AP {best:.3f} at epoch {run.progress.best_epoch}" if best >= 0 else "no evaluation"
     return f"done: {run.progress.epoch} epochs, {run.progress.step} steps, {best_text}; saved in {run.output}"
 
 
-def _result(run: _Run, stopped: bool) -> TrainResult:
+def _end_session(run: Run, kind: str, message: str) -> TrainResult:
+    """The session's result, written to result.json (main process) before its last event (`kind`) is sent: a
+    program that follows the events finds the result there once it sees "done" or "stopped"."""
+    result = _result(run, stopped=kind == "stopped")
+    if run.accelerator.is_main_process:
+        with disk_full_guard(run.output, FILES_BYTES):
+            write_result(result)
+    run.emit(kind, _last_metrics(run), message)
+    return result
+
+
+def _result(run: Run, stopped: bool) -> TrainResult:
     progress, output = run.progress, run.output
     best = output / "best"
     return TrainResult(
@@ -898,7 +451,8 @@ def _result(run: _Run, stopped: bool) -> TrainResult:
         step=progress.step,
         total_steps=run.plan.total_steps,
         stopped=stopped,
-        metrics=_eval_part(progress.history[-1]) if progress.history else {},
+        metrics=eval_metrics(progress.history[-1]) if progress.history else {},
         history=list(progress.history),
         report=run.report_text,
+        model_dir=offered_model_dir(output),
     )

@@ -31,6 +31,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
+from finetune.config import TrainConfig
 from lwdetr.atomic import atomic_write_bytes, atomic_write_text
 from lwdetr.config import PRESETS
 from lwdetr.cpu import kernel_summary
@@ -40,7 +41,7 @@ from . import detection, video
 from .datasets import ZipLimits, dataset_entry, inspect_dataset, prepare_synthetic, prepare_zip
 from .models import PUBLISHED_MODELS, ModelChoice, ModelRegistry, display_path, model_choices
 from .public_text import one_line, public_text
-from .runs import new_token, owned_runs, owner_key, valid_token
+from .runs import OwnedRun, new_token, owned_runs, owner_key, valid_token
 from .settings import PERSISTENT_STORAGE, REPO_ROOT, AppSettings, parse_size
 from .storage import enforce_budget, touch
 from .training import (
@@ -48,7 +49,6 @@ from .training import (
     JobBusyError,
     JobSnapshot,
     TrainingJob,
-    TrainRequest,
     mark_interrupted_runs,
     snapshot_from_disk,
 )
@@ -604,7 +604,7 @@ class AppContext:
         if not self.allowed_model(model, base=True, owner=owner):
             gr.Warning(f"Base model {one_line(model, limit=100)} is not offered here: pick one from the list.")
             return self._status_line(owner)
-        request_ = TrainRequest(
+        config = TrainConfig(
             data=str(dataset),
             model=model,
             epochs=int(_number(epochs, "Epochs", 1, 500)),
@@ -616,7 +616,7 @@ class AppContext:
         touch(entry)
         self.enforce_budgets(("runs",), keep=(entry,))
         try:
-            name = self.job.start(request_, self.paths.runs, owner)
+            name = self.job.start(config, self.paths.runs, owner)
         except (JobBusyError, OSError) as error:
             gr.Warning(self.public_line(error))
             return self.public_line(error)
@@ -626,7 +626,7 @@ class AppContext:
     def resume_training(self, run_name: Any, token=None, request: gr.Request = None):
         """Continue one of the visitor's stopped, failed or interrupted runs (picked by name from their list)."""
         owner = owner_key(token, request)
-        runs = {run_dir.name: run_dir for run_dir, record in self._owned(owner) if record.resumable}
+        runs = {run.folder.name: run.folder for run in self._owned(owner) if run.record.resumable}
         run_dir = runs.get(str(run_name or ""))
         if run_dir is None:
             gr.Warning("Pick one of your runs that can be resumed.")
@@ -659,7 +659,7 @@ class AppContext:
                 progress(0.0, desc=summary)
             await asyncio.sleep(0.5)
 
-    def _owned(self, owner: str | None) -> list:
+    def _owned(self, owner: str | None) -> list[OwnedRun]:
         """`owned_runs` of `owner`, cached until a run starts or ends (the job's runs_version) or runs/ changes."""
         try:
             stamp = (self.job.runs_version, self.paths.runs.stat().st_mtime)
@@ -682,7 +682,7 @@ class AppContext:
         if snap.running:
             return snap, False
         runs = self._owned(owner)
-        latest = snapshot_from_disk(runs[0][0]) if runs else None
+        latest = snapshot_from_disk(runs[0].folder) if runs else None
         return (latest, True) if latest else (JobSnapshot(version=0, runs_version=0, state="idle"), True)
 
     def _status_line(self, owner: str | None, snap: JobSnapshot | None = None, mine: bool = True) -> str:
@@ -698,13 +698,17 @@ class AppContext:
         runs = self._owned(owner)
         seen = seen or {}
         signature = repr((owner, mine, snap.version, snap.eta_seconds if not mine else None))
-        runs_signature = repr((owner, [(d.name, r.state, r.best_ap) for d, r in runs]))
+        runs_signature = repr((owner, [(run.folder.name, run.record.state, run.best_ap) for run in runs]))
         if seen.get("view") == signature and seen.get("runs") == runs_signature:
             return (gr.skip(),) * 18
         pickers = (gr.skip(), gr.skip())
         if seen.get("runs") != runs_signature:
             pickers = (gr.update(choices=self.model_choices(owner)), gr.update(choices=self.base_model_choices(owner)))
-        resumable = [d.name for d, r in runs if r.resumable and not (mine and snap.running and snap.run_name == d.name)]
+        resumable = [
+            run.folder.name
+            for run in runs
+            if run.record.resumable and not (mine and snap.running and snap.run_name == run.folder.name)
+        ]
         run_controls = (
             runs_frame(runs),
             gr.update(choices=resumable, value=resumable[0] if resumable else None),
@@ -749,7 +753,7 @@ class AppContext:
         """A row of "Your runs" picked: that run's analysis, when the run is this visitor's; else nothing changes."""
         owner = owner_key(token, request)
         row = getattr(evt, "row_value", None) or []
-        picked = next((d for d, _ in self._owned(owner) if row and d.name == row[0]), None)
+        picked = next((run.folder for run in self._owned(owner) if row and run.folder.name == row[0]), None)
         if picked is None:
             return gr.skip(), gr.skip(), gr.skip()
         return self._analysis(picked)
@@ -784,14 +788,15 @@ def analysis_frame(summary: dict | None) -> pd.DataFrame:
 _NO_ANALYSIS = (analysis_frame(None), None, [])
 
 
-def runs_frame(runs: list) -> pd.DataFrame:
+def runs_frame(runs: list[OwnedRun]) -> pd.DataFrame:
     """The visitor's runs, newest first: name, state, best AP, when it ended."""
     rows = []
-    for run_dir, record in runs:
+    for run in runs:
+        record = run.record
         ended = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.finished)) if record.finished else ""
-        ap = round(float(record.best_ap), 4) if isinstance(record.best_ap, (int, float)) else None
+        ap = round(run.best_ap, 4) if run.best_ap is not None else None
         state = record.state + (" (resumable)" if record.resumable else "")
-        rows.append([run_dir.name, state, ap, ended])
+        rows.append([run.folder.name, state, ap, ended])
     return pd.DataFrame(rows, columns=_RUN_COLUMNS)
 
 

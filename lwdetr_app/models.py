@@ -8,6 +8,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune.result import offered_model_dir
 from lwdetr.detector import Detector
 
 from .runs import owned_runs
@@ -58,14 +59,13 @@ def _is_model_dir(folder: Path) -> bool:
 
 
 def list_runs(runs_dir: Path, owner: str | None) -> list[RunInfo]:
-    """The runs of `owner` (see `lwdetr_app.runs`) with a `best/` (or, for a run stopped early, `last/`) model
-    folder; newest first. Other visitors' runs are not listed: a run belongs to whoever started it."""
+    """The runs of `owner` (see `lwdetr_app.runs`) with a model folder to offer (`offered_model_dir`: best/, else
+    last/); newest first. Other visitors' runs are not listed: a run belongs to whoever started it."""
     runs = []
-    for run_dir, record in owned_runs(runs_dir, owner):
-        folder = next((run_dir / name for name in ("best", "last") if _is_model_dir(run_dir / name)), None)
+    for run in owned_runs(runs_dir, owner):
+        folder = offered_model_dir(run.folder)
         if folder is not None:
-            ap = record.best_ap if isinstance(record.best_ap, (int, float)) else None
-            runs.append(RunInfo(run_dir.name, folder.resolve(), ap))
+            runs.append(RunInfo(run.folder.name, folder.resolve(), run.best_ap))
     return runs
 
 

@@ -5,8 +5,9 @@ gives their browser (kept in its localStorage, so a reload or an app restart fin
 client without that storage, their Gradio session. Each becomes an opaque owner key: compared in memory and written
 inside app_run.json, never used to build a path. The token is secret to its browser; the file keeps only a hash.
 
-Each run folder under runs/ holds finetune's own files (events.jsonl, metrics.jsonl, best/, last/, state/), the
-child's console output (train.log) and app_run.json, written atomically by the app: `RunRecord`.
+Each run folder under runs/ holds finetune's own files (events.jsonl, metrics.jsonl, best/, last/, state/,
+result.json), the child's console output (train.log) and app_run.json, written atomically by the app: `RunRecord`.
+What a run produced is not copied into the record: `owned_runs` reads finetune's own `TrainResult`.
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ import hashlib
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.config import TrainConfig, config_from_json
+from finetune.result import TrainResult, read_result
 from lwdetr.atomic import atomic_write_text
 
 __all__ = [
     "EVENTS_FILE",
     "LOG_FILE",
     "RECORD_FILE",
+    "OwnedRun",
     "RunRecord",
     "new_token",
     "owned_runs",
@@ -66,31 +70,44 @@ def owner_key(token: Any, request: Any) -> str | None:
 
 @dataclass
 class RunRecord:
-    """app_run.json: the run's owner and settings (`request`: the Fine-tune tab's fields), its state (running,
-    stopping, done, stopped, failed, interrupted), the child's pid while it runs, and how it ended."""
+    """app_run.json: the run's owner and `config` (finetune's `TrainConfig`, as the child was started), its state
+    (running, stopping, done, stopped, failed, interrupted), the child's pid while it runs, and how it ended."""
 
     name: str
     owner: str | None
-    request: dict[str, Any]
+    config: TrainConfig
     state: str = "running"
     pid: int | None = None
     started: float = 0.0  # seconds since the epoch
     finished: float | None = None
-    best_ap: float | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    model_dir: str | None = None  # "best" or "last": the folder the weights zip and "Use in Detect" take
     weights_zip: str | None = None  # file name inside the run folder
     error: str | None = None
     resumable: bool = False  # state/ was saved: `python -m finetune --resume` continues the run
+
+
+@dataclass(frozen=True)
+class OwnedRun:
+    """One of a visitor's runs: its folder, the app's record, and finetune's result of its last session when that
+    session ended (done or stopped; else None)."""
+
+    folder: Path
+    record: RunRecord
+    result: TrainResult | None
+
+    @property
+    def best_ap(self) -> float | None:
+        return self.result.best_ap if self.result else None
 
 
 def read_record(run_dir: Path) -> RunRecord | None:
     """The run's record, or None when it has none (or an unreadable one: not a run of this app)."""
     try:
         data = json.loads((run_dir / RECORD_FILE).read_text(encoding="utf-8"))
+        # An earlier app kept the Fine-tune tab's fields (all TrainConfig fields) as "request".
+        data["config"] = config_from_json(data.get("config") or data.get("request") or {})
         known = {f.name for f in dataclasses.fields(RunRecord)}
         return RunRecord(**{key: value for key, value in data.items() if key in known})
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
 
 
@@ -99,7 +116,7 @@ def write_record(run_dir: Path, record: RunRecord) -> None:
     atomic_write_text(run_dir / RECORD_FILE, json.dumps(dataclasses.asdict(record), indent=2))
 
 
-def owned_runs(runs_dir: Path, owner: str | None) -> list[tuple[Path, RunRecord]]:
+def owned_runs(runs_dir: Path, owner: str | None) -> list[OwnedRun]:
     """The runs of `owner` under `runs_dir`, newest first (none for an unknown visitor)."""
     if not owner or not runs_dir.is_dir():
         return []
@@ -107,5 +124,6 @@ def owned_runs(runs_dir: Path, owner: str | None) -> list[tuple[Path, RunRecord]
     for run_dir in runs_dir.iterdir():
         record = read_record(run_dir) if run_dir.is_dir() and not run_dir.name.startswith(".") else None
         if record is not None and record.owner == owner:
-            runs.append((run_dir, record))
-    return sorted(runs, key=lambda item: (item[1].started, item[0].name), reverse=True)
+            result = read_result(run_dir) if record.state in ("done", "stopped") else None
+            runs.append(OwnedRun(run_dir, record, result))
+    return sorted(runs, key=lambda run: (run.record.started, run.folder.name), reverse=True)

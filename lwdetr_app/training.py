@@ -1,5 +1,9 @@
 """One fine-tuning job at a time, run in a child process and owned by the visitor who started it.
 
+The Fine-tune tab builds finetune's own `TrainConfig`; it crosses into the child as its command-line arguments
+(`TrainConfig.to_args`), and what the run produced comes back as finetune's own `TrainResult` (the run's
+result.json, `finetune.result.read_result`), with the weights the run offers chosen by `offered_model_dir`.
+
 The child is `python -m finetune ...` (or `accelerate launch --multi_gpu --num_processes N -m finetune ...` when N > 1
 GPUs are visible): training never shares the web server's interpreter, memory or GIL, a crash or `kill -9` of the
 child is reported as a failed run while the app keeps serving, and the training memory goes with the process. The
@@ -27,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune.analysis import ONNX_FILE, ONNX_MISSING_FILE
+from finetune.config import TrainConfig
+from finetune.result import TrainResult, offered_model_dir, read_result
 
 from .runs import EVENTS_FILE, LOG_FILE, RunRecord, read_record, write_record
 from .settings import REPO_ROOT
@@ -36,7 +42,6 @@ __all__ = [
     "JobBusyError",
     "JobSnapshot",
     "RunProgress",
-    "TrainRequest",
     "TrainingJob",
     "format_duration",
     "mark_interrupted_runs",
@@ -57,41 +62,20 @@ class JobBusyError(RuntimeError):
     """A training job is already running; the message says for about how long."""
 
 
-@dataclass(frozen=True)
-class TrainRequest:
-    """The settings a user picks in the Fine-tune tab."""
-
-    data: str
-    model: str
-    epochs: int = 10
-    batch_size: int = 4
-    image_size: int = 512
-    lr: float = 1e-4
-    freeze_backbone: bool = False
-
-    def cli_args(self, run_dir: Path) -> list[str]:
-        """`python -m finetune` options for this request, writing into `run_dir`."""
-        return [
-            "--data", self.data, "--model", self.model, "--output", str(run_dir), "--epochs", str(int(self.epochs)),
-            "--batch-size", str(int(self.batch_size)), "--image-size", str(int(self.image_size)),
-            "--lr", repr(float(self.lr)), "--freeze-backbone" if self.freeze_backbone else "--no-freeze-backbone",
-            "--eval-every", "1", "--seed", "0",
-        ]  # fmt: skip
-
-
 def visible_gpus() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def train_command(run_dir: Path, request: TrainRequest | None, gpus: int) -> list[str]:
-    """The child's command line: a new run for `request`, or (None) `--resume` of the run in `run_dir`.
+def train_command(config: TrainConfig, gpus: int) -> list[str]:
+    """The child's command line for `config`: a new run, or with `resume` the continuation of the run in its
+    `output` (with its saved settings).
 
     With several GPUs, `accelerate launch` starts one process per GPU (data shared out, gradients all-reduced).
     """
-    args = request.cli_args(run_dir) if request else ["--resume", "--output", str(run_dir)]
-    args += ["--num-workers", "2" if gpus else "0"]  # on a CPU Space the cores are better spent in the model
+    # On a CPU Space the cores are better spent in the model than in data loader workers.
+    args = dataclasses.replace(config, num_workers=2 if gpus else 0).to_args()
     if gpus > 1:
         launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus)]
         launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -302,7 +286,7 @@ class TrainingJob:
 
     def __init__(self, gpus: int | None = None, command=train_command):
         self.gpus = gpus
-        self.command = command  # (run_dir, request or None, gpus) -> argv; tests put a stand-in child here
+        self.command = command  # (TrainConfig, gpus) -> argv; tests put a stand-in child here
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._process: Any = None
@@ -317,17 +301,20 @@ class TrainingJob:
         self._started = time.monotonic()
         self._finished: float | None = None
         self._record: RunRecord | None = None
+        self._result: TrainResult | None = None
 
     # ------------------------------------------------------------------ public
-    def start(self, request: TrainRequest, runs_dir: Path, owner: str | None) -> str:
-        """Start `request` in a child process; return the run's name. `JobBusyError` if a job is running."""
+    def start(self, config: TrainConfig, runs_dir: Path, owner: str | None) -> str:
+        """Start a run of `config` in a child process, in a new folder of `runs_dir` (its `output`); return the
+        run's name. `JobBusyError` if a job is running."""
         with self._lock:
             self._refuse_if_busy()
-            run_name = _unique_run_name(runs_dir, request.model)
+            run_name = _unique_run_name(runs_dir, config.model)
             run_dir = runs_dir / run_name
             run_dir.mkdir(parents=True)  # reserves the name
-            record = RunRecord(run_name, owner, dataclasses.asdict(request), started=time.time())
-            self._launch(run_dir, record, request, f"Run {run_name}: {json.dumps(record.request)}")
+            config = dataclasses.replace(config, output=str(run_dir))
+            record = RunRecord(run_name, owner, config, started=time.time())
+            self._launch(run_dir, record, config, f"Run {run_name}: {config.to_command()}")
             return run_name
 
     def resume(self, run_dir: Path, owner: str | None) -> str:
@@ -340,13 +327,14 @@ class TrainingJob:
             if not (run_dir / "state" / "trainer.json").is_file():
                 raise ValueError(f"run {record.name} saved no state to resume from")
             record = dataclasses.replace(record, state="running", finished=None, error=None, resumable=False)
-            self._launch(run_dir, record, None, f"Resuming {record.name} from its saved state")
+            resume = TrainConfig(output=str(run_dir), resume=True)
+            self._launch(run_dir, record, resume, f"Resuming {record.name} from its saved state")
             return record.name
 
     def adopt(self, run_dir: Path, record: RunRecord) -> None:
         """Follow a child that an earlier app process started and that still runs (its pid is in the record)."""
         with self._lock:
-            self._clear("running", record.owner, run_dir, record.request.get("data"))
+            self._clear("running", record.owner, run_dir, record.config.data)
             self._record, self._process = record, _Process(int(record.pid or 0))
             self._started = time.monotonic() - max(0.0, time.time() - record.started)
             self._progress.note(f"Following {record.name}, started before the app restarted")
@@ -377,8 +365,8 @@ class TrainingJob:
         with self._lock:
             end = self._finished if self._finished is not None else time.monotonic()
             return _snapshot(
-                self._progress, self._record, self._run_dir, self._state, (self._version, self._runs_version),
-                self._runs_version, end - self._started, data=self._data,
+                self._progress, self._record, self._result, self._run_dir, self._state,
+                (self._version, self._runs_version), self._runs_version, end - self._started, data=self._data,
             )  # fmt: skip
 
     @property
@@ -393,18 +381,19 @@ class TrainingJob:
             when = f"about {format_duration(left)} left" if left is not None else "it has just started"
             raise JobBusyError(f"The trainer is busy with another run ({when}); try again when it has finished.")
 
-    def _launch(self, run_dir: Path, record: RunRecord, request: TrainRequest | None, first_line: str) -> None:
+    def _launch(self, run_dir: Path, record: RunRecord, config: TrainConfig, first_line: str) -> None:
         gpus = visible_gpus() if self.gpus is None else self.gpus
-        self._clear("starting", record.owner, run_dir, record.request.get("data"))
+        self._clear("starting", record.owner, run_dir, record.config.data)
         self._progress.note(first_line)
-        if request is None:  # a resumed run: its plots start from what it did before
+        if config.resume:  # a resumed run: its plots start from what it did before
             for event in read_events(run_dir / EVENTS_FILE, 0)[0]:
                 self._progress.apply(event)
+            self._progress.last_kind = None  # how the earlier session ended says nothing of how this one will
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         with open(run_dir / LOG_FILE, "ab") as log:
             self._process = subprocess.Popen(
-                self.command(run_dir, request, gpus), cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+                self.command(config, gpus), cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         self._record = dataclasses.replace(record, pid=self._process.pid)
@@ -445,17 +434,17 @@ class TrainingJob:
         """Record how the child ended: its last event says done or stopped; anything else is a failure."""
         kind = self._progress.last_kind
         state = {"done": "done", "stopped": "stopped"}.get(kind or "", "failed")
-        model_dir = next((run_dir / n for n in ("best", "last") if (run_dir / n / "config.json").is_file()), None)
+        result = read_result(run_dir) if state != "failed" else None  # written before its last event
+        model_dir = offered_model_dir(run_dir)
         zip_name = None
         if model_dir is not None and state != "failed":
             zip_name = f"{run_dir.name}-weights.zip"
             zip_model_folder(model_dir, run_dir / zip_name, run_dir.name, run_dir)
         error = None if state != "failed" else _failure_reason(run_dir / LOG_FILE, returncode)
         with self._lock:
-            metrics = self._progress.last_eval
+            self._result = result
             self._record = dataclasses.replace(
-                self._record, state=state, pid=None, finished=time.time(), metrics=metrics, best_ap=metrics.get("AP"),
-                model_dir=model_dir.name if model_dir else None, weights_zip=zip_name, error=error,
+                self._record, state=state, pid=None, finished=time.time(), weights_zip=zip_name, error=error,
                 resumable=state != "done" and (run_dir / "state" / "trainer.json").is_file(),
             )  # fmt: skip
             write_record(run_dir, self._record)
@@ -494,10 +483,13 @@ def _failure_reason(log_path: Path, returncode: int | None) -> str:
 
 
 def _snapshot(
-    progress: RunProgress, record: RunRecord | None, run_dir: Path | None, state: str, version: Any,
-    runs_version: int, elapsed: float, data: str | None = None,
+    progress: RunProgress, record: RunRecord | None, result: TrainResult | None, run_dir: Path | None, state: str,
+    version: Any, runs_version: int, elapsed: float, data: str | None = None,
 ) -> JobSnapshot:  # fmt: skip
-    model_dir = run_dir / record.model_dir if run_dir and record and record.model_dir else None
+    """What the UI shows of a run: its progress from the events and, once it ended, finetune's result (metrics of
+    the weights it offers) and those weights (`offered_model_dir`)."""
+    ended = run_dir is not None and state not in (*RUNNING_STATES, "idle")
+    model_dir = offered_model_dir(run_dir) if ended else None
     zip_path = run_dir / record.weights_zip if run_dir and record and record.weights_zip else None
     return JobSnapshot(
         version=version, runs_version=runs_version, state=state, owner=record.owner if record else None,
@@ -505,7 +497,7 @@ def _snapshot(
         step=progress.step, total_steps=progress.total, epoch=progress.epoch, epochs=progress.epochs,
         eta_seconds=progress.eta if state in RUNNING_STATES else None, elapsed=elapsed,
         loss_points=tuple(progress.loss), ap_points=tuple(progress.ap), log=tuple(progress.log),
-        metrics=dict(record.metrics if record and record.metrics else progress.last_eval),
+        metrics=result.model_metrics if result else dict(progress.last_eval),
         weights_zip=str(zip_path) if zip_path and zip_path.is_file() else None,
         model_dir=str(model_dir) if model_dir and model_dir.is_dir() else None,
         error=record.error if record else None, resumable=bool(record and record.resumable),
@@ -518,7 +510,7 @@ def snapshot_from_disk(run_dir: Path) -> JobSnapshot | None:
     if record is None:
         return None
     progress = RunProgress()
-    progress.note(f"Run {record.name}: {json.dumps(record.request)}", record.started or None)
+    progress.note(f"Run {record.name}: {record.config.to_command()}", record.started or None)
     events = read_events(run_dir / EVENTS_FILE, 0)[0]
     for event in events:
         progress.apply(event)
@@ -526,7 +518,9 @@ def snapshot_from_disk(run_dir: Path) -> JobSnapshot | None:
         progress.note(f"Failed: {record.error}", record.finished)
     end = record.finished or (events[-1].get("time") if events else None) or record.started
     stamp = tuple(_mtime(run_dir / name) for name in (EVENTS_FILE, "app_run.json"))
-    return _snapshot(progress, record, run_dir, record.state, ("disk", run_dir.name, stamp), 0, end - record.started)
+    result = read_result(run_dir) if record.state in ("done", "stopped") else None
+    version = ("disk", run_dir.name, stamp)
+    return _snapshot(progress, record, result, run_dir, record.state, version, 0, end - record.started)
 
 
 def _mtime(path: Path) -> float:

@@ -26,11 +26,12 @@ import pytest
 import torch
 from PIL import Image
 
+from finetune.config import TrainConfig
+from finetune.result import TrainResult, write_result
 from lwdetr.detector import Detector
 from lwdetr_app import detection
 from lwdetr_app.models import choose_default_model, list_runs, model_choices
 from lwdetr_app.settings import AppSettings, configure_environment, resolve_server
-from lwdetr_app.training import TrainRequest
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_MODEL = REPO / "examples" / "demo_model"
@@ -202,9 +203,12 @@ def test_default_model_offline_falls_back_to_bundled_demo(tmp_path, assets, monk
 
 def test_model_picker_lists_published_checkpoints_runs_and_demo(tmp_path, assets):
     runs = tmp_path / "runs"
-    shutil.copytree(assets[0], runs / "20250101-000000-nano" / "best")
-    record = {"name": "20250101-000000-nano", "owner": "user:a", "request": {}, "state": "done", "best_ap": 0.5}
-    (runs / "20250101-000000-nano" / "app_run.json").write_text(json.dumps(record))
+    run = runs / "20250101-000000-nano"
+    shutil.copytree(assets[0], run / "best")
+    write_result(TrainResult(output_dir=run, best_ap=0.5))  # what finetune says the run produced
+    # A record of an earlier app, whose settings were the Fine-tune tab's fields ("request"), still reads.
+    record = {"name": run.name, "owner": "user:a", "request": {"model": "nano", "epochs": 3}, "state": "done"}
+    (run / "app_run.json").write_text(json.dumps(record))
     (runs / "20250102-000000-broken").mkdir()  # no model folder: not offered
     choices = model_choices(runs, assets[0], "user:a")
     values = [value for _, value in choices]
@@ -350,9 +354,9 @@ BOB = SimpleNamespace(username=None, session_hash="bob-session")
 def fake_command(model_dir: Path, mode: str = "ok", launched: list | None = None):
     """A `train_command` running tests/fake_trainer.py instead of finetune (the commands it builds go to `launched`)."""
 
-    def command(run_dir, request, gpus):
-        argv = [sys.executable, str(FAKE_TRAINER), str(run_dir), str(model_dir), mode]
-        argv += [] if request else ["--resume"]
+    def command(config, gpus):
+        argv = [sys.executable, str(FAKE_TRAINER), config.output, str(model_dir), mode]
+        argv += ["--resume"] if config.resume else []
         if launched is not None:
             launched.append(argv)
         return argv
@@ -424,7 +428,7 @@ def test_one_job_at_a_time_owned_by_the_visitor_who_started_it(ctx, assets, tmp_
 
 def test_stop_saves_the_last_state(ctx, assets, tmp_path):
     ctx.job.command = fake_command(assets[0])
-    ctx.job.start(TrainRequest(data=str(tmp_path), model="nano"), ctx.paths.runs, "user:alice")
+    ctx.job.start(TrainConfig(data=str(tmp_path), model="nano"), ctx.paths.runs, "user:alice")
     wait_for(lambda: ctx.job.snapshot().state == "running")
     assert not ctx.job.stop("user:bob")
     assert ctx.job.stop("user:alice") and ctx.job.wait(30)
@@ -435,16 +439,43 @@ def test_stop_saves_the_last_state(ctx, assets, tmp_path):
     assert list_runs(ctx.paths.runs, "user:bob") == []
 
 
+def test_a_finished_run_shows_finetunes_result_the_best_epoch_not_the_last(ctx, assets, tmp_path):
+    """Epoch 1 scores AP 0.5 (best/), epoch 2 only 0.3: the run offers best/, so it shows epoch 1's metrics, as
+    finetune's result.json says (the last evaluation event says 0.3)."""
+    ctx.job.command = fake_command(assets[0], "worse")
+    name = ctx.job.start(TrainConfig(data=str(tmp_path), model="nano"), ctx.paths.runs, "user:alice")
+    (ctx.paths.runs / name / "release").touch()
+    assert ctx.job.wait(30)
+    snap = ctx.job.snapshot()
+    assert snap.state == "done" and snap.model_dir.endswith("best")
+    assert snap.metrics["AP"] == 0.5 and snap.metrics["AP/circle"] == 0.6 and "best AP 0.500" in snap.summary()
+    assert [run.ap for run in list_runs(ctx.paths.runs, "user:alice")] == [0.5]
+    outputs = ctx.poll(None, None, SimpleNamespace(username="alice", session_hash="s"))
+    assert list(outputs[12]["best AP"]) == [0.5]
+
+
+def test_a_resumed_run_that_fails_at_once_is_a_failure_not_its_earlier_stop(ctx, assets, tmp_path):
+    ctx.job.command = fake_command(assets[0])
+    name = ctx.job.start(TrainConfig(data=str(tmp_path), model="nano"), ctx.paths.runs, "user:alice")
+    wait_for(lambda: ctx.job.snapshot().state == "running")
+    assert ctx.job.stop("user:alice") and ctx.job.wait(30) and ctx.job.snapshot().state == "stopped"
+    ctx.job.command = fake_command(assets[0], "fail")  # e.g. its dataset is gone: an error before the first event
+    ctx.job.resume(ctx.paths.runs / name, "user:alice")
+    assert ctx.job.wait(30)
+    snap = ctx.job.snapshot()
+    assert snap.state == "failed" and "does not fit" in snap.summary()
+
+
 def test_a_failing_run_is_reported_and_the_next_one_can_start(ctx, assets, tmp_path):
     ctx.job.command = fake_command(assets[0], "fail")
-    ctx.job.start(TrainRequest(data=str(tmp_path), model="nano"), ctx.paths.runs, "user:alice")
+    ctx.job.start(TrainConfig(data=str(tmp_path), model="nano"), ctx.paths.runs, "user:alice")
     assert ctx.job.wait(30)
     snap = ctx.job.snapshot()
     assert snap.state == "failed" and "does not fit" in snap.summary()
     outputs = ctx.poll(None, None, SimpleNamespace(username="alice", session_hash="s"))
     assert "does not fit" in outputs[1] and str(tmp_path) not in outputs[1] + outputs[4]  # no server path shown
     ctx.job.command = fake_command(assets[0])
-    ctx.job.start(TrainRequest(data=str(tmp_path), model="nano"), ctx.paths.runs, "user:alice")  # not busy any more
+    ctx.job.start(TrainConfig(data=str(tmp_path), model="nano"), ctx.paths.runs, "user:alice")  # not busy any more
     assert ctx.job.stop("user:alice") and ctx.job.wait(30)
 
 

@@ -29,9 +29,13 @@ from model_utils import (
     twin_models,
 )
 
+from finetune import loss_log
 from finetune import train as train_module
+from finetune.config import TrainConfig, resume_config
+from finetune.loss_log import LOGGED_LOSSES
+from finetune.state import Progress
 from finetune.synthetic import make_synthetic_dataset
-from finetune.train import LOGGED_LOSSES, TrainConfig, resume_config, train
+from finetune.train import train
 from lwdetr import host_sync
 from lwdetr.detector import Detector
 from lwdetr.loss import _log_probs, _prepare_targets
@@ -358,16 +362,16 @@ def test_a_mask_off_the_host_is_not_read_and_changes_nothing(monkeypatch: pytest
 
 def test_logged_losses_are_read_every_few_steps_off_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(host_sync, "reads_are_free", lambda tensor: False)
-    progress = train_module._Progress()
+    progress = Progress()
     run = SimpleNamespace(progress=progress, plan=SimpleNamespace(total_steps=100, batches_per_epoch=50))
-    log = train_module._LossLog(run)
+    log = loss_log.LossLog(run)
     reported = []
-    for step in range(1, train_module._DEVICE_READ_EVERY + 1):
+    for step in range(1, loss_log.DEVICE_READ_EVERY + 1):
         progress.step, progress.batch_in_epoch = step, step
         log.add(torch.tensor([1.0, 0.5, 0.25, 0.25], dtype=torch.float64) * step)
         reported.append(log.read_if_due())
     assert all(r == {} for r in reported[:-1])
-    steps = train_module._DEVICE_READ_EVERY
+    steps = loss_log.DEVICE_READ_EVERY
     assert reported[-1]["loss"] == pytest.approx((steps + 1) / 2)  # the mean over the steps since the last read
     assert progress.loss_steps == steps and progress.loss_sums["loss"] == pytest.approx(steps * (steps + 1) / 2)
     log.add(torch.tensor([math.nan, 0.0, 0.0, 0.0], dtype=torch.float64))

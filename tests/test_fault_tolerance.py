@@ -165,7 +165,8 @@ def test_what_kills_leave_is_repaired_by_a_resume_through_the_python_api(referen
     """The leftovers of kills, laid out by hand in a copy of a finished run: state/ renamed aside, metrics.jsonl
     one epoch behind, temporary files and a half-written folder. `train(resume_config(RUN))` repairs all of it,
     in the folder given (not the one the run was saved from)."""
-    from finetune.train import resume_config, train
+    from finetune.config import resume_config
+    from finetune.train import train
 
     run = tmp_path / "copy"
     shutil.copytree(reference, run)
@@ -260,10 +261,10 @@ def test_step_checkpoints_default_to_about_every_ten_minutes(monkeypatch, capsys
     300 steps, 10 minutes); an explicit N or 0 (epoch ends only) is used as given; --help says so."""
     from types import SimpleNamespace
 
-    import finetune.train as loop
+    import finetune.checkpoints as checkpoints
 
     clock = [100.0]
-    monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(checkpoints.time, "monotonic", lambda: clock[0])
 
     def run_with(every):
         accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
@@ -277,12 +278,12 @@ def test_step_checkpoints_default_to_about_every_ten_minutes(monkeypatch, capsys
         for _ in range(steps):
             run.progress.step += 1
             clock[0] += 2.0
-            if loop._step_save_due(run):
+            if checkpoints.step_save_due(run):
                 due.append(run.progress.step)
         return due
 
     auto = run_with(None)
-    assert saves(auto, 700) == [300, 600] and auto.save_every == loop.AUTO_SAVE_SECONDS / 2.0
+    assert saves(auto, 700) == [300, 600] and auto.save_every == checkpoints.AUTO_SAVE_SECONDS / 2.0
     assert saves(run_with(7), 21) == [7, 14, 21] and saves(run_with(0), 50) == []
     with pytest.raises(SystemExit):
         main(["--help"])

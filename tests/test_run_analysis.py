@@ -14,14 +14,15 @@ import pytest
 from PIL import Image
 
 from finetune.analysis import analyse_run, class_analysis, read_analysis, write_analysis
+from finetune.config import TrainConfig
 from finetune.data import load_detection_data
 from finetune.synthetic import make_synthetic_dataset
-from finetune.train import TrainConfig, train
+from finetune.train import train
 from lwdetr_app.handlers import AppContext
 from lwdetr_app.models import ModelChoice, ModelRegistry
 from lwdetr_app.runs import owner_key
 from lwdetr_app.settings import AppSettings
-from lwdetr_app.training import TrainingJob, TrainRequest, zip_model_folder
+from lwdetr_app.training import TrainingJob, zip_model_folder
 
 CLASSES = ("circle", "square", "triangle")
 ALICE = SimpleNamespace(username=None, session_hash="alice-session")
@@ -127,10 +128,10 @@ def test_the_app_shows_the_analysis_to_the_runs_owner_only(finished_run, tmp_pat
     model, examples, _ = assets
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "data" / "gradio"))
     settings = AppSettings(data_dir=tmp_path / "data", demo_model_dir=model, examples_dir=examples[0].parent)
-    job = TrainingJob(gpus=0, command=lambda run_dir, request, gpus: [sys.executable, "-c", _COPY_RUN, str(run_dir),
-                                                                       str(finished_run)])  # fmt: skip
+    job = TrainingJob(gpus=0, command=lambda config, gpus: [sys.executable, "-c", _COPY_RUN, config.output,
+                                                             str(finished_run)])  # fmt: skip
     ctx = AppContext(settings, ModelChoice(str(model), "demo"), ModelRegistry(device="cpu"), job)
-    ctx.job.start(TrainRequest(data=str(tmp_path), model="nano"), ctx.paths.runs, owner_key(None, ALICE))
+    ctx.job.start(TrainConfig(data=str(tmp_path), model="nano"), ctx.paths.runs, owner_key(None, ALICE))
     assert ctx.job.wait(60)
     snap = ctx.job.snapshot()
     assert snap.state == "done"

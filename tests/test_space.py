@@ -5,6 +5,7 @@ owners and resumes them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,12 +18,14 @@ from types import SimpleNamespace
 import pytest
 from test_app import REPO, fake_command, wait_for
 
+from finetune.__main__ import config_from_args
+from finetune.config import TrainConfig
 from finetune.synthetic import make_synthetic_dataset
 from lwdetr_app.handlers import AppContext
 from lwdetr_app.models import ModelChoice, ModelRegistry
 from lwdetr_app.runs import RunRecord, owner_key, read_record, write_record
 from lwdetr_app.settings import AppSettings
-from lwdetr_app.training import TrainingJob, TrainRequest, read_events, train_command
+from lwdetr_app.training import TrainingJob, read_events, train_command
 
 ALICE = SimpleNamespace(username=None, session_hash="alice-session")
 
@@ -46,15 +49,18 @@ def ctx(tmp_path, assets, monkeypatch):
 
 
 def test_train_command_is_finetunes_cli_and_accelerate_launch_on_several_gpus(tmp_path):
-    request = TrainRequest(data="d", model="nano", epochs=3, batch_size=2, image_size=256, lr=2e-4)
-    one = train_command(tmp_path, request, gpus=0)
+    config = TrainConfig(data="d", model="nano", epochs=3, batch_size=2, image_size=256, lr=2e-4, output=str(tmp_path))
+    one = train_command(config, gpus=0)
     assert one[:3] == [sys.executable, "-m", "finetune"]
-    assert one[one.index("--epochs") + 1] == "3" and one[one.index("--lr") + 1] == "0.0002"
-    assert "--no-freeze-backbone" in one and one[one.index("--output") + 1] == str(tmp_path)
-    many = train_command(tmp_path, request, gpus=4)
+    # finetune's own reading of the arguments gives back the config (the CPU child loads data in-process).
+    given = config_from_args(one[3:])
+    assert dataclasses.replace(given, command=None) == dataclasses.replace(config, num_workers=0)
+    many = train_command(config, gpus=4)
     assert many[1:4] == ["-m", "accelerate.commands.launch", "--multi_gpu"]
     assert many[many.index("--num_processes") + 1] == "4" and many[many.index("finetune") - 1] == "-m"
-    assert train_command(tmp_path, None, gpus=0)[3:6] == ["--resume", "--output", str(tmp_path)]
+    assert config_from_args(many[many.index("finetune") + 1 :]).num_workers == 2  # data loader workers on GPUs
+    resume = train_command(TrainConfig(output=str(tmp_path), resume=True), gpus=0)
+    assert resume[3:] == ["--output", str(tmp_path), "--resume", "--num-workers", "0"]
 
 
 def test_owner_key_prefers_the_login_then_the_browser_token_then_the_session():
@@ -89,8 +95,8 @@ def test_sigterm_stops_finetune_with_its_state_saved(tmp_path, shapes):
 
 
 def test_the_app_survives_kill_9_of_its_training_child(ctx, shapes, assets):
-    request = TrainRequest(data=str(shapes), model="nano", epochs=50, batch_size=2, image_size=128)
-    ctx.job.start(request, ctx.paths.runs, owner_key(None, ALICE))
+    config = TrainConfig(data=str(shapes), model="nano", epochs=50, batch_size=2, image_size=128)
+    ctx.job.start(config, ctx.paths.runs, owner_key(None, ALICE))
     run_dir = Path(ctx.job.snapshot().run_dir)
     pid = read_record(run_dir).pid
     assert pid and pid != os.getpid()  # training runs in its own process
@@ -108,7 +114,7 @@ def test_restarted_app_lists_earlier_runs_to_their_owner_and_resumes_them(tmp_pa
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "data" / "gradio"))
     first = make_ctx(tmp_path / "data", assets, TrainingJob(gpus=0, command=fake_command(assets[0])))
     alice = owner_key(None, ALICE)
-    name = first.job.start(TrainRequest(data="d", model="nano"), first.paths.runs, alice)
+    name = first.job.start(TrainConfig(data="d", model="nano"), first.paths.runs, alice)
     wait_for(lambda: first.job.snapshot().step == 0 and first.job.snapshot().state == "running")
     assert first.job.stop(alice) and first.job.wait(30)
     # A run whose app died while it trained: recorded as running, its process long gone.
@@ -116,7 +122,8 @@ def test_restarted_app_lists_earlier_runs_to_their_owner_and_resumes_them(tmp_pa
     lost.mkdir()
     (lost / "state").mkdir()
     (lost / "state" / "trainer.json").write_text("{}")
-    write_record(lost, RunRecord(lost.name, alice, {"data": "d"}, state="running", pid=2**22 + 12345, started=1.0))
+    lost_record = RunRecord(lost.name, alice, TrainConfig(data="d"), state="running", pid=2**22 + 12345, started=1.0)
+    write_record(lost, lost_record)
 
     launched: list = []
     again = make_ctx(tmp_path / "data", assets, TrainingJob(gpus=0, command=fake_command(assets[0], "ok", launched)))

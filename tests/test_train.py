@@ -3,22 +3,28 @@ the real dataset, the exported folders, the CLI, and a learning check on synthet
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import threading
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 from shared_data import microcontrollers_dataset
 
+from finetune.config import TrainConfig, resume_config
 from finetune.ema import ModelEma
+from finetune.errors import ConfigError
 from finetune.optim import OptimizerSettings, lr_factor, param_groups
+from finetune.result import offered_model_dir, read_result
 from finetune.synthetic import make_synthetic_dataset
-from finetune.train import ConfigError, TrainConfig, epoch_batches, resume_config, train
+from finetune.train import epoch_batches, train
 
 
 def _nano(num_labels: int = 3):
@@ -176,6 +182,68 @@ def test_cli_help_explains_every_option(capsys):
         assert flag in text, flag
 
 
+def _every_field_changed() -> TrainConfig:
+    """A config whose every field (but `resume` and `command`) differs from its default: strings that start like an
+    option and hold a space, a float whose shortest form has 17 digits."""
+    hints, values = typing.get_type_hints(TrainConfig), {}
+    for spec in dataclasses.fields(TrainConfig):
+        kind = hints[spec.name]
+        if spec.name in ("resume", "command"):
+            continue
+        if typing.get_origin(kind) is typing.Literal:
+            values[spec.name] = next(choice for choice in typing.get_args(kind) if choice != spec.default)
+        elif kind is bool:
+            values[spec.name] = not spec.default
+        else:
+            scalar = next(t for t in (*typing.get_args(kind), kind) if t is not type(None))
+            values[spec.name] = {int: 7, float: 0.1 + 0.2, str: f"-{spec.name} x"}[scalar]
+        assert values[spec.name] != spec.default, spec.name
+    return TrainConfig(**values)
+
+
+def test_a_config_crosses_to_another_process_as_arguments_and_reads_back_equal():
+    """How the app hands finetune's TrainConfig to its training child: `to_args`, read back by the CLI, is the same
+    config (the command line it was read from recorded in `command`)."""
+    from finetune.__main__ import config_from_args
+
+    for config in (TrainConfig(), TrainConfig(data="shapes/", epochs=3, lr=2e-4), _every_field_changed()):
+        args = config.to_args()
+        command = shlex.join(["python", "-m", "finetune", *args])
+        assert config_from_args(args) == dataclasses.replace(config, command=command)
+    assert TrainConfig().to_args() == [] and TrainConfig(data="d", freeze_backbone=True).to_args() == [
+        "--data", "d", "--freeze-backbone"
+    ]  # fmt: skip
+    # A resumed run reads its settings from the run folder: only what was given crosses.
+    assert TrainConfig(output="runs/x", resume=True, epochs=20).to_args() == [
+        "--output", "runs/x", "--epochs", "20", "--resume"
+    ]  # fmt: skip
+    # The model card's command names the main settings even at their defaults, and no --resume/--force.
+    assert TrainConfig(data="d", resume=True, force=True, ema=False).to_command() == (
+        "python -m finetune --data d --model nano --output runs/finetune --epochs 10 --batch-size 4 --image-size 640 "
+        "--lr 0.0001 --no-ema"
+    )
+
+
+def test_a_run_offers_best_else_last(tmp_path):
+    """The one rule for which weights a run offers (result, app, bundle, analysis): best/, else last/, each only
+    when it holds a model (config.json and weights)."""
+    run = tmp_path / "run"
+    assert offered_model_dir(run) is None
+
+    def model_folder(name: str, weights: bool = True) -> None:
+        (run / name).mkdir(parents=True)
+        (run / name / "config.json").write_text("{}")
+        if weights:
+            (run / name / "model.safetensors").write_bytes(b"")
+
+    model_folder("best", weights=False)  # e.g. copied in part
+    assert offered_model_dir(run) is None
+    model_folder("last")
+    assert offered_model_dir(run) == run / "last"
+    (run / "best" / "model.safetensors").write_bytes(b"")
+    assert offered_model_dir(run) == run / "best"
+
+
 # ------------------------------------------------------------------------------------------ interrupted + resumed
 
 
@@ -235,6 +303,16 @@ def test_stop_then_resume_continues_the_epochs(resumed_run):
     assert not list(run_dir.glob(".*partial")) and not list(run_dir.glob("*.old"))
 
 
+def test_each_session_leaves_its_result_in_the_run_folder(resumed_run):
+    """result.json holds what `train` returned (the app reads it there); the offered weights are best/, their
+    metrics those of the best epoch."""
+    run_dir, second = resumed_run["root"] / "run", resumed_run["second"]
+    assert read_result(run_dir) == second and read_result(resumed_run["root"] / "straight") == resumed_run["straight"]
+    assert resumed_run["first"].stopped and resumed_run["first"].model_dir == run_dir / "best"
+    assert second.model_dir == run_dir / "best" and second.best_ap == max(r["AP"] for r in second.history)
+    assert second.model_metrics["AP"] == second.best_ap and "loss" not in second.model_metrics
+
+
 def test_resumed_run_matches_an_uninterrupted_one(resumed_run):
     """Same batches, same augmentations, restored optimizer/EMA/RNG: the weights come out the same."""
     from safetensors.torch import load_file
@@ -268,7 +346,7 @@ def test_best_folder_loads_in_transformers_and_detector(resumed_run):
 
 
 def test_pretrained_start_keeps_weights_and_renews_class_heads(resumed_run):
-    from finetune.train import build_model
+    from finetune.build import build_model
     from lwdetr.modeling import LwDetrForObjectDetection
 
     best = resumed_run["root"] / "run" / "best"
@@ -309,10 +387,11 @@ def test_bf16_grad_accum_frozen_backbone_without_ema(tiny_data, tmp_path):
 
 
 def _two_process_worker(data: str, output: str, record_dir: str) -> None:
+    import finetune.checkpoints as checkpoints
     import finetune.train as loop
 
     seen = []
-    original_batches, original_save = loop.epoch_batches, loop._save_state
+    original_batches, original_save = loop.epoch_batches, checkpoints.save_state
 
     def recording_batches(*args, **kwargs):
         batches = original_batches(*args, **kwargs)
@@ -327,7 +406,7 @@ def _two_process_worker(data: str, output: str, record_dir: str) -> None:
             {"params": flat, "seen": seen, "world": run.accelerator.num_processes}, Path(record_dir) / f"rank{rank}.pt"
         )
 
-    loop.epoch_batches, loop._save_state = recording_batches, recording_save
+    loop.epoch_batches, checkpoints.save_state = recording_batches, recording_save
     config = _tiny_config(Path(data), Path(output), epochs=2, batch_size=2)
     result = loop.train(config)
     assert result.epochs_completed == 2
@@ -390,9 +469,9 @@ def test_short_run_on_microcontrollers(tmp_path):
 def test_nano_learns_synthetic_shapes(tmp_path):
     """From scratch, nano goes from AP50 ~0 to >= 0.7 on easy shapes (about 3 minutes on an idle AVX-512 2-core
     machine; `benchmarks/` is where times are measured, not here)."""
+    from finetune.build import build_model
     from finetune.data import load_detection_data
     from finetune.evaluate import coco_metrics, predict_detections
-    from finetune.train import build_model
     from finetune.transforms import DetectionDataset, build_eval_transform, collate_detection
 
     data_dir = tmp_path / "shapes"
