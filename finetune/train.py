@@ -309,24 +309,15 @@ def _size_limits(model) -> tuple[int, int]:
 
 def _datasets(config: TrainConfig, data, size_divisor: int, smallest: int):
     """(train dataset, its collate function, eval dataset); multi-scale sizes below `smallest` are left out."""
-    from finetune.transforms import (
-        DetectionDataset,
-        MultiScaleCollate,
-        build_eval_transform,
-        build_train_transform,
-        multiscale_sizes,
-    )
+    from finetune.transforms import DetectionDataset, PreprocessCollate, build_train_transform, multiscale_sizes
 
     sizes = [config.image_size]
     if config.multi_scale:
         sizes = [size for size in multiscale_sizes(config.image_size, size_divisor) if size >= smallest]
-    if config.augment:
-        transform = build_train_transform(max(sizes), size_divisor)
-    else:
-        transform = build_eval_transform(max(sizes), size_divisor)
+    transform = build_train_transform() if config.augment else None
     train_set = DetectionDataset(data.train, transform, train=True, seed=config.seed)
-    collate = MultiScaleCollate(sizes, seed=config.seed, size_divisor=size_divisor)
-    val_set = DetectionDataset(data.val, build_eval_transform(config.image_size, size_divisor), train=False)
+    collate = PreprocessCollate(sizes, seed=config.seed, size_divisor=size_divisor)
+    val_set = DetectionDataset(data.val, train=False)
     return train_set, collate, val_set
 
 
@@ -734,7 +725,9 @@ def _end_epoch(run: _Run) -> None:
     final = progress.epoch >= config.epochs or progress.step >= run.plan.total_steps
     metrics = {}
     if progress.epoch % config.eval_every == 0 or final:
-        metrics = evaluate_split(run.eval_model, run.val_set, acc, config.batch_size, config.num_workers)
+        metrics = evaluate_split(
+            run.eval_model, run.val_set, acc, config.batch_size, config.num_workers, image_size=config.image_size
+        )
     run.touch_elapsed()
     row = {
         "epoch": progress.epoch,
@@ -856,7 +849,14 @@ def _write_analysis(run: _Run) -> None:
     if not (best / "config.json").is_file():
         return
     model = LwDetrForObjectDetection.from_pretrained(best).to(run.accelerator.device)
-    detections = gather_detections(model, run.val_set, run.accelerator, run.config.batch_size, run.config.num_workers)
+    detections = gather_detections(
+        model,
+        run.val_set,
+        run.accelerator,
+        run.config.batch_size,
+        run.config.num_workers,
+        image_size=run.config.image_size,
+    )
     if run.accelerator.is_main_process:
         with disk_full_guard(run.output, _FILES_BYTES + 2 * _tensor_bytes(model.state_dict())):
             write_analysis(run.output, run.val_set.split, detections)

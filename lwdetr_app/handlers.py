@@ -312,9 +312,10 @@ class AppContext:
             return None, empty_table(), 0, "", gr.update(value=None, interactive=False), ""
         kept = detection.filter_detections(raw["detections"], threshold, max_detections, classes)
         image, scale = self._display_image(raw["image_path"])
-        shown = [{**d, "box": [v * scale for v in d["box"]]} for d in kept] if scale < 1.0 else kept
+        shown = [d.scaled(scale) for d in kept] if scale < 1.0 else kept
         table = pd.DataFrame(detection.table_rows(kept), columns=detection.COLUMNS)
-        results = detection.coco_results(kept, detection.image_id_from_name(raw["name"]))
+        size = (raw["height"], raw["width"])
+        results = detection.coco_results(kept, size, detection.image_id_from_name(raw["name"]))
         json_path = self._write_results(raw, results)
         timing = f"{raw['seconds'] * 1000:.0f} ms" + (f" ({raw['kernels']})" if raw.get("kernels") else "")
         status = detection.status_line(raw["detections"], kept, threshold, classes, raw["name"])
@@ -394,7 +395,7 @@ class AppContext:
         except Exception as error:  # noqa: BLE001 - e.g. the model folder went missing
             message = f"Cannot run model {self.model_label(self.default.ref)}: {self.public_line(error)}"
             raise gr.Error(message, print_exception=False) from None
-        return detection.filter_detections(raw["detections"], threshold, 100)
+        return [d.as_dict() for d in detection.filter_detections(raw["detections"], threshold, 100)]
 
     # ------------------------------------------------------------------ Fine-tune tab: data
     def _dataset_outputs(self, root_getter, name: str, names: dict) -> tuple[Any, str, list]:
