@@ -147,8 +147,8 @@ def _plot_curves(summary: Mapping[str, Any], target: Path) -> None:
 
 def _side_by_side(record, detections: Sequence[Mapping[str, Any]], id2label, threshold: float) -> Image.Image:
     """Predictions drawn on the left copy of the image, ground truth on the right, scaled to `_PANEL_SIDE`."""
-    from lwdetr.detector import Detection
     from lwdetr.draw import draw_detections
+    from lwdetr.postprocess import Detection
 
     image = record.load_image()
     scale = min(1.0, _PANEL_SIDE / max(image.size))
@@ -224,7 +224,7 @@ def analyse_run(run_dir: str | os.PathLike, batch_size: int = 8, onnx: bool = Tr
     from finetune.data import load_detection_data
     from finetune.errors import ConfigError
     from finetune.evaluate import predict_detections
-    from finetune.transforms import DetectionDataset, build_eval_transform, collate_detection
+    from finetune.transforms import DetectionDataset, PreprocessCollate
     from lwdetr.modeling import LwDetrForObjectDetection
 
     run_dir = Path(run_dir)
@@ -236,9 +236,9 @@ def analyse_run(run_dir: str | os.PathLike, batch_size: int = 8, onnx: bool = Tr
         config.data, config.val_data, val_fraction=config.val_fraction, seed=config.seed, work_dir=run_dir / "data"
     )
     model = LwDetrForObjectDetection.from_pretrained(model_dir).eval()
-    divisor = model.model.backbone.backbone.size_divisor
-    dataset = DetectionDataset(data.val, build_eval_transform(config.image_size, divisor), train=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_detection)
+    dataset = DetectionDataset(data.val, train=False)
+    collate = PreprocessCollate([config.image_size])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     detections = predict_detections(model, loader, torch.device("cpu"))
     if onnx:
         write_onnx(model, config.image_size, run_dir)

@@ -76,24 +76,15 @@ def size_limits(model) -> tuple[int, int]:
 
 def make_datasets(config: TrainConfig, data, size_divisor: int, smallest: int):
     """(train dataset, its collate function, eval dataset); multi-scale sizes below `smallest` are left out."""
-    from finetune.transforms import (
-        DetectionDataset,
-        MultiScaleCollate,
-        build_eval_transform,
-        build_train_transform,
-        multiscale_sizes,
-    )
+    from finetune.transforms import DetectionDataset, PreprocessCollate, build_train_transform, multiscale_sizes
 
     sizes = [config.image_size]
     if config.multi_scale:
         sizes = [size for size in multiscale_sizes(config.image_size, size_divisor) if size >= smallest]
-    if config.augment:
-        transform = build_train_transform(max(sizes), size_divisor)
-    else:
-        transform = build_eval_transform(max(sizes), size_divisor)
+    transform = build_train_transform() if config.augment else None
     train_set = DetectionDataset(data.train, transform, train=True, seed=config.seed)
-    collate = MultiScaleCollate(sizes, seed=config.seed, size_divisor=size_divisor)
-    val_set = DetectionDataset(data.val, build_eval_transform(config.image_size, size_divisor), train=False)
+    collate = PreprocessCollate(sizes, seed=config.seed, size_divisor=size_divisor)
+    val_set = DetectionDataset(data.val, train=False)
     return train_set, collate, val_set
 
 

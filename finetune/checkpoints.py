@@ -146,7 +146,10 @@ def write_final_analysis(run: Run) -> None:
     if model_dir is None:
         return
     model = LwDetrForObjectDetection.from_pretrained(model_dir).to(run.accelerator.device)
-    detections = gather_detections(model, run.val_set, run.accelerator, run.config.batch_size, run.config.num_workers)
+    config = run.config
+    detections = gather_detections(
+        model, run.val_set, run.accelerator, config.batch_size, config.num_workers, image_size=config.image_size
+    )
     if run.accelerator.is_main_process:
         with disk_full_guard(run.output, FILES_BYTES + 2 * _tensor_bytes(model.state_dict())):
             write_analysis(run.output, run.val_set.split, detections)

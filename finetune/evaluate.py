@@ -3,9 +3,11 @@
 Three steps, each a function:
 
 1. `predict_detections` runs the model over this process's share of the split and turns its outputs into COCO
-   detections (`{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`) in original-image pixels. The eval
-   transform is a plain square resize, so the model's normalised boxes only need scaling by each image's own
-   width and height; the top 100 (query, class) pairs per image are kept, COCO's `maxDets`.
+   detections (`{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`) in original-image pixels. This is
+   the inference pipeline of the saved model, step for step: images decoded by `lwdetr.images.load_image`,
+   pre-processed by the processor saved with the model (`lwdetr.processing.square_processor`), outputs decoded and
+   written by `lwdetr.postprocess`, as the `Detector` and `python -m lwdetr predict` do; so the AP in a model card
+   is the AP of what users get. The top 100 (query, class) pairs per image are kept, COCO's `maxDets`.
 2. `evaluate_split` shards the split over the processes (image `i` goes to rank `i % world_size`, so nothing is
    duplicated or dropped), gathers every rank's detections on all ranks and scores them on the main process,
    then shares the metrics so that every rank takes the same decisions (best checkpoint).
@@ -24,8 +26,9 @@ import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
+
+from lwdetr.postprocess import coco_record, to_detections, top_k_detections
 
 __all__ = [
     "STAT_NAMES",
@@ -107,23 +110,17 @@ def detections_from_outputs(
     max_detections: int = MAX_DETECTIONS,
 ) -> list[dict[str, Any]]:
     """COCO detections from raw outputs: logits [B, Q, C], pred_boxes [B, Q, 4] normalised cxcywh, and each
-    image's id and original (height, width). Every (query, class) pair competes for the top `max_detections`."""
-    batch, _, num_classes = logits.shape
-    probs = logits.float().sigmoid().reshape(batch, -1)
-    scores, flat = probs.topk(min(max_detections, probs.shape[1]), dim=1)
-    labels = flat % num_classes
-    queries = flat // num_classes
-    boxes = pred_boxes.float().gather(1, queries.unsqueeze(-1).expand(-1, -1, 4)).cpu().numpy()
-    detections = []
-    for i, (image_id, (height, width)) in enumerate(zip(image_ids, image_sizes)):
-        cx, cy, w, h = (boxes[i] * np.array([width, height, width, height], dtype=np.float32)).T
-        x0, y0 = np.clip(cx - w / 2, 0, width), np.clip(cy - h / 2, 0, height)
-        x1, y1 = np.clip(cx + w / 2, 0, width), np.clip(cy + h / 2, 0, height)
-        for score, label, box in zip(scores[i].tolist(), labels[i].tolist(), zip(x0, y0, x1 - x0, y1 - y0)):
-            detections.append(
-                {"image_id": int(image_id), "category_id": int(label), "bbox": [float(v) for v in box], "score": score}
-            )
-    return detections
+    image's id and original (height, width). Every (query, class) pair competes for the top `max_detections`.
+
+    Decoded and written exactly as for inference (`lwdetr.postprocess`): the same boxes and records as the
+    `Detector` and `python -m lwdetr predict` give for the same outputs.
+    """
+    results = top_k_detections(logits, pred_boxes, image_sizes, top_k=max_detections)
+    return [
+        coco_record(detection, image_id, size)
+        for result, image_id, size in zip(results, image_ids, image_sizes)
+        for detection in to_detections(result)
+    ]
 
 
 @torch.no_grad()
@@ -131,7 +128,7 @@ def predict_detections(model: torch.nn.Module, batches, device: torch.device, au
     """Run `model` (eval mode) over `batches` and return COCO detections.
 
     Each batch is `(pixel_values [B, 3, S, S], pixel_mask [B, S, S], targets)` as `finetune.transforms`'
-    `collate_detection` makes it; each target gives `image_id` and `orig_size` (height, width).
+    `PreprocessCollate` makes it; each target gives `image_id` and `orig_size` (height, width).
     `autocast` is an optional context-manager factory (mixed precision).
     """
     was_training = model.training
@@ -148,12 +145,16 @@ def predict_detections(model: torch.nn.Module, batches, device: torch.device, au
     return detections
 
 
-def gather_detections(model: torch.nn.Module, dataset, accelerator, batch_size: int = 8, num_workers: int = 0):
-    """COCO detections of `model` (unwrapped, not DDP) on the whole eval `dataset`, each process predicting its
-    share (image `i` on rank `i % world_size`); the full list on the main process, None on the others."""
+def gather_detections(
+    model: torch.nn.Module, dataset, accelerator, batch_size: int = 8, num_workers: int = 0, *, image_size: int
+):
+    """COCO detections of `model` (unwrapped, not DDP) on the whole eval `dataset`, fed at `image_size` x
+    `image_size` through the processor the model is saved with (`finetune.transforms.PreprocessCollate`), each
+    process predicting its share (image `i` on rank `i % world_size`); the full list on the main process, None on
+    the others."""
     from accelerate.utils import gather_object
 
-    from finetune.transforms import collate_detection
+    from finetune.transforms import PreprocessCollate
 
     rank, world = accelerator.process_index, accelerator.num_processes
     shard = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
@@ -161,7 +162,7 @@ def gather_detections(model: torch.nn.Module, dataset, accelerator, batch_size: 
         shard,
         batch_size=batch_size,
         num_workers=num_workers,
-        collate_fn=collate_detection,
+        collate_fn=PreprocessCollate([image_size]),
         pin_memory=accelerator.device.type == "cuda",
     )
     autocast = accelerator.autocast if accelerator.mixed_precision != "no" else None
@@ -171,13 +172,13 @@ def gather_detections(model: torch.nn.Module, dataset, accelerator, batch_size: 
 
 
 def evaluate_split(
-    model: torch.nn.Module, dataset, accelerator, batch_size: int = 8, num_workers: int = 0
+    model: torch.nn.Module, dataset, accelerator, batch_size: int = 8, num_workers: int = 0, *, image_size: int
 ) -> dict[str, float]:
-    """COCO metrics of `model` (unwrapped, not DDP) on the whole eval `dataset` (a `DetectionDataset` built with
-    the eval transform), computed with every process's help. Every rank gets the same metrics back."""
+    """COCO metrics of `model` (unwrapped, not DDP) on the whole eval `dataset` (a `DetectionDataset` without a
+    transform) at `image_size`, computed with every process's help. Every rank gets the same metrics back."""
     from accelerate.utils import broadcast_object_list
 
-    detections = gather_detections(model, dataset, accelerator, batch_size, num_workers)
+    detections = gather_detections(model, dataset, accelerator, batch_size, num_workers, image_size=image_size)
     metrics = [None]
     if accelerator.is_main_process:
         split = dataset.split

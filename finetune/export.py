@@ -190,7 +190,8 @@ Load it with `transformers.pipeline("object-detection", model=FOLDER)` or
 
 ## Validation metrics{where}
 
-COCO evaluation (pycocotools) on the validation split, boxes in original image pixels.
+COCO evaluation (pycocotools) on the validation split, boxes in original image pixels. The images went through
+the pipeline this folder's `Detector` uses (its `preprocessor_config.json`, the same decoding and box decoding).
 
 {_metrics_table(metrics)}
 """

@@ -375,7 +375,9 @@ def _end_epoch(run: Run) -> None:
     final = progress.epoch >= config.epochs or progress.step >= run.plan.total_steps
     metrics = {}
     if progress.epoch % config.eval_every == 0 or final:
-        metrics = evaluate_split(run.eval_model, run.val_set, acc, config.batch_size, config.num_workers)
+        metrics = evaluate_split(
+            run.eval_model, run.val_set, acc, config.batch_size, config.num_workers, image_size=config.image_size
+        )
     run.touch_elapsed()
     row = {
         "epoch": progress.epoch,

@@ -1,19 +1,22 @@
 """Augmentations, the torch dataset and batching for detection fine-tuning.
 
-Images are squashed to a square S x S (no aspect preservation), as LW-DETR is trained and evaluated. S must be a
-multiple of the model's `size_divisor` (patch size x windows per side: 32 for `nano`, 64 for the published
-presets; `size_divisor_of(config)` computes it).
+Pixels reach the model the way they reach it at inference: decoded by `lwdetr.images.load_image` (through
+`DetectionRecord.load_image`), then resized, rescaled and normalised by `lwdetr.processing.square_processor(S)`,
+the processor saved with the fine-tuned model and used by its `Detector`. Images are squashed to a square S x S (no
+aspect preservation), as LW-DETR is trained and evaluated. S must be a multiple of the model's `size_divisor`
+(patch size x windows per side: 32 for `nano`, 64 for the published presets; `size_divisor_of(config)` computes it).
 
-Multi-scale training (LW-DETR draws a square size per batch around its base size, e.g. 448..896 for 640): the
-dataset augments every image to the largest size, and `MultiScaleCollate` resizes each batch to one size drawn
-from the batch content and a seed. The draw needs no shared counter, so it is the same in any DataLoader worker
-and under accelerate (which wraps the sampler, not the collate function):
+A `DetectionDataset` item is the decoded image (augmented in training: flip, a crop that keeps every box, colour
+jitter, all at the image's own resolution) and its target; the collate function `PreprocessCollate` resizes and
+normalises the batch in one step with the processor. Multi-scale training (LW-DETR draws a square size per batch
+around its base size, e.g. 448..896 for 640) only changes which size the collate function draws: every batch is
+resized once, from the decoded image, never resized again. The draw needs no shared counter, so it is the same in
+any DataLoader worker and under accelerate (which wraps the sampler, not the collate function):
 
     sizes = multiscale_sizes(640, 64)                                  # [448, 512, ..., 896]
-    train = DetectionDataset(data.train, build_train_transform(max(sizes), 64), train=True)
-    loader = DataLoader(train, batch_size=4, shuffle=True, collate_fn=MultiScaleCollate(sizes, seed=0))
-    val = DataLoader(DetectionDataset(data.val, build_eval_transform(640, 64), train=False),
-                     batch_size=4, collate_fn=collate_detection)
+    train = DetectionDataset(data.train, build_train_transform(), train=True)
+    loader = DataLoader(train, batch_size=4, shuffle=True, collate_fn=PreprocessCollate(sizes, seed=0))
+    val = DataLoader(DetectionDataset(data.val, train=False), batch_size=4, collate_fn=PreprocessCollate([640]))
 
 Call `train.set_epoch(epoch)` at the start of every epoch: the augmentation of item i is drawn from
 (seed, epoch, i), reproducible whatever the number of workers.
@@ -34,27 +37,21 @@ from typing import Any
 import albumentations as A
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
 from finetune.data import DetectionRecord, DetectionSplit, train_targets
 from finetune.errors import DataError
+from lwdetr.processing import square_processor
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "DetectionDataset",
-    "MultiScaleCollate",
-    "build_eval_transform",
+    "PreprocessCollate",
     "build_train_transform",
     "check_image_size",
-    "collate_detection",
     "multiscale_sizes",
-    "normalize_image",
     "size_divisor_of",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Stands in for an image that cannot be decoded during evaluation: a small grey square without boxes.
 _BLANK_SIDE = 32
 _BLANK_GREY = 114
@@ -100,8 +97,6 @@ def _bbox_params() -> A.BboxParams:
 
 
 def build_train_transform(
-    size: int,
-    size_divisor: int,
     *,
     crop_probability: float = 0.5,
     flip_probability: float = 0.5,
@@ -111,37 +106,20 @@ def build_train_transform(
     saturation: tuple[float, float] = (0.8, 1.2),
     hue: tuple[float, float] = (-0.02, 0.02),
 ) -> A.Compose:
-    """Training augmentation to a `size` x `size` image (with `MultiScaleCollate`, pass `max(sizes)`).
+    """Training augmentation at the image's own resolution (the resize is `PreprocessCollate`'s, as at inference).
 
-    Horizontal flip; with `crop_probability` a random crop that keeps every box whole, resized to the square;
-    otherwise a plain square resize; then colour jitter (factors as ranges; hue as a fraction of the colour wheel;
-    albumentations' own hue default of +-0.5 would recolour everything).
+    Horizontal flip; with `crop_probability` a random crop that keeps every box whole; then colour jitter (factors as
+    ranges; hue as a fraction of the colour wheel; albumentations' own hue default of +-0.5 would recolour
+    everything).
     """
-    check_image_size(size, size_divisor)
     return A.Compose(
         [
             A.HorizontalFlip(p=flip_probability),
-            A.RandomSizedBBoxSafeCrop(height=size, width=size, p=crop_probability),
-            A.Resize(size, size, area_for_downscale="image"),  # a no-op after the crop
+            A.BBoxSafeRandomCrop(p=crop_probability),
             A.ColorJitter(brightness, contrast, saturation, hue, p=jitter_probability),
         ],
         bbox_params=_bbox_params(),
     )
-
-
-def build_eval_transform(size: int, size_divisor: int) -> A.Compose:
-    """A plain resize to `size` x `size`: how LW-DETR is evaluated; map boxes back with `orig_size`."""
-    check_image_size(size, size_divisor)
-    return A.Compose([A.Resize(size, size, area_for_downscale="image")], bbox_params=_bbox_params())
-
-
-def normalize_image(image: np.ndarray) -> torch.Tensor:
-    """uint8 [H, W, 3] RGB -> float32 [3, H, W] normalised with the ImageNet mean and std."""
-    # a writable C-ordered array (a copy only when the decoder handed out a read-only buffer): torch warns otherwise
-    pixels = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return pixels.sub_(mean).div_(std)
 
 
 def _xywh_to_normalized_cxcywh(boxes: np.ndarray, width: int, height: int) -> torch.Tensor:
@@ -156,12 +134,13 @@ def _xywh_to_normalized_cxcywh(boxes: np.ndarray, width: int, height: int) -> to
 
 
 class DetectionDataset(torch.utils.data.Dataset):
-    """A `DetectionSplit` as torch items `(image, target)`.
+    """A `DetectionSplit` as items `(image, target)` for `PreprocessCollate`.
 
-    image: float32 [3, S, S] normalised (ImageNet mean/std). target: `class_labels` int64 [n], `boxes` float32
-    [n, 4] (cx, cy, w, h) normalised to the output image, `image_id` int, `orig_size` (height, width) of the
-    original image. Crowd boxes are never in `target` (they only count in COCO evaluation, see
-    `DetectionSplit.to_coco_gt`).
+    image: the decoded RGB `PIL.Image.Image` (as `lwdetr.images.load_image` gives it), after `transform` when one is
+    given (an albumentations `Compose` with coco bbox params, e.g. `build_train_transform()`); evaluation passes
+    none. target: `class_labels` int64 [n], `boxes` float32 [n, 4] (cx, cy, w, h) normalised to the image, which a
+    squash resize leaves unchanged, `image_id` int, `orig_size` (height, width) of the original image. Crowd boxes
+    are never in `target` (they only count in COCO evaluation, see `DetectionSplit.to_coco_gt`).
 
     `train=True` draws the random augmentation of item i from (seed, epoch, i) (see `set_epoch`).
 
@@ -171,7 +150,9 @@ class DetectionDataset(torch.utils.data.Dataset):
     ground truth counts as missed rather than shifting onto another image.
     """
 
-    def __init__(self, split: DetectionSplit, transform: A.Compose, *, train: bool, seed: int = 0) -> None:
+    def __init__(
+        self, split: DetectionSplit, transform: A.Compose | None = None, *, train: bool, seed: int = 0
+    ) -> None:
         self.split = split
         self.transform = transform
         self.train = train
@@ -188,27 +169,28 @@ class DetectionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def __getitem__(self, index: int) -> tuple[Image.Image, dict[str, Any]]:
         record, image = self._decodable(index)
         if image is None:  # evaluation of an undecodable image
-            image = np.full((_BLANK_SIDE, _BLANK_SIDE, 3), _BLANK_GREY, dtype=np.uint8)
+            image = Image.new("RGB", (_BLANK_SIDE, _BLANK_SIDE), (_BLANK_GREY,) * 3)
             boxes, labels = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
         else:
             boxes, labels = train_targets(record)
-        if self.train:
-            self._seed_transform(index)
-        out = self.transform(image=image, bboxes=boxes, labels=labels)
-        height, width = out["image"].shape[:2]
+        if self.transform is not None:
+            if self.train:
+                self._seed_transform(index)
+            out = self.transform(image=np.asarray(image), bboxes=boxes, labels=labels)
+            image, boxes, labels = Image.fromarray(out["image"]), out["bboxes"], out["labels"]
         target = {
-            "class_labels": torch.as_tensor(np.asarray(out["labels"]), dtype=torch.int64).reshape(-1),
-            "boxes": _xywh_to_normalized_cxcywh(out["bboxes"], width, height),
+            "class_labels": torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1),
+            "boxes": _xywh_to_normalized_cxcywh(boxes, image.width, image.height),
             "image_id": record.image_id,
             "orig_size": (record.height, record.width),
         }
-        return normalize_image(out["image"]), target
+        return image, target
 
-    def _decodable(self, index: int) -> tuple[DetectionRecord, np.ndarray | None]:
-        """(record, its pixels [H, W, 3] uint8) for item `index`, skipping undecodable images (see the class)."""
+    def _decodable(self, index: int) -> tuple[DetectionRecord, Image.Image | None]:
+        """(record, its decoded RGB image) for item `index`, skipping undecodable images (see the class)."""
         count = len(self.split)
         for step in range(count if self.train else 1):
             position = (index + step) % count
@@ -216,7 +198,7 @@ class DetectionDataset(torch.utils.data.Dataset):
             if bool(self._bad[position]):
                 continue
             try:
-                return record, np.asarray(record.load_image())
+                return record, record.load_image()
             except DataError as error:
                 self._report_bad(position, error)
         if not self.train:
@@ -239,36 +221,26 @@ class DetectionDataset(torch.utils.data.Dataset):
 # ------------------------------------------------------------------------------------------------------ batching
 
 
-def collate_detection(
-    batch: Sequence[tuple[torch.Tensor, dict[str, Any]]],
-) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
-    """Stack same-size items: (pixel_values [B, 3, S, S], pixel_mask [B, S, S] int64 ones, targets list)."""
-    images = [image for image, _ in batch]
-    shapes = {tuple(image.shape) for image in images}
-    if len(shapes) != 1:
-        raise ValueError(f"the images of a batch must share one size, got {sorted(shapes)}")
-    pixel_values = torch.stack(images)
-    batch_size, _, height, width = pixel_values.shape
-    pixel_mask = torch.ones((batch_size, height, width), dtype=torch.int64)
-    return pixel_values, pixel_mask, [target for _, target in batch]
+class PreprocessCollate:
+    """The collate function: a batch of `DetectionDataset` items as model inputs at one square size from `sizes`.
 
+    Every image is resized, rescaled and normalised by `lwdetr.processing.square_processor(size)`, the model's own
+    inference pre-processing, in one step from the decoded (and augmented) image. Returns `(pixel_values
+    [B, 3, S, S] float32, pixel_mask [B, S, S] int64 ones, targets list)`.
 
-class MultiScaleCollate:
-    """A collate function resizing each batch to one square size drawn from `sizes`.
-
-    The size is a hash of (seed, epoch, the batch's image ids in order): reproducible, and the same whichever
-    worker or process collates the batch. Shuffling changes batches every epoch, and so their sizes; `set_epoch`
-    varies them further (optional). Build the items at `max(sizes)` so that batches are only downscaled (bilinear,
-    antialiased); normalised boxes need no change.
+    With several sizes (multi-scale training), the size is a hash of (seed, epoch, the batch's image ids in order):
+    reproducible, and the same whichever worker or process collates the batch. Shuffling changes batches every
+    epoch, and so their sizes; `set_epoch` varies them further (optional). Normalised boxes need no change.
     """
 
     def __init__(self, sizes: Sequence[int], seed: int = 0, size_divisor: int | None = None) -> None:
         if not sizes:
-            raise ValueError("MultiScaleCollate needs at least one size")
+            raise ValueError("PreprocessCollate needs at least one size")
         if size_divisor is not None:
             for size in sizes:
                 check_image_size(size, size_divisor)
         self.sizes = sorted({int(size) for size in sizes})
+        self.processors = {size: square_processor(size) for size in self.sizes}
         self.seed = seed
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # see DetectionDataset
 
@@ -277,18 +249,17 @@ class MultiScaleCollate:
 
     def choose_size(self, image_ids: Sequence[int]) -> int:
         """The square size of the batch holding `image_ids` (in batch order)."""
+        if len(self.sizes) == 1:
+            return self.sizes[0]
         key = repr((self.seed, int(self._epoch), [int(i) for i in image_ids])).encode()
         draw = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
         return self.sizes[draw % len(self.sizes)]
 
     def __call__(
-        self, batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]
+        self, batch: Sequence[tuple[Image.Image, dict[str, Any]]]
     ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
-        pixel_values, pixel_mask, targets = collate_detection(batch)
+        images = [image for image, _ in batch]
+        targets = [target for _, target in batch]
         size = self.choose_size([target["image_id"] for target in targets])
-        if tuple(pixel_values.shape[-2:]) != (size, size):
-            pixel_values = F.interpolate(
-                pixel_values, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-            )
-            pixel_mask = torch.ones((pixel_values.shape[0], size, size), dtype=torch.int64)
-        return pixel_values, pixel_mask, targets
+        inputs = self.processors[size].process_loaded(images)
+        return inputs["pixel_values"], inputs["pixel_mask"], targets

@@ -19,7 +19,7 @@ _EXPORTS = {
     "LwDetrConfig": "config",
     "LwDetrViTConfig": "config",
     "preset_config": "config",
-    "Detection": "detector",
+    "Detection": "postprocess",
     "Detector": "detector",
     "draw_detections": "draw",
     "ImageLoadError": "images",
@@ -50,10 +50,11 @@ __all__ = [
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports these on first use
     from .checkpoint import ModelLoadError
     from .config import PRESETS, LwDetrConfig, LwDetrViTConfig, preset_config
-    from .detector import Detection, Detector
+    from .detector import Detector
     from .draw import draw_detections
     from .images import ImageLoadError, load_image
     from .modeling import LwDetrForObjectDetection, LwDetrModel
+    from .postprocess import Detection
     from .processing import LwDetrImageProcessor
     from .vit import LwDetrViTBackbone
 

@@ -13,8 +13,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import PRESETS
+
+if TYPE_CHECKING:  # the detector imports torch: only when a command needs it
+    from .detector import Prediction
 
 _EXIT_FATAL = 1
 _EXIT_BAD_INPUTS = 2
@@ -203,7 +207,7 @@ def _predict_all(detector, paths: list[Path], args: argparse.Namespace) -> tuple
                 failed += 1
                 tqdm.write(f"lwdetr: skipped {prediction.error}", file=sys.stderr)
                 continue
-            records.extend(_coco_records(prediction.index, str(paths[prediction.index]), prediction.detections))
+            records.extend(_coco_records(prediction.index, str(paths[prediction.index]), prediction))
             if args.save_annotated:
                 target = _annotated_path(Path(args.save_annotated), paths[prediction.index], annotated_names)
                 try:
@@ -214,20 +218,12 @@ def _predict_all(detector, paths: list[Path], args: argparse.Namespace) -> tuple
     return records, failed
 
 
-def _coco_records(image_id: int, file_name: str, detections) -> list[dict]:
-    records = []
-    for detection in detections:
-        x, y, width, height = detection.xywh
-        records.append(
-            {
-                "image_id": image_id,
-                "file_name": file_name,
-                "category_id": detection.label_id,
-                "bbox": [round(x, 3), round(y, 3), round(width, 3), round(height, 3)],
-                "score": round(detection.score, 6),
-            }
-        )
-    return records
+def _coco_records(image_id: int, file_name: str, prediction: Prediction) -> list[dict]:
+    """The prediction's COCO records (`lwdetr.postprocess.coco_record`, as evaluation writes them) plus its file."""
+    from .postprocess import coco_record
+
+    records = (coco_record(detection, image_id, prediction.size) for detection in prediction.detections)
+    return [{"image_id": image_id, "file_name": file_name, **record} for record in records]
 
 
 def _annotated_path(folder: Path, source: Path, used: set[str]) -> Path:

@@ -225,7 +225,7 @@ def save_model_folder(
             `LwDetrForObjectDetection` (as `lwdetr.convert` produces).
         before_swap: run between the old folder moved aside and the new one put in place (crash tests kill there).
     """
-    from .processing import LwDetrImageProcessor
+    from .processing import square_processor
 
     if isinstance(weights, torch.nn.Module):
         tensors, architecture = reference_tensors(weights), checkpoint_class_name(type(weights))
@@ -234,7 +234,7 @@ def save_model_folder(
         architecture = "LwDetrForObjectDetection"
     with atomic_folder(path, before_swap=before_swap) as staging:
         _write_weights_and_config(staging, tensors, config, architecture)
-        LwDetrImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(staging)
+        square_processor(image_size).save_pretrained(staging)
         if card is not None:
             (staging / "README.md").write_text(card, encoding="utf-8")
     return Path(path)

@@ -25,6 +25,7 @@ from PIL import Image
 
 from .cpu import reduced_precision_fallback
 from .images import ImageLoadError, ImageSource, load_image, source_name
+from .postprocess import Detection, to_detections
 from .processing import LwDetrImageProcessor, output_size
 from .remote import DEFAULT_TIMEOUT, fetch_url, is_url
 
@@ -32,32 +33,6 @@ __all__ = ["Detection", "Detector", "Prediction", "resolve_device"]
 
 # The largest resized edge a preprocessor_config.json may ask for: LW-DETR runs at 640, DETR-style rules at 1333.
 _MAX_INPUT_EDGE = 4096
-
-
-@dataclass(frozen=True)
-class Detection:
-    """One detected object. `box` is (x0, y0, x1, y1) in pixels of the original (EXIF-rotated) image."""
-
-    label_id: int
-    label: str
-    score: float
-    box: tuple[float, float, float, float]
-
-    @property
-    def xywh(self) -> tuple[float, float, float, float]:
-        """The box as COCO's (x, y, width, height)."""
-        x0, y0, x1, y1 = self.box
-        return (x0, y0, x1 - x0, y1 - y0)
-
-    def as_pipeline_dict(self) -> dict[str, Any]:
-        """The shape `transformers.pipeline("object-detection")` returns: score, label and an integer box
-        (truncated, as the pipeline does) with xmin, ymin, xmax, ymax."""
-        xmin, ymin, xmax, ymax = (int(value) for value in self.box)
-        return {
-            "score": self.score,
-            "label": self.label,
-            "box": {"xmin": xmin, "ymin": ymin, "xmax": xmax, "ymax": ymax},
-        }
 
 
 @dataclass
@@ -313,16 +288,7 @@ class Detector:
         """Forward pass and post-processing for RGB images; boxes come back in each image's own pixels."""
         inputs = self.processor.process_loaded(images).to(self.device, dtype=self.dtype)
         outputs = self.model(pixel_values=inputs["pixel_values"], pixel_mask=inputs["pixel_mask"])
-        # Post-process in float32 so that half-precision models still rank and scale boxes exactly.
-        raw = {"logits": outputs.logits.float(), "pred_boxes": outputs.pred_boxes.float()}
         results = self.processor.post_process_object_detection(
-            raw, threshold=threshold, target_sizes=inputs.original_sizes, top_k=max_detections
+            outputs, threshold=threshold, target_sizes=inputs.original_sizes, top_k=max_detections
         )
-        return [self._to_detections(result) for result in results]
-
-    def _to_detections(self, result: dict[str, torch.Tensor]) -> list[Detection]:
-        scores, labels, boxes = result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist()
-        return [
-            Detection(label, self.id2label.get(label, str(label)), score, tuple(box))
-            for score, label, box in zip(scores, labels, boxes)
-        ]
+        return [to_detections(result, self.id2label) for result in results]

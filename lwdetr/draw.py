@@ -7,7 +7,7 @@ from functools import lru_cache
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .detector import Detection
+from .postprocess import Detection
 
 __all__ = ["class_colour", "draw_detections"]
 

@@ -1,5 +1,11 @@
 """Pre- and post-processing for LW-DETR: `LwDetrImageProcessor`.
 
+This is the one pre-processing path of the project: the `Detector` (so the CLI and the app), finetune's training
+batches (after augmentation, at every multi-scale size) and its evaluation all turn decoded images into model
+inputs with `LwDetrImageProcessor.process_loaded`, and a fine-tuned model is saved with the very processor it was
+trained and evaluated with (`square_processor`). Pillow resizes, because the reference does: every resize of the
+project is the reference's, to the bit. Post-processing lives in `lwdetr.postprocess`.
+
 The behaviour is that of transformers' `DeformableDetrImageProcessor` (the processor LW-DETR checkpoints name in
 their `preprocessor_config.json`), PIL backend: resize with Pillow, rescale, normalise, pad bottom/right to the
 largest image of the batch, and a `pixel_mask` that is 1 on real pixels. `preprocessor_config.json` files are read
@@ -27,10 +33,18 @@ import torch
 from PIL import Image
 
 from .annotations import coco_detection_label, rescale_label_to_canvas
-from .box_ops import at_least_float32, box_cxcywh_to_xyxy
 from .images import DEFAULT_MAX_PIXELS, ImageSource, load_image
+from .postprocess import top_k_detections
 
-__all__ = ["CONFIG_NAME", "LwDetrImageProcessor", "ProcessorOutput", "output_size"]
+__all__ = [
+    "CONFIG_NAME",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "LwDetrImageProcessor",
+    "ProcessorOutput",
+    "output_size",
+    "square_processor",
+]
 
 CONFIG_NAME = "preprocessor_config.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -394,7 +408,8 @@ class LwDetrImageProcessor:
         target_sizes: torch.Tensor | Sequence[Sequence[int]] | None = None,
         top_k: int = 100,
     ) -> list[dict[str, torch.Tensor]]:
-        """Turn raw outputs into per-image detections (Deformable DETR's sigmoid top-k rule).
+        """Turn raw outputs into per-image detections (Deformable DETR's sigmoid top-k rule): the reference's
+        signature over `lwdetr.postprocess.top_k_detections`, the one decoder of the project.
 
         Args:
             outputs: an object with `.logits` `[B, Q, C]` and `.pred_boxes` `[B, Q, 4]` (normalised cxcywh), or a
@@ -408,27 +423,14 @@ class LwDetrImageProcessor:
             One dict per image with `scores` `[N]`, `labels` `[N]` (int64) and `boxes` `[N, 4]` (x0, y0, x1, y1).
         """
         logits, pred_boxes = _outputs_fields(outputs)
-        # scores and boxes in float32 even from a half-precision model: float16 scores tie in the top-k and boxes
-        # would be rounded to ~0.3 px at 640
-        logits, pred_boxes = at_least_float32(logits), at_least_float32(pred_boxes)
-        batch, _, num_classes = logits.shape
-        if target_sizes is not None and len(target_sizes) != batch:
-            raise ValueError(f"got {len(target_sizes)} target sizes for a batch of {batch}")
-        # Every (query, class) pair competes: a query may contribute several labels, as in Deformable DETR.
-        probs = logits.sigmoid().reshape(batch, -1)
-        scores, flat_index = probs.topk(min(top_k, probs.shape[1]), dim=1)
-        labels = flat_index % num_classes
-        query_index = torch.div(flat_index, num_classes, rounding_mode="floor")
-        boxes = box_cxcywh_to_xyxy(pred_boxes).gather(1, query_index.unsqueeze(-1).expand(-1, -1, 4))
-        if target_sizes is not None:
-            sizes = torch.as_tensor(target_sizes, dtype=torch.float32).reshape(batch, 2).to(boxes.device)
-            height, width = sizes.unbind(1)
-            boxes = boxes * torch.stack([width, height, width, height], dim=1)[:, None, :]
-        results = []
-        for image_scores, image_labels, image_boxes in zip(scores, labels, boxes):
-            keep = image_scores > threshold
-            results.append({"scores": image_scores[keep], "labels": image_labels[keep], "boxes": image_boxes[keep]})
-        return results
+        return top_k_detections(logits, pred_boxes, target_sizes, top_k=top_k, threshold=threshold)
+
+
+def square_processor(side: int) -> LwDetrImageProcessor:
+    """The processor of a model trained at `side` x `side`: a squash resize (no aspect ratio kept, as LW-DETR is
+    trained and evaluated), ImageNet mean and std. Fine-tuning feeds its batches and its evaluation through it and
+    saves it beside the weights, so the `Detector` sees a fine-tuned model's inputs exactly as training did."""
+    return LwDetrImageProcessor(size={"height": side, "width": side})
 
 
 def _per_channel(value: float | Sequence[float], name: str) -> tuple[float, float, float]:

@@ -1,7 +1,8 @@
 """Detection for the app, without gradio: run the model once at a low floor, then filter in Python.
 
-A prediction is kept as plain JSON-able dicts `{"label", "label_id", "score", "box": [x0, y0, x1, y1]}` (box in
-pixels of the original image), so it fits in a `gr.State`, in the `/detect` API answer and in a COCO results file.
+A prediction is kept as the `Detector`'s own `Detection`s (box in pixels of the original image) in a `gr.State`;
+the `/detect` API answers with `Detection.as_dict()` and the JSON download holds `lwdetr.postprocess.coco_record`s,
+the records the CLI writes and evaluation scores.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ from typing import Any
 
 from PIL import Image
 
-from lwdetr.detector import Detection, Detector
+from lwdetr.detector import Detector
 from lwdetr.draw import draw_detections
+from lwdetr.postprocess import Detection, coco_record
 
 __all__ = [
     "COLUMNS",
     "FLOOR_MAX_DETECTIONS",
     "FLOOR_THRESHOLD",
-    "as_dicts",
     "coco_results",
     "draw",
     "filter_detections",
@@ -37,49 +38,35 @@ FLOOR_MAX_DETECTIONS = 300
 COLUMNS = ["label", "score", "x0", "y0", "x1", "y1"]
 
 
-def _as_dict(detection: Detection) -> dict[str, Any]:
-    return {
-        "label": detection.label,
-        "label_id": int(detection.label_id),
-        "score": float(detection.score),
-        "box": [float(value) for value in detection.box],
-    }
-
-
-def as_dicts(detections: Iterable[Detection]) -> list[dict[str, Any]]:
-    """`Detection`s as the app's plain dicts, best first."""
-    return sorted((_as_dict(d) for d in detections), key=lambda d: d["score"], reverse=True)
-
-
 def run_detection(
     detector: Detector,
     image: Image.Image,
     threshold: float = FLOOR_THRESHOLD,
     max_detections: int = FLOOR_MAX_DETECTIONS,
-) -> tuple[list[dict[str, Any]], float]:
+) -> tuple[list[Detection], float]:
     """All detections scoring above `threshold` (best first, at most `max_detections`) and the seconds it took."""
     start = time.perf_counter()
     detections = detector.predict(image, threshold=threshold, max_detections=max_detections)
     seconds = time.perf_counter() - start
-    return as_dicts(detections), seconds
+    return sorted(detections, key=lambda d: d.score, reverse=True), seconds
 
 
 def filter_detections(
-    detections: Iterable[dict[str, Any]],
+    detections: Iterable[Detection],
     threshold: float,
     max_detections: int,
     classes: Sequence[str] | None = None,
-) -> list[dict[str, Any]]:
+) -> list[Detection]:
     """The detections scoring at least `threshold`, of the given class names (all when empty), best first, capped."""
     wanted = set(classes or ())
-    kept = [d for d in detections if d["score"] >= threshold and (not wanted or d["label"] in wanted)]
-    kept.sort(key=lambda d: d["score"], reverse=True)
+    kept = [d for d in detections if d.score >= threshold and (not wanted or d.label in wanted)]
+    kept.sort(key=lambda d: d.score, reverse=True)
     return kept[: max(0, int(max_detections))]
 
 
 def status_line(
-    candidates: Sequence[dict[str, Any]],
-    kept: Sequence[dict[str, Any]],
+    candidates: Sequence[Detection],
+    kept: Sequence[Detection],
     threshold: float,
     classes: Sequence[str],
     name: str,
@@ -89,19 +76,19 @@ def status_line(
         return f"No object found in {name}, not even at a score of {FLOOR_THRESHOLD}: try another model."
     if kept:
         return f"{len(candidates)} candidate boxes from {name}; filters apply instantly."
-    wanted = [d for d in candidates if not classes or d["label"] in classes]
+    wanted = [d for d in candidates if not classes or d.label in classes]
     if not wanted:
         return f"No box of the chosen classes in {name}: clear the class filter to see the other classes."
-    best = max(wanted, key=lambda d: d["score"])
+    best = max(wanted, key=lambda d: d.score)
     return (
-        f"No box scores {threshold:.2f} or more in {name}: the best is {best['label']} at {best['score']:.2f}. "
-        f"Lower the score threshold to about {max(FLOOR_THRESHOLD, best['score'] - 0.005):.2f} to see it."
+        f"No box scores {threshold:.2f} or more in {name}: the best is {best.label} at {best.score:.2f}. "
+        f"Lower the score threshold to about {max(FLOOR_THRESHOLD, best.score - 0.005):.2f} to see it."
     )
 
 
-def table_rows(detections: Iterable[dict[str, Any]]) -> list[list[Any]]:
+def table_rows(detections: Iterable[Detection]) -> list[list[Any]]:
     """Rows for the table: label, score (3 decimals), x0, y0, x1, y1 (1 decimal)."""
-    return [[d["label"], round(d["score"], 3), *(round(v, 1) for v in d["box"])] for d in detections]
+    return [[d.label, round(d.score, 3), *(round(v, 1) for v in d.box)] for d in detections]
 
 
 def image_id_from_name(name: str | None) -> int:
@@ -110,19 +97,14 @@ def image_id_from_name(name: str | None) -> int:
     return int(digits.group(1)) if digits else 0
 
 
-def coco_results(detections: Iterable[dict[str, Any]], image_id: int = 0) -> list[dict[str, Any]]:
-    """The detections in COCO results format: image_id, category_id, bbox [x, y, width, height], score."""
-    results = []
-    for d in detections:
-        x0, y0, x1, y1 = d["box"]
-        bbox = [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]
-        results.append(
-            {"image_id": image_id, "category_id": d["label_id"], "bbox": bbox, "score": round(d["score"], 4)}
-        )
-    return results
+def coco_results(
+    detections: Iterable[Detection], image_size: tuple[int, int], image_id: int = 0
+) -> list[dict[str, Any]]:
+    """The detections as COCO result records (`lwdetr.postprocess.coco_record`) of an image of `image_size`
+    (height, width): image_id, category_id, bbox [x, y, width, height] clipped to the image, score."""
+    return [coco_record(d, image_id, image_size) for d in detections]
 
 
-def draw(image: Image.Image, detections: Iterable[dict[str, Any]]) -> Image.Image:
+def draw(image: Image.Image, detections: Iterable[Detection]) -> Image.Image:
     """`image` with a coloured box (one colour per class) and a "label score" tag per detection."""
-    boxes = [Detection(d["label_id"], d["label"], d["score"], tuple(d["box"])) for d in detections]
-    return draw_detections(image, boxes)
+    return draw_detections(image, detections)

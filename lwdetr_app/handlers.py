@@ -338,9 +338,10 @@ class AppContext:
             return None, empty_table(), 0, "", gr.update(value=None, interactive=False), ""
         kept = detection.filter_detections(raw["detections"], threshold, max_detections, classes)
         image, scale = self._display_image(raw["image_path"])
-        shown = [{**d, "box": [v * scale for v in d["box"]]} for d in kept] if scale < 1.0 else kept
+        shown = [d.scaled(scale) for d in kept] if scale < 1.0 else kept
         table = pd.DataFrame(detection.table_rows(kept), columns=detection.COLUMNS)
-        results = detection.coco_results(kept, detection.image_id_from_name(raw["name"]))
+        size = (raw["height"], raw["width"])
+        results = detection.coco_results(kept, size, detection.image_id_from_name(raw["name"]))
         json_path = self._write_results(raw, results)
         timing = f"{raw['seconds'] * 1000:.0f} ms" + (f" ({raw['kernels']})" if raw.get("kernels") else "")
         status = detection.status_line(raw["detections"], kept, threshold, classes, raw["name"])
@@ -419,7 +420,7 @@ class AppContext:
         except Exception as error:  # noqa: BLE001 - e.g. the model folder went missing
             message = f"Cannot run model {self.model_label(self.default.ref)}: {self.public_line(error)}"
             raise gr.Error(message, print_exception=False) from None
-        return detection.filter_detections(raw["detections"], threshold, 100)
+        return [d.as_dict() for d in detection.filter_detections(raw["detections"], threshold, 100)]
 
     # ------------------------------------------------------------------ Detect tab: webcam and video
     def video_limits(self) -> video.VideoLimits:
@@ -498,7 +499,8 @@ class AppContext:
             result = video.annotate_video(
                 detector, path, target, name, limits, threshold, max_detections, classes, progress=report
             )
-            coco = [r for index, kept in result.detections for r in detection.coco_results(kept, index)]
+            frame_size = (result.info.height, result.info.width)
+            coco = [r for index, kept in result.detections for r in detection.coco_results(kept, frame_size, index)]
             atomic_write_text(staging / f"{stem}_detections.json", json.dumps(coco, indent=1))
             folder = self.paths.results / staging.name[1:].removesuffix(".partial")
             os.replace(staging, folder)

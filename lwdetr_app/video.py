@@ -21,6 +21,7 @@ A public app reads whatever a visitor uploads, so:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import stat
@@ -244,6 +245,12 @@ def output_size(width: int, height: int, max_side: int = _OUTPUT_MAX_SIDE) -> tu
     return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
 
 
+def _scaled_box(box: tuple[float, ...], scale_x: float, scale_y: float) -> tuple[float, ...]:
+    """An (x0, y0, x1, y1) box in source pixels -> in the pixels of the (smaller) output frame."""
+    x0, y0, x1, y1 = box
+    return (x0 * scale_x, y0 * scale_y, x1 * scale_x, y1 * scale_y)
+
+
 def _sampled_frames(
     capture: cv2.VideoCapture, limits: VideoLimits, name: str, result: AnnotatedVideo
 ) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -305,10 +312,9 @@ def _annotate_batch(
     for (index, point, frame), prediction in zip(batch, predictions):
         if prediction.error is not None:
             raise VideoError(f"frame {index}: {prediction.error}")
-        kept = detection.filter_detections(detection.as_dicts(prediction.detections), *filters)
+        kept = detection.filter_detections(prediction.detections, *filters)
         scale_x, scale_y = size[0] / frame.shape[1], size[1] / frame.shape[0]
-        shown = [{**d, "box": [d["box"][0] * scale_x, d["box"][1] * scale_y, d["box"][2] * scale_x,
-                               d["box"][3] * scale_y]} for d in kept]  # fmt: skip
+        shown = [dataclasses.replace(d, box=_scaled_box(d.box, scale_x, scale_y)) for d in kept]
         small = cv2.resize(frame, size, interpolation=cv2.INTER_AREA) if size != frame.shape[1::-1] else frame
         drawn = detection.draw(Image.fromarray(small[:, :, ::-1]), shown)
         writer.write(point, np.ascontiguousarray(np.asarray(drawn)[:, :, ::-1]))

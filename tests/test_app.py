@@ -29,6 +29,7 @@ from PIL import Image
 from finetune.config import TrainConfig
 from finetune.result import TrainResult, write_result
 from lwdetr.detector import Detector
+from lwdetr.postprocess import Detection
 from lwdetr_app import detection
 from lwdetr_app.models import choose_default_model, list_runs, model_choices
 from lwdetr_app.settings import AppSettings, configure_environment, resolve_server
@@ -134,17 +135,17 @@ def stop_app_server(process: subprocess.Popen) -> None:
 # --------------------------------------------------------------------------------------------- pure functions
 
 DETECTIONS = [
-    {"label": "circle", "label_id": 0, "score": 0.95, "box": [0.0, 0.0, 10.0, 10.0]},
-    {"label": "square", "label_id": 1, "score": 0.60, "box": [5.0, 5.0, 25.0, 15.0]},
-    {"label": "circle", "label_id": 0, "score": 0.30, "box": [1.0, 2.0, 3.0, 4.0]},
-    {"label": "triangle", "label_id": 2, "score": 0.05, "box": [0.0, 0.0, 1.0, 1.0]},
+    Detection(0, "circle", 0.95, (0.0, 0.0, 10.0, 10.0)),
+    Detection(1, "square", 0.60, (5.0, 5.0, 25.0, 15.0)),
+    Detection(0, "circle", 0.30, (1.0, 2.0, 3.0, 4.0)),
+    Detection(2, "triangle", 0.05, (0.0, 0.0, 1.0, 1.0)),
 ]
 
 
 def test_filter_detections_by_threshold_max_and_class():
-    assert [d["score"] for d in detection.filter_detections(DETECTIONS, 0.5, 100)] == [0.95, 0.60]
-    assert [d["score"] for d in detection.filter_detections(DETECTIONS, 0.01, 2)] == [0.95, 0.60]
-    assert [d["score"] for d in detection.filter_detections(DETECTIONS, 0.0, 100, ["circle"])] == [0.95, 0.30]
+    assert [d.score for d in detection.filter_detections(DETECTIONS, 0.5, 100)] == [0.95, 0.60]
+    assert [d.score for d in detection.filter_detections(DETECTIONS, 0.01, 2)] == [0.95, 0.60]
+    assert [d.score for d in detection.filter_detections(DETECTIONS, 0.0, 100, ["circle"])] == [0.95, 0.30]
     assert detection.filter_detections(DETECTIONS, 0.99, 100) == []
     assert len(detection.filter_detections(DETECTIONS, 0.01, 100, [])) == 4  # empty filter: every class
 
@@ -152,8 +153,10 @@ def test_filter_detections_by_threshold_max_and_class():
 def test_table_and_coco_results():
     rows = detection.table_rows(DETECTIONS[1:2])
     assert rows == [["square", 0.6, 5.0, 5.0, 25.0, 15.0]]
-    results = detection.coco_results(DETECTIONS[1:2], image_id=42)
+    results = detection.coco_results(DETECTIONS[1:2], (100, 100), image_id=42)
     assert results == [{"image_id": 42, "category_id": 1, "bbox": [5.0, 5.0, 20.0, 10.0], "score": 0.6}]
+    clipped = detection.coco_results(DETECTIONS[1:2], (12, 20), image_id=42)  # COCO's boxes stay in the image
+    assert clipped == [{"image_id": 42, "category_id": 1, "bbox": [5.0, 5.0, 15.0, 7.0], "score": 0.6}]
     assert detection.image_id_from_name("000000039769.jpg") == 39769
     assert detection.image_id_from_name("train_00003.jpg") == 3
     assert detection.image_id_from_name("street.png") == 0
@@ -242,13 +245,13 @@ def test_detect_then_refilter_without_running_the_model(ctx, assets, expected_de
     results = json.loads(Path(json_update["value"]).read_text())
     assert len(results) == count and all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in results)
 
-    scores = sorted((d["score"] for d in raw["detections"]), reverse=True)
+    scores = sorted((d.score for d in raw["detections"]), reverse=True)
     high = scores[min(len(scores) - 1, 5)]  # keeps about six boxes
     _, table_high, count_high, *_ = ctx.refilter(raw, high, 100, [])
     assert count_high == sum(s >= high for s in scores) == len(table_high)
-    first_label = raw["detections"][0]["label"]
+    first_label = raw["detections"][0].label
     _, table_class, count_class, *_ = ctx.refilter(raw, 0.01, 300, [first_label])
-    assert count_class == sum(d["label"] == first_label for d in raw["detections"])
+    assert count_class == sum(d.label == first_label for d in raw["detections"])
     assert set(table_class["label"]) == {first_label}
     assert len(calls) == 1  # sliders and class filter never ran the model again
 
@@ -260,7 +263,7 @@ def test_large_photo_is_shown_scaled_but_boxes_stay_in_original_pixels(ctx, asse
     raw, image, table, count, *_ = ctx.detect(str(path), ctx.default.ref, 0.01, 300, [])
     assert (raw["width"], raw["height"]) == (3200, 2400) and image.size == (1600, 1200)
     assert count == len(table) > 0
-    assert list(table.iloc[0, 2:]) == [round(v, 1) for v in raw["detections"][0]["box"]]  # not scaled
+    assert list(table.iloc[0, 2:]) == [round(v, 1) for v in raw["detections"][0].box]  # not scaled
 
 
 @pytest.mark.parametrize(

@@ -22,13 +22,12 @@ from finetune.data import DataError, load_detection_data, train_targets
 from finetune.synthetic import make_synthetic_dataset
 from finetune.transforms import (
     DetectionDataset,
-    MultiScaleCollate,
-    build_eval_transform,
+    PreprocessCollate,
     build_train_transform,
     check_image_size,
-    collate_detection,
     multiscale_sizes,
 )
+from lwdetr.processing import square_processor
 
 
 @pytest.fixture
@@ -454,9 +453,7 @@ def test_sizes_are_multiples_of_the_divisor():
     with pytest.raises(ValueError, match="multiple"):
         check_image_size(300, 32)
     with pytest.raises(ValueError, match="multiple"):
-        build_eval_transform(100, 64)
-    with pytest.raises(ValueError, match="multiple"):
-        MultiScaleCollate([64, 80], size_divisor=32)
+        PreprocessCollate([64, 80], size_divisor=32)
 
 
 def assert_valid_target(target: dict) -> None:
@@ -470,51 +467,53 @@ def assert_valid_target(target: dict) -> None:
 
 def test_train_items_are_valid_reproducible_and_vary_by_epoch(shapes_dir):
     data = load_detection_data(shapes_dir)
-    dataset = DetectionDataset(data.train, build_train_transform(128, 32), train=True, seed=1)
+    dataset = DetectionDataset(data.train, build_train_transform(), train=True, seed=1)
     image, target = dataset[2]
-    assert image.shape == (3, 128, 128) and image.dtype == torch.float32
+    assert image.mode == "RGB" and image.width <= 96 and image.height <= 96  # cropped at most, never resized
     assert target["orig_size"] == (96, 96) and target["image_id"] == data.train[2].image_id
     for index in range(len(dataset)):
         assert_valid_target(dataset[index][1])
-    assert torch.equal(dataset[2][0], image)
+    assert np.array_equal(np.asarray(dataset[2][0]), np.asarray(image))
     changed = []
     for epoch in range(1, 4):
         dataset.set_epoch(epoch)
-        changed.append(not torch.equal(dataset[2][0], image))
+        changed.append(not np.array_equal(np.asarray(dataset[2][0]), np.asarray(image)))
     assert any(changed)
 
 
 def test_eval_items_scale_boxes_exactly(shapes_dir):
     data = load_detection_data(shapes_dir)
-    dataset = DetectionDataset(data.val, build_eval_transform(64, 32), train=False)
+    dataset = DetectionDataset(data.val, train=False)
     image, target = dataset[0]
     record = data.val[0]
-    assert image.shape == (3, 64, 64)
+    assert np.array_equal(np.asarray(image), np.asarray(record.load_image()))  # the decoded image, untouched
     x, y, w, h = record.boxes.T
     expected = np.stack([(x + w / 2) / 96, (y + h / 2) / 96, w / 96, h / 96], axis=1)
     np.testing.assert_allclose(target["boxes"].numpy(), expected, atol=1e-5)
     assert target["class_labels"].tolist() == record.labels.tolist()
-    mean = image.mean().item()
-    assert -2.5 < mean < 2.5  # normalised, not raw 0..255
+    pixel_values, pixel_mask, targets = PreprocessCollate([64])([dataset[0], dataset[1]])
+    assert pixel_values.shape == (2, 3, 64, 64) and bool(pixel_mask.all()) and targets[0] is not None
+    assert -2.5 < pixel_values.mean().item() < 2.5  # normalised, not raw 0..255
 
 
-def test_multiscale_batches_share_one_size(shapes_dir):
+def test_multiscale_batches_share_one_size_resized_once_by_the_processor(shapes_dir):
     data = load_detection_data(shapes_dir)
     sizes = multiscale_sizes(96, 32, min_scale=0.6, max_scale=1.4)
-    dataset = DetectionDataset(data.train, build_train_transform(max(sizes), 32), train=True)
-    collate = MultiScaleCollate(sizes, seed=0, size_divisor=32)
+    dataset = DetectionDataset(data.train, build_train_transform(), train=True)
+    collate = PreprocessCollate(sizes, seed=0, size_divisor=32)
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=False, collate_fn=collate)
     seen = set()
-    for pixel_values, pixel_mask, targets in loader:
+    for start, (pixel_values, pixel_mask, targets) in zip(range(0, len(dataset), 4), loader):
         batch, _, height, width = pixel_values.shape
         assert height == width and height in sizes and height % 32 == 0
         assert pixel_mask.shape == (batch, height, width) and pixel_mask.dtype == torch.int64
         assert bool(pixel_mask.all()) and len(targets) == batch
         assert height == collate.choose_size([t["image_id"] for t in targets])
+        # one resize, from the augmented image to the batch's size, by the processor inference uses
+        items = [dataset[i][0] for i in range(start, start + batch)]
+        assert torch.equal(pixel_values, square_processor(height).process_loaded(items)["pixel_values"])
         seen.add(height)
     assert len(seen) > 1
-    with pytest.raises(ValueError, match="share one size"):
-        collate_detection([(torch.zeros(3, 32, 32), {}), (torch.zeros(3, 64, 64), {})])
 
 
 # ------------------------------------------------------------------------------------------------------ synthetic

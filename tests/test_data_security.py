@@ -22,7 +22,7 @@ from finetune.__main__ import main as finetune_main
 from finetune.data import DataError, load_detection_data
 from finetune.pixels import orient_boxes
 from finetune.safe_paths import climbs_out, shorten
-from finetune.transforms import DetectionDataset, build_eval_transform, collate_detection
+from finetune.transforms import DetectionDataset, PreprocessCollate
 from lwdetr.images import load_image
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -296,7 +296,7 @@ def _two_epochs(dataset: DetectionDataset, num_workers: int) -> list[list[int]]:
     for epoch in range(2):
         dataset.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=2, num_workers=num_workers, collate_fn=collate_detection
+            dataset, batch_size=2, num_workers=num_workers, collate_fn=PreprocessCollate([64])
         )
         seen.append([target["image_id"] for _, _, targets in loader for target in targets])
     return seen
@@ -309,7 +309,7 @@ def test_an_image_broken_after_validation_is_skipped_and_reported_once(tmp_path,
         write_image(tmp_path / name)
     data = load_detection_data(coco(tmp_path, names), val_data=coco(tmp_path, names, "val.json"))
     truncate(tmp_path / "im1.png", 0.3)  # broken after the check
-    train = DetectionDataset(data.train, build_eval_transform(64, 32), train=True, seed=0)
+    train = DetectionDataset(data.train, train=True, seed=0)
     with caplog.at_level(logging.WARNING):
         seen = _two_epochs(train, num_workers)
     assert seen == [[0, 2, 2, 3], [0, 2, 2, 3]]  # item 1 replaced by the next decodable image, every time
@@ -318,9 +318,9 @@ def test_an_image_broken_after_validation_is_skipped_and_reported_once(tmp_path,
         assert len(caplog.records) == 1 and caplog.records[0].getMessage().startswith("warning: im1.png: ")
         assert str(tmp_path) not in caplog.text
 
-    val = DetectionDataset(data.val, build_eval_transform(64, 32), train=False)
+    val = DetectionDataset(data.val, train=False)
     image, target = val[1]
-    assert target["image_id"] == 1 and len(target["boxes"]) == 0 and image.shape == (3, 64, 64)
+    assert target["image_id"] == 1 and len(target["boxes"]) == 0 and image.size == (32, 32)
 
 
 def test_worker_errors_print_as_one_line():

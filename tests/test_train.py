@@ -472,7 +472,7 @@ def test_nano_learns_synthetic_shapes(tmp_path):
     from finetune.build import build_model
     from finetune.data import load_detection_data
     from finetune.evaluate import coco_metrics, predict_detections
-    from finetune.transforms import DetectionDataset, build_eval_transform, collate_detection
+    from finetune.transforms import DetectionDataset, PreprocessCollate
 
     data_dir = tmp_path / "shapes"
     make_synthetic_dataset(data_dir, num_train=200, num_val=40, image_size=256, seed=0)
@@ -481,8 +481,8 @@ def test_nano_learns_synthetic_shapes(tmp_path):
     data = load_detection_data(config.data)
     torch.manual_seed(config.seed)
     untrained = build_model(config, data.id2label)
-    val = DetectionDataset(data.val, build_eval_transform(config.image_size, 32), train=False)
-    loader = torch.utils.data.DataLoader(val, batch_size=8, collate_fn=collate_detection)
+    val = DetectionDataset(data.val, train=False)
+    loader = torch.utils.data.DataLoader(val, batch_size=8, collate_fn=PreprocessCollate([config.image_size]))
     before = coco_metrics(
         data.val.to_coco_gt(), predict_detections(untrained, loader, torch.device("cpu")), data.id2label
     )["AP50"]

@@ -106,12 +106,12 @@ def test_disabled_stop_button_is_grey(ctx, monkeypatch):
 
 def test_no_detection_left_says_the_top_score_and_what_to_lower(ctx, assets):
     raw, *outputs, status = ctx.detect(str(assets[1][0]), ctx.default.ref, 0.3, 100, [])
-    best = max(raw["detections"], key=lambda d: d["score"])
+    best = max(raw["detections"], key=lambda d: d.score)
     image, table, count, timing, json_file, hint = ctx.refilter(raw, 1.0, 100, [])
     assert count == 0 and table.empty
-    assert f"the best is {best['label']} at {best['score']:.2f}" in hint and "Lower the score threshold" in hint
+    assert f"the best is {best.label} at {best.score:.2f}" in hint and "Lower the score threshold" in hint
     suggested = float(hint.rsplit("about ", 1)[1].split(" ")[0])
-    assert suggested <= best["score"] and ctx.refilter(raw, suggested, 100, [])[2] >= 1  # the advice works
+    assert suggested <= best.score and ctx.refilter(raw, suggested, 100, [])[2] >= 1  # the advice works
     assert "candidate boxes" in ctx.refilter(raw, 0.01, 100, [])[5]
     assert "class filter" in ctx.refilter(raw, 0.01, 100, ["no-such-class"])[5]
 

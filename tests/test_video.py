@@ -124,8 +124,8 @@ def test_every_frame_is_annotated_as_the_image_path_would_and_the_result_is_a_we
         kept, frame = result.detections[index][1], sources[index]
         found, _ = detection.run_detection(detector, Image.fromarray(np.ascontiguousarray(frame)))
         expected = detection.filter_detections(found, 0.3, 100)
-        assert [(d["label"], np.round(d["box"], 2).tolist()) for d in kept] == [
-            (d["label"], np.round(d["box"], 2).tolist()) for d in expected
+        assert [(d.label, np.round(d.box, 2).tolist()) for d in kept] == [
+            (d.label, np.round(d.box, 2).tolist()) for d in expected
         ], index
     assert sum(len(kept) for _, kept in result.detections) > 0
     # A WebM (VP8) of the same frames: what Chromium plays.
@@ -146,7 +146,7 @@ def test_annotated_frames_differ_from_the_source_where_the_boxes_are(detector, c
         difference = np.abs(with_boxes.astype(int) - without).max(axis=2)
         near = np.zeros(difference.shape, bool)  # the boxes and the tags above them
         for d in kept:
-            x0, y0, x1, y1 = (round(v) for v in d["box"])
+            x0, y0, x1, y1 = (round(v) for v in d.box)
             near[max(0, y0 - 20) : y1 + 4, max(0, x0 - 4) : x1 + 4] = True
         assert difference[near].mean() > max(8, 5 * difference[~near].mean()), index
 
