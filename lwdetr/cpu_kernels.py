@@ -2,13 +2,16 @@
 
 Softmax attention for LW-DETR's short heads, faster than PyTorch's CPU flash attention (`benchmarks/bench.py`):
 - `kernels/attention_avx512.c`: float32, forward and backward, head sizes 16, 32, 48 and 64, AVX-512;
+- `kernels/attention_portable.c`: the same in GCC's generic vector types, compiled for the CPU's vector width
+  (AVX2 + FMA on CPUs without AVX-512): where the AVX-512 kernel cannot run;
 - `kernels/attention_amx_bf16.c`: bfloat16 forward, head size 16, on the AMX tile unit (Sapphire Rapids and later).
 And the deformable attention's sampling, in place of a `grid_sample` per level:
 - `kernels/deformable_avx512.c`: float32, forward and backward, head sizes 16, 32, 48 and 64, AVX-512.
 
 Everything here is optional: without x86-64 Linux, the CPU features, a C compiler or PyTorch's OpenMP runtime, or
 with `LWDETR_CPU_KERNELS=0`, `attention_kernel()` and `deformable_kernel()` return None and the model uses
-`F.scaled_dot_product_attention` and `F.grid_sample`.
+`F.scaled_dot_product_attention` and `F.grid_sample`. `LWDETR_CPU_ISA=avx2` holds the kernels to AVX2 on a CPU
+that has more (the AVX-512 and AMX ones off, the portable one built for AVX2): how an AVX2-only CPU is played.
 The compiled libraries are cached under `$LWDETR_CACHE` (default `~/.cache/lwdetr/kernels`), keyed by the source
 and compiler command, built under a file lock and written atomically. They are built on first use, or ahead of
 it: `start_background_build()` (the app and the predict CLI; PyTorch's ops run until it is done) and
@@ -57,15 +60,32 @@ _KERNELS = Path(__file__).with_name("kernels")
 _BASE_FLAGS = ["-O3", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp", "-fPIC", "-shared"]
 
 
+# The vector instruction sets a portable kernel is compiled for, widest first: compiler flags and the CPU features
+# (/proc/cpuinfo) they need. Explicit flags rather than -march=native: the cache key (the compiler command) then says
+# what a library needs, so a cache shared between machines never hands one a library built for another CPU.
+_ISA_LEVELS = {
+    "avx512": (
+        ("-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mfma"),
+        ("avx512f", "avx512dq", "avx512bw", "avx512vl", "fma"),
+    ),
+    "avx2": (("-mavx2", "-mfma"), ("avx2", "fma")),
+}
+_PORTABLE_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared"]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Build:
-    """One kernel library: its source, the extra compiler flags and the CPU features (/proc/cpuinfo) it needs."""
+    """One kernel library: its source, the extra compiler flags and the CPU features (/proc/cpuinfo) it needs.
+
+    A portable build's source is written for any vector width: it is compiled for the widest of `_ISA_LEVELS` that
+    the CPU has (and `LWDETR_CPU_ISA` allows), and its flags and features are that level's."""
 
     source: str
     functions: tuple[tuple[str, tuple[type, ...]], ...]  # (name, ctypes argument types)
     flags: tuple[str, ...] = ()
     cpu_features: tuple[str, ...] = ("avx512f", "avx512dq", "avx512bw", "avx512vl")
     probe: str | None = None  # a function returning nonzero when the library may run in this process
+    portable: bool = False
 
 
 _POINTER, _I64 = ctypes.c_void_p, ctypes.c_int64
@@ -85,6 +105,15 @@ _DEFORMABLE = _Build(
         ("lwdetr_deformable_backward", (_POINTER,) * 8 + _DEFORMABLE_SIZES),
     ),
 )
+_PORTABLE = _Build(
+    "attention_portable.c",
+    (
+        ("lwdetr_attention_forward", (_POINTER,) * 3 + _ATTENTION_SIZES),
+        ("lwdetr_attention_backward", (_POINTER,) * 5 + _ATTENTION_SIZES),
+        ("lwdetr_attention_lanes", ()),
+    ),
+    portable=True,
+)
 _AMX_BF16 = _Build(
     "attention_amx_bf16.c",
     (("lwdetr_attention_forward_amx", (_POINTER,) * 2 + _ATTENTION_SIZES),),
@@ -92,9 +121,10 @@ _AMX_BF16 = _Build(
     ("avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16"),
     probe="lwdetr_amx_available",  # Linux grants AMX tile state per process, on request
 )
-_BUILDS = (_FLOAT32, _DEFORMABLE, _AMX_BF16)
+_BUILDS = (_FLOAT32, _PORTABLE, _DEFORMABLE, _AMX_BF16)
 _DESCRIPTIONS = {
     _FLOAT32: "float32 attention (AVX-512)",
+    _PORTABLE: "float32 attention (portable)",
     _DEFORMABLE: "deformable sampling (AVX-512)",
     _AMX_BF16: "bf16 attention (AMX)",
 }
@@ -125,13 +155,42 @@ def _openmp_runtime_loaded() -> bool:
         return False
 
 
+def _isa_cap() -> str:
+    """The widest of `_ISA_LEVELS` our kernels may use: `LWDETR_CPU_ISA` (avx2 plays an AVX2-only CPU), or avx512."""
+    cap = os.environ.get("LWDETR_CPU_ISA", "").strip().lower() or "avx512"
+    if cap not in _ISA_LEVELS:
+        raise ValueError(f"LWDETR_CPU_ISA={cap!r} is not one of {', '.join(_ISA_LEVELS)}")
+    return cap
+
+
+def _portable_level() -> str | None:
+    """The widest of `_ISA_LEVELS` this CPU has and `LWDETR_CPU_ISA` allows (what a portable build compiles for)."""
+    levels = list(_ISA_LEVELS)
+    allowed = levels[levels.index(_isa_cap()) :]
+    return next((level for level in allowed if set(_ISA_LEVELS[level][1]) <= cpu_flags()), None)
+
+
+def _target(build: _Build) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(compiler flags, CPU features needed) of `build` on this machine."""
+    if not build.portable:
+        return (*_BASE_FLAGS, *build.flags), build.cpu_features
+    level = _portable_level() or "avx2"  # without any level, `_unsupported` names the missing features of the last
+    return (*_PORTABLE_FLAGS, *_ISA_LEVELS[level][0]), _ISA_LEVELS[level][1]
+
+
 def _unsupported(build: _Build) -> str | None:
     """Why `build` cannot run here (one phrase), or None when it can."""
     if os.environ.get("LWDETR_CPU_KERNELS", "1") == "0":
         return "switched off by LWDETR_CPU_KERNELS=0"
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"they need x86-64 Linux, this is {platform.system()} {platform.machine()}"
-    missing = [flag for flag in build.cpu_features if flag not in cpu_flags()]
+    try:
+        cap = _isa_cap()
+    except ValueError as error:
+        return str(error)
+    if not build.portable and cap != "avx512":
+        return f"held to {cap.upper()} by LWDETR_CPU_ISA"
+    missing = [flag for flag in _target(build)[1] if flag not in cpu_flags()]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
     if not _openmp_runtime_loaded():
@@ -153,7 +212,7 @@ def _compile(build: _Build) -> Path:
     if compiler is None:
         raise RuntimeError("no C compiler (gcc or cc) on PATH")
     source = _KERNELS / build.source
-    command = [compiler, *_BASE_FLAGS, *build.flags]
+    command = [compiler, *_target(build)[0]]
     sources = b"".join(path.read_bytes() for path in (source, _KERNELS / "attention_common.h"))
     command_key = hashlib.sha256(" ".join(command).encode()).hexdigest()[:8]
     source_key = hashlib.sha256(sources).hexdigest()[:12]
@@ -230,9 +289,13 @@ def _load_now(build: _Build) -> ctypes.CDLL | None:
             reason = f"the build failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
     if reason is not None:
         _OFF_REASONS[build.source] = reason
-        # the float32 kernels are the main fast path: their absence is said once at WARNING, the rest at INFO
-        level = logging.WARNING if build is _FLOAT32 and not reason.startswith("switched off") else logging.INFO
-        logger.log(level, "fast CPU kernel %s off (%s): PyTorch's ops run instead", build.source, reason)
+        # the float32 attention is the main fast path: when neither of its builds runs, that is said once at
+        # WARNING (by the portable one, asked last), the rest at INFO
+        if build is _FLOAT32:
+            logger.info("fast CPU kernel %s off (%s): the portable one runs where it can", build.source, reason)
+        else:
+            level = logging.WARNING if build is _PORTABLE and not reason.startswith("switched off") else logging.INFO
+            logger.log(level, "fast CPU kernel %s off (%s): PyTorch's ops run instead", build.source, reason)
         return None
     _OFF_REASONS.pop(build.source, None)
     for name, argtypes in build.functions:
@@ -248,11 +311,17 @@ def forget_loaded() -> None:
         _OFF_REASONS.clear()
 
 
+def _needed(build: _Build) -> bool:
+    """Whether `build` may be of use here: the portable attention only while the AVX-512 one is not known to run."""
+    return build is not _PORTABLE or _LOADED.get(_FLOAT32) is None
+
+
 def prepare_kernels() -> str:
     """Build and load every kernel this machine can run, now (a training run calls this before its first step, so
     every step runs the same ops); returns `kernel_status()`."""
     for build in _BUILDS:
-        _load(build)
+        if _needed(build):
+            _load(build)
     return kernel_status()
 
 
@@ -261,14 +330,14 @@ def start_background_build() -> threading.Thread | None:
     it finishes, `attention_kernel` and `deformable_kernel` return None (PyTorch's ops run). Returns the thread
     (join it to wait), or None when there is nothing to build."""
     global _background
-    pending = [build for build in _BUILDS if build not in _LOADED]
+    pending = [build for build in _BUILDS if build not in _LOADED and _needed(build)]
     if not pending:
         return None
 
     def build_all() -> None:
         for build in pending:
             with _LOAD_LOCK:
-                if build not in _LOADED:
+                if build not in _LOADED and _needed(build):
                     _LOADED[build] = _load_now(build)
         logger.info("%s", kernel_status())
 
@@ -284,8 +353,16 @@ def kernel_summary() -> str:
         return "PyTorch attention; our CPU kernels are building"
     if _LOADED.get(_FLOAT32) is not None:
         return "our AVX-512 kernels"
-    reason = _OFF_REASONS.get(_FLOAT32.source)
+    if _LOADED.get(_PORTABLE) is not None:
+        return f"our portable kernel ({_portable_isa()})"
+    reason = _OFF_REASONS.get(_PORTABLE.source) or _OFF_REASONS.get(_FLOAT32.source)
     return f"PyTorch attention ({reason})" if reason else "PyTorch attention"
+
+
+def _portable_isa() -> str:
+    """The vector instructions the loaded portable library was compiled for, from its vector width."""
+    lanes = _LOADED[_PORTABLE].lwdetr_attention_lanes()
+    return {8: "AVX2", 16: "AVX-512"}.get(lanes, f"{lanes} lanes")
 
 
 def kernel_status() -> str:
@@ -293,6 +370,8 @@ def kernel_status() -> str:
     if _background is not None and _background.is_alive() and threading.current_thread() is not _background:
         return "CPU kernels: building in the background (PyTorch's ops until then)"
     active = [name for build, name in _DESCRIPTIONS.items() if _LOADED.get(build) is not None]
+    if _LOADED.get(_PORTABLE) is not None:
+        active[active.index(_DESCRIPTIONS[_PORTABLE])] = f"float32 attention (portable, {_portable_isa()})"
     off = [
         f"{name} ({_OFF_REASONS[build.source]})"
         for build, name in _DESCRIPTIONS.items()
@@ -306,17 +385,24 @@ def kernel_status() -> str:
 def attention_kernel(head_dim: int, dtype: torch.dtype = torch.float32, needs_grad: bool = False) -> AttentionFn | None:
     """The compiled attention for heads of `head_dim` features in `dtype` on this machine, or None.
 
-    float32: `kernel_attention` (with autograd), head sizes 16, 32, 48, 64, AVX-512. bfloat16: `amx_attention`
-    (inference only, so None when the caller `needs_grad`), head size 16, AMX.
+    float32: `kernel_attention` (with autograd), head sizes 16, 32, 48, 64: AVX-512, or the portable kernel (AVX2).
+    bfloat16: `amx_attention` (inference only, so None when the caller `needs_grad`), head size 16, AMX.
     """
-    if dtype == torch.float32 and head_dim in _FLOAT32_HEAD_SIZES and _load(_FLOAT32) is not None:
+    if dtype == torch.float32 and head_dim in _FLOAT32_HEAD_SIZES and _float32_build() is not None:
         return kernel_attention
     if dtype == torch.bfloat16 and not needs_grad and head_dim in _AMX_HEAD_SIZES and _load(_AMX_BF16) is not None:
         return amx_attention
     return None
 
 
-def _library(build: _Build = _FLOAT32) -> ctypes.CDLL:
+def _float32_build() -> _Build | None:
+    """The float32 attention build that runs here: the AVX-512 kernel, else the portable one; None when neither."""
+    return next((build for build in (_FLOAT32, _PORTABLE) if _load(build) is not None), None)
+
+
+def _library(build: _Build | None = None) -> ctypes.CDLL:
+    """`build`'s library (default: the float32 attention's, `_float32_build`); raises where it cannot run."""
+    build = build or _float32_build() or _FLOAT32
     library = _load(build)
     if library is None:
         raise RuntimeError(f"the CPU kernel {build.source} is not available on this machine")

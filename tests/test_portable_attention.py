@@ -1,0 +1,197 @@
+"""The portable attention kernel (`kernels/attention_portable.c`) against PyTorch's attention, built for AVX2 (as on
+an AVX2-only CPU, also on an AVX-512 machine: `LWDETR_CPU_ISA=avx2`) and for AVX-512; the model on it against the
+reference; and what runs when it cannot."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from model_utils import outputs_with_the_same_proposals, ragged_batch, relative_error, twin_models
+
+from lwdetr import cpu_kernels, decoder, vit
+from lwdetr.config import preset_config
+from lwdetr.cpu_features import cpu_flags
+from lwdetr.modeling import LwDetrForObjectDetection
+
+LANES = {"avx2": 8, "avx512": 16}
+
+
+def _portable_on(level: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make `kernel_attention` run the portable kernel built for `level` (skip where it cannot be built)."""
+    if not set(cpu_kernels._ISA_LEVELS[level][1]) <= cpu_flags():
+        pytest.skip(f"the CPU lacks {level}")
+    monkeypatch.delenv("LWDETR_CPU_KERNELS", raising=False)
+    monkeypatch.setenv("LWDETR_CPU_ISA", level)
+    cpu_kernels.forget_loaded()
+    monkeypatch.setitem(cpu_kernels._LOADED, cpu_kernels._FLOAT32, None)  # the AVX-512 kernel stands aside
+    if cpu_kernels._load(cpu_kernels._PORTABLE) is None:
+        pytest.skip(f"no portable kernel here: {cpu_kernels.kernel_status()}")
+
+
+@pytest.fixture(params=list(LANES))
+def portable(request, monkeypatch) -> str:
+    """The portable kernel active, built for each vector width this CPU has; yields the level's name."""
+    _portable_on(request.param, monkeypatch)
+    yield request.param
+    cpu_kernels.forget_loaded()
+
+
+@pytest.fixture
+def portable_avx2(monkeypatch) -> None:
+    _portable_on("avx2", monkeypatch)
+    yield
+    cpu_kernels.forget_loaded()
+
+
+def torch_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    batch, tokens, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    q, k, v = qkv.view(batch, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim)
+
+
+def test_the_library_is_built_for_the_asked_vector_width(portable):
+    assert cpu_kernels._LOADED[cpu_kernels._PORTABLE].lwdetr_attention_lanes() == LANES[portable]
+    assert cpu_kernels.attention_kernel(16) is cpu_kernels.kernel_attention
+    assert f"portable, {'AVX2' if portable == 'avx2' else 'AVX-512'}" in cpu_kernels.kernel_status()
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 48, 64])
+@pytest.mark.parametrize("tokens", [1, 7, 9, 37, 100, 257])
+def test_forward_matches_torch_attention(portable, head_dim: int, tokens: int):
+    # odd token counts: a partial last vector of keys, a last block of query rows that overlaps the one before it
+    # (or, under one block, rows one by one)
+    torch.manual_seed(tokens + head_dim)
+    heads = 3
+    qkv = torch.randn(2, tokens, 3 * heads * head_dim) * 3  # sharp softmaxes: exp underflows in places
+    with torch.no_grad():
+        exact = torch_attention(qkv.double(), heads)
+        torch_error = (torch_attention(qkv, heads) - exact).abs().max().item()
+        got = cpu_kernels.kernel_attention(qkv, heads)
+    assert got.shape == exact.shape and got.dtype == torch.float32
+    # as close to the float64 result as PyTorch's float32 attention, up to float32 rounding of scores up to ~30;
+    # an indexing error would be off by O(scale)
+    error, scale = (got - exact).abs().max().item(), exact.abs().max().item()
+    assert error <= 2 * torch_error + 2e-6 * scale
+    assert error < 1e-5 * scale
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 48, 64])
+@pytest.mark.parametrize("tokens", [1, 7, 37, 100])
+def test_gradients_match_torch_attention(portable, head_dim: int, tokens: int):
+    torch.manual_seed(0)
+    heads = 3
+    qkv = torch.randn(2, tokens, 3 * heads * head_dim) * 2
+    grad_out = torch.randn(2, tokens, heads * head_dim)
+    grads = {}
+    for name, attention, dtype in [
+        ("exact", torch_attention, torch.float64),
+        ("torch", torch_attention, torch.float32),
+        ("kernel", cpu_kernels.kernel_attention, torch.float32),
+    ]:
+        x = qkv.to(dtype).clone().requires_grad_()
+        attention(x, heads).backward(grad_out.to(dtype))
+        grads[name] = x.grad.double()
+    torch_error = (grads["torch"] - grads["exact"]).abs().max().item()
+    scale = grads["exact"].abs().max().item()
+    assert (grads["kernel"] - grads["exact"]).abs().max().item() <= 2 * torch_error + 2e-6 * scale
+
+
+def test_nan_in_a_key_reaches_the_output(portable_avx2):
+    qkv = torch.randn(1, 20, 3 * 16)
+    qkv[0, 5, 16 + 3] = float("nan")  # one feature of one key: every row attends to it
+    assert torch.isnan(cpu_kernels.kernel_attention(qkv, 1)).all()
+
+
+def _counting(calls: list[int]):
+    def factory(head_dim: int, dtype: torch.dtype, needs_grad: bool = False):
+        kernel = cpu_kernels.attention_kernel(head_dim, dtype, needs_grad)
+        return None if kernel is None else lambda qkv, heads: calls.append(qkv.shape[1]) or kernel(qkv, heads)
+
+    return factory
+
+
+@pytest.mark.parametrize("preset", ["tiny", "medium"])  # ViT heads of 16 and 32 features; decoder heads of 32
+def test_model_on_the_avx2_kernel_matches_the_reference(portable_avx2, monkeypatch, preset: str):
+    """Every attention of the ViT (window and global layers) and of the decoder runs in the AVX2 build, and the
+    model's outputs stay within the parity tolerance of the reference's."""
+    calls: list[int] = []
+    monkeypatch.setattr(vit, "attention_kernel", _counting(calls))
+    monkeypatch.setattr(decoder, "attention_kernel", _counting(calls))
+    reference, ours = twin_models(preset, num_queries=30)
+    reference.eval()
+    ours.eval()
+    step = ours.model.backbone.backbone.size_divisor
+    inputs = lambda seed: ragged_batch(2 * step, 3 * step, step, seed=seed)  # noqa: E731
+    expected, got = outputs_with_the_same_proposals(reference, ours, inputs)
+    patches = 6 * (step // 16) ** 2  # a 2 x 3 grid of windows, each (step / 16)^2 patches
+    assert patches // ours.config.backbone_config.num_windows in calls and patches in calls  # window, global layers
+    assert 30 in calls  # the decoder's self-attention over the queries
+    for key in ("logits", "pred_boxes", "last_hidden_state", "enc_outputs_class"):
+        assert relative_error(got[key], expected[key]) < 1e-4, key
+
+
+def test_vit_gradients_on_the_avx2_kernel(portable_avx2, monkeypatch):
+    """Training runs the AVX2 build's backward: the ViT's parameter gradients agree with PyTorch's attention."""
+    torch.manual_seed(0)
+    backbone = vit.LwDetrViTBackbone(preset_config("tiny", num_labels=3).backbone_config)
+    pixels = torch.randn(1, 3, 128, 128)
+
+    def gradients(factory) -> list[torch.Tensor]:
+        monkeypatch.setattr(vit, "attention_kernel", factory)
+        backbone.zero_grad()
+        sum(m.square().mean() for m in backbone(pixels).feature_maps).backward()
+        return [p.grad.clone() for p in backbone.parameters()]
+
+    calls: list[int] = []
+    kernel_grads = gradients(_counting(calls))
+    assert len(calls) == len(backbone.encoder.layer)
+    torch_grads = gradients(lambda head_dim, dtype, needs_grad=False: None)
+    for got, expected in zip(kernel_grads, torch_grads):
+        assert (got - expected).abs().max().item() <= 1e-3 * expected.abs().max().item() + 1e-9
+
+
+# ------------------------------------------------------------------------------------------------ fallbacks
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    monkeypatch.setenv("LWDETR_CACHE", str(tmp_path))
+    monkeypatch.delenv("LWDETR_CPU_KERNELS", raising=False)
+    monkeypatch.delenv("LWDETR_CPU_ISA", raising=False)
+    cpu_kernels.forget_loaded()
+    yield tmp_path
+    cpu_kernels.forget_loaded()
+
+
+def test_an_avx2_only_cpu_builds_the_portable_kernel_for_avx2(fresh_library, monkeypatch, caplog):
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset({"sse4_2", "avx", "avx2", "fma"}))
+    with caplog.at_level("INFO", logger="lwdetr.cpu_kernels"):
+        kernel = cpu_kernels.attention_kernel(16)
+    if kernel is None:
+        pytest.skip(f"no portable kernel here: {cpu_kernels.kernel_status()}")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # a fast attention runs: nothing to warn of
+    built = sorted(p.name.split("-")[0] for p in (fresh_library / "kernels").glob("*.so"))
+    assert built == ["attention_portable"]  # the AVX-512 kernels were not even compiled
+    assert cpu_kernels._LOADED[cpu_kernels._PORTABLE].lwdetr_attention_lanes() == 8
+    assert cpu_kernels.kernel_summary() == "our portable kernel (AVX2)"
+    assert cpu_kernels.deformable_kernel(16) is None  # no portable deformable sampling: grid_sample runs
+
+
+def test_a_failed_portable_build_runs_pytorch_attention(fresh_library, monkeypatch, caplog):
+    monkeypatch.setenv("LWDETR_CPU_ISA", "avx2")
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with caplog.at_level("WARNING", logger="lwdetr.cpu_kernels"):
+        assert cpu_kernels.attention_kernel(16) is None
+    assert len(caplog.records) == 1 and "attention_portable.c" in caplog.records[0].getMessage()
+    assert "build failed" in cpu_kernels.kernel_summary()
+    model = LwDetrForObjectDetection(preset_config("nano", num_labels=3)).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, 128, 128)).logits).all()
+
+
+def test_an_unknown_isa_cap_turns_the_kernels_off_and_says_why(fresh_library, monkeypatch):
+    monkeypatch.setenv("LWDETR_CPU_ISA", "avx3")
+    assert cpu_kernels.attention_kernel(16) is None
+    assert "LWDETR_CPU_ISA='avx3' is not one of avx512, avx2" in cpu_kernels.kernel_status()
