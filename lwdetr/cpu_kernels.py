@@ -6,7 +6,8 @@ Softmax attention for LW-DETR's short heads, faster than PyTorch's CPU flash att
   (AVX2 + FMA on CPUs without AVX-512): where the AVX-512 kernel cannot run;
 - `kernels/attention_amx_bf16.c`: bfloat16 forward, head size 16, on the AMX tile unit (Sapphire Rapids and later).
 And the deformable attention's sampling, in place of a `grid_sample` per level:
-- `kernels/deformable_avx512.c`: float32, forward and backward, head sizes 16, 32, 48 and 64, AVX-512.
+- `kernels/deformable_avx512.c`: float32, forward and backward, head sizes 16, 32, 48 and 64, AVX-512;
+- `kernels/deformable_portable.c`: the same in generic vector types, where the AVX-512 one cannot run.
 
 Everything here is optional: without x86-64 Linux, the CPU features, a C compiler or PyTorch's OpenMP runtime, or
 with `LWDETR_CPU_KERNELS=0`, `attention_kernel()` and `deformable_kernel()` return None and the model uses
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .cpu_features import cpu_flags
+from .cpu_features import _onednn_capped_below_avx512, cpu_flags
 
 __all__ = [
     "amx_attention",
@@ -105,12 +106,21 @@ _DEFORMABLE = _Build(
         ("lwdetr_deformable_backward", (_POINTER,) * 8 + _DEFORMABLE_SIZES),
     ),
 )
-_PORTABLE = _Build(
+_PORTABLE_ATTENTION = _Build(
     "attention_portable.c",
     (
         ("lwdetr_attention_forward", (_POINTER,) * 3 + _ATTENTION_SIZES),
         ("lwdetr_attention_backward", (_POINTER,) * 5 + _ATTENTION_SIZES),
-        ("lwdetr_attention_lanes", ()),
+        ("lwdetr_vector_lanes", ()),
+    ),
+    portable=True,
+)
+_PORTABLE_DEFORMABLE = _Build(
+    "deformable_portable.c",
+    (
+        ("lwdetr_deformable_forward", (_POINTER,) * 5 + _DEFORMABLE_SIZES),
+        ("lwdetr_deformable_backward", (_POINTER,) * 8 + _DEFORMABLE_SIZES),
+        ("lwdetr_vector_lanes", ()),
     ),
     portable=True,
 )
@@ -121,11 +131,14 @@ _AMX_BF16 = _Build(
     ("avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16"),
     probe="lwdetr_amx_available",  # Linux grants AMX tile state per process, on request
 )
-_BUILDS = (_FLOAT32, _PORTABLE, _DEFORMABLE, _AMX_BF16)
+_BUILDS = (_FLOAT32, _PORTABLE_ATTENTION, _DEFORMABLE, _PORTABLE_DEFORMABLE, _AMX_BF16)
+# portable build -> the hand-written one it stands in for where that cannot run
+_STANDS_IN_FOR = {_PORTABLE_ATTENTION: _FLOAT32, _PORTABLE_DEFORMABLE: _DEFORMABLE}
 _DESCRIPTIONS = {
     _FLOAT32: "float32 attention (AVX-512)",
-    _PORTABLE: "float32 attention (portable)",
+    _PORTABLE_ATTENTION: "float32 attention (portable)",
     _DEFORMABLE: "deformable sampling (AVX-512)",
+    _PORTABLE_DEFORMABLE: "deformable sampling (portable)",
     _AMX_BF16: "bf16 attention (AMX)",
 }
 _FLOAT32_HEAD_SIZES = (16, 32, 48, 64)
@@ -291,10 +304,11 @@ def _load_now(build: _Build) -> ctypes.CDLL | None:
         _OFF_REASONS[build.source] = reason
         # the float32 attention is the main fast path: when neither of its builds runs, that is said once at
         # WARNING (by the portable one, asked last), the rest at INFO
-        if build is _FLOAT32:
+        if build in _STANDS_IN_FOR.values():
             logger.info("fast CPU kernel %s off (%s): the portable one runs where it can", build.source, reason)
         else:
-            level = logging.WARNING if build is _PORTABLE and not reason.startswith("switched off") else logging.INFO
+            warn = build is _PORTABLE_ATTENTION and not reason.startswith("switched off")
+            level = logging.WARNING if warn else logging.INFO
             logger.log(level, "fast CPU kernel %s off (%s): PyTorch's ops run instead", build.source, reason)
         return None
     _OFF_REASONS.pop(build.source, None)
@@ -312,8 +326,9 @@ def forget_loaded() -> None:
 
 
 def _needed(build: _Build) -> bool:
-    """Whether `build` may be of use here: the portable attention only while the AVX-512 one is not known to run."""
-    return build is not _PORTABLE or _LOADED.get(_FLOAT32) is None
+    """Whether `build` may be of use here: a portable build only while the AVX-512 one it stands in for is not known
+    to run."""
+    return build not in _STANDS_IN_FOR or _LOADED.get(_STANDS_IN_FOR[build]) is None
 
 
 def prepare_kernels() -> str:
@@ -353,15 +368,15 @@ def kernel_summary() -> str:
         return "PyTorch attention; our CPU kernels are building"
     if _LOADED.get(_FLOAT32) is not None:
         return "our AVX-512 kernels"
-    if _LOADED.get(_PORTABLE) is not None:
-        return f"our portable kernel ({_portable_isa()})"
-    reason = _OFF_REASONS.get(_PORTABLE.source) or _OFF_REASONS.get(_FLOAT32.source)
+    if _LOADED.get(_PORTABLE_ATTENTION) is not None:
+        return f"our portable kernels ({_portable_isa(_PORTABLE_ATTENTION)})"
+    reason = _OFF_REASONS.get(_PORTABLE_ATTENTION.source) or _OFF_REASONS.get(_FLOAT32.source)
     return f"PyTorch attention ({reason})" if reason else "PyTorch attention"
 
 
-def _portable_isa() -> str:
-    """The vector instructions the loaded portable library was compiled for, from its vector width."""
-    lanes = _LOADED[_PORTABLE].lwdetr_attention_lanes()
+def _portable_isa(build: _Build) -> str:
+    """The vector instructions the loaded portable `build` was compiled for, from its vector width."""
+    lanes = _LOADED[build].lwdetr_vector_lanes()
     return {8: "AVX2", 16: "AVX-512"}.get(lanes, f"{lanes} lanes")
 
 
@@ -369,9 +384,11 @@ def kernel_status() -> str:
     """One line for logs and status bars: which fast CPU kernels are active, or why they are off."""
     if _background is not None and _background.is_alive() and threading.current_thread() is not _background:
         return "CPU kernels: building in the background (PyTorch's ops until then)"
-    active = [name for build, name in _DESCRIPTIONS.items() if _LOADED.get(build) is not None]
-    if _LOADED.get(_PORTABLE) is not None:
-        active[active.index(_DESCRIPTIONS[_PORTABLE])] = f"float32 attention (portable, {_portable_isa()})"
+    active = [
+        name.replace("(portable)", f"(portable, {_portable_isa(build)})")  # the width it was compiled for
+        for build, name in _DESCRIPTIONS.items()
+        if _LOADED.get(build) is not None
+    ]
     off = [
         f"{name} ({_OFF_REASONS[build.source]})"
         for build, name in _DESCRIPTIONS.items()
@@ -397,7 +414,7 @@ def attention_kernel(head_dim: int, dtype: torch.dtype = torch.float32, needs_gr
 
 def _float32_build() -> _Build | None:
     """The float32 attention build that runs here: the AVX-512 kernel, else the portable one; None when neither."""
-    return next((build for build in (_FLOAT32, _PORTABLE) if _load(build) is not None), None)
+    return next((build for build in (_FLOAT32, _PORTABLE_ATTENTION) if _load(build) is not None), None)
 
 
 def _library(build: _Build | None = None) -> ctypes.CDLL:
@@ -486,15 +503,30 @@ def amx_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     return out
 
 
+def gelu_in_gemm() -> bool:
+    """Whether oneDNN should apply the ViT's exact GELU inside its fc1 GEMM (else a separate PyTorch GELU follows).
+
+    With AVX-512 the fused GELU costs a few % of the GEMM; held to AVX2, oneDNN's erf post-op costs more than the
+    GEMM's output pass plus PyTorch's own vectorised GELU (1600 x 768 tokens: +1.2 ms fused, +0.7 ms apart).
+    """
+    return "avx512f" in cpu_flags() and not _onednn_capped_below_avx512()
+
+
 _DEFORMABLE_HEAD_SIZES = (16, 32, 48, 64)
 
 
 def deformable_kernel(head_dim: int, dtype: torch.dtype = torch.float32) -> DeformableFn | None:
     """The compiled deformable sampling (`kernel_deformable_sampling`, with autograd) for heads of `head_dim`
-    features in `dtype` on this machine, or None: float32, head sizes 16, 32, 48 and 64, AVX-512."""
-    if dtype == torch.float32 and head_dim in _DEFORMABLE_HEAD_SIZES and _load(_DEFORMABLE) is not None:
+    features in `dtype` on this machine, or None: float32, head sizes 16, 32, 48 and 64, AVX-512 or the portable
+    kernel (AVX2)."""
+    if dtype == torch.float32 and head_dim in _DEFORMABLE_HEAD_SIZES and _deformable_build() is not None:
         return kernel_deformable_sampling
     return None
+
+
+def _deformable_build() -> _Build | None:
+    """The deformable sampling build that runs here: the AVX-512 kernel, else the portable one; None when neither."""
+    return next((build for build in (_DEFORMABLE, _PORTABLE_DEFORMABLE) if _load(build) is not None), None)
 
 
 def _deformable_sizes(value: torch.Tensor, locations: torch.Tensor) -> tuple[int, ...]:
@@ -508,7 +540,7 @@ class _DeformableSampling(torch.autograd.Function):
     def forward(ctx, value, locations, weights, levels):
         out = value.new_empty(value.shape[0], locations.shape[1], value.shape[2] * value.shape[3])
         sizes = _deformable_sizes(value, locations)
-        status = _library(_DEFORMABLE).lwdetr_deformable_forward(
+        status = _library(_deformable_build() or _DEFORMABLE).lwdetr_deformable_forward(
             value.data_ptr(), locations.data_ptr(), weights.data_ptr(), out.data_ptr(), levels.data_ptr(), *sizes,
             torch.get_num_threads(),
         )  # fmt: skip
@@ -523,7 +555,7 @@ class _DeformableSampling(torch.autograd.Function):
         grad_out = grad_out.to(torch.float32).contiguous()
         grad_value = torch.zeros(value.shape, dtype=value.dtype)  # the kernel scatters into it
         grad_locations, grad_weights = torch.empty_like(locations), torch.empty_like(weights)
-        status = _library(_DEFORMABLE).lwdetr_deformable_backward(
+        status = _library(_deformable_build() or _DEFORMABLE).lwdetr_deformable_backward(
             value.data_ptr(), locations.data_ptr(), weights.data_ptr(), grad_out.data_ptr(), grad_value.data_ptr(),
             grad_locations.data_ptr(), grad_weights.data_ptr(), levels.data_ptr(),
             *_deformable_sizes(value, locations), torch.get_num_threads(),

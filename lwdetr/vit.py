@@ -18,7 +18,7 @@ from torch import nn
 
 from .checkpoint import PretrainedMixin
 from .config import LwDetrViTConfig
-from .cpu_kernels import attention_kernel
+from .cpu_kernels import attention_kernel, gelu_in_gemm
 from .feedforward import buffer_reusing_mlp, buffer_reusing_mlp_applies
 from .layers import (
     activation_layer,
@@ -135,8 +135,11 @@ class ViTBlock(nn.Module):
         x = linear.binary(attended, x, w["proj"], w["proj_bias"], "add")
         hidden = self.norm2(x)
         mlp = self.mlp
-        if isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none":
+        exact_gelu = isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none"
+        if exact_gelu and gelu_in_gemm():
             hidden = linear(hidden, w["fc1"], w["fc1_bias"], "gelu", [], "none")
+        elif exact_gelu:
+            hidden = torch.ops.aten.gelu_(linear(hidden, w["fc1"], w["fc1_bias"], "none", [], ""))
         else:
             hidden = mlp.act(linear(hidden, w["fc1"], w["fc1_bias"], "none", [], ""))
         return linear.binary(hidden, x, w["fc2"], w["fc2_bias"], "add")

@@ -72,22 +72,22 @@ static inline float hsum(vf v) {
 
 #define LOG2E 1.44269504088896341f
 
-/* 2^y for y <= 0 (softmax terms), within about 1e-7 relative: y = n + f with |f| <= 1/2, 2^f from the degree-6
- * near-minimax polynomial of attention_common.h, 2^n written into the exponent field. Rounding to n adds and
- * subtracts 1.5 * 2^23, which leaves n in the low bits of the sum. y below -127 gives 0 (the true value is below
- * 2^-126, which no softmax sum notices); NaN stays NaN. */
+/* 2^y for y <= 0 (softmax terms), within 2.2e-7 relative: y = n + f with |f| <= 1/2, 2^f from a degree-5
+ * polynomial fitted to it on [-1/2, 1/2] (relative error 7.5e-8 before float32 rounding; one multiply-add fewer than
+ * the degree-6 fit of attention_common.h, and a common relative error cancels in the softmax's normalisation), 2^n
+ * written into the exponent field. Rounding to n adds and subtracts 1.5 * 2^23, which leaves n in the low bits of
+ * the sum. y below -127 gives 0 (the true value is below 2^-126, which no softmax sum notices); NaN stays NaN. */
 static inline vf exp2_v(vf y) {
     const vf magic = splat(12582912.0f);
-    for (int i = 0; i < LANES; i++) y[i] = y[i] < -127.0f ? -127.0f : y[i]; /* one max, NaN kept */
+    for (int i = 0; i < LANES; i++) y[i] = y[i] < -127.0f ? -127.0f : y[i]; /* a compare and a blend; NaN kept */
     const vf shifted = y + magic;
     const vf n = shifted - magic, f = y - n;
-    vf p = splat(1.5345811788456404e-04f);
-    p = p * f + 1.3399931422514604e-03f;
-    p = p * f + 9.618488959696013e-03f;
-    p = p * f + 5.550328776465654e-02f;
-    p = p * f + 2.4022646890593552e-01f;
-    p = p * f + 6.931472057374952e-01f;
-    p = p * f + 1.000000000554175f;
+    vf p = splat(1.3276446843519807e-03f);
+    p = p * f + 9.675533510744572e-03f;
+    p = p * f + 5.550713092088699e-02f;
+    p = p * f + 2.4022120237350464e-01f;
+    p = p * f + 6.931469440460205e-01f;
+    p = p * f + 1.0000001192092896f;
     const vi exponent = ((vi)shifted - (vi)magic + 127) << 23; /* n = -127 gives the bits of 0.0f */
     return p * (vf)exponent;
 }
@@ -496,7 +496,7 @@ static void backward_pair(const void *args, const shape_t *sh, int64_t pair, con
 }
 
 /* The vector width this library was compiled for, in floats (8 for AVX2, 16 for AVX-512). */
-int lwdetr_attention_lanes(void) { return LANES; }
+int lwdetr_vector_lanes(void) { return LANES; }
 
 /* Both return 0 on success, 1 when scratch memory could not be allocated, 2 for an unsupported shape. */
 int lwdetr_attention_forward(const float *qkv, float *out, float *lse, int64_t batch, int64_t heads, int64_t n,

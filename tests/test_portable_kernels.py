@@ -1,6 +1,6 @@
-"""The portable attention kernel (`kernels/attention_portable.c`) against PyTorch's attention, built for AVX2 (as on
-an AVX2-only CPU, also on an AVX-512 machine: `LWDETR_CPU_ISA=avx2`) and for AVX-512; the model on it against the
-reference; and what runs when it cannot."""
+"""The portable kernels (`kernels/attention_portable.c`, `kernels/deformable_portable.c`) against PyTorch's attention
+and `grid_sample`, built for AVX2 (as on an AVX2-only CPU, also on an AVX-512 machine: `LWDETR_CPU_ISA=avx2`) and
+for AVX-512; the model on them against the reference; and what runs when they cannot."""
 
 from __future__ import annotations
 
@@ -8,25 +8,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 from model_utils import outputs_with_the_same_proposals, ragged_batch, relative_error, twin_models
+from test_deformable_kernel import _inputs, _run
 
-from lwdetr import cpu_kernels, decoder, vit
+from lwdetr import cpu_kernels, decoder, deformable, vit
 from lwdetr.config import preset_config
 from lwdetr.cpu_features import cpu_flags
+from lwdetr.deformable import sample_levels
 from lwdetr.modeling import LwDetrForObjectDetection
 
 LANES = {"avx2": 8, "avx512": 16}
 
 
 def _portable_on(level: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make `kernel_attention` run the portable kernel built for `level` (skip where it cannot be built)."""
+    """Make the kernels' entry points run the portable kernels built for `level` (skip where they cannot be built)."""
     if not set(cpu_kernels._ISA_LEVELS[level][1]) <= cpu_flags():
         pytest.skip(f"the CPU lacks {level}")
     monkeypatch.delenv("LWDETR_CPU_KERNELS", raising=False)
     monkeypatch.setenv("LWDETR_CPU_ISA", level)
     cpu_kernels.forget_loaded()
-    monkeypatch.setitem(cpu_kernels._LOADED, cpu_kernels._FLOAT32, None)  # the AVX-512 kernel stands aside
-    if cpu_kernels._load(cpu_kernels._PORTABLE) is None:
-        pytest.skip(f"no portable kernel here: {cpu_kernels.kernel_status()}")
+    for portable, avx512 in cpu_kernels._STANDS_IN_FOR.items():
+        monkeypatch.setitem(cpu_kernels._LOADED, avx512, None)  # the AVX-512 kernels stand aside
+        if cpu_kernels._load(portable) is None:
+            pytest.skip(f"no portable kernel here: {cpu_kernels.kernel_status()}")
 
 
 @pytest.fixture(params=list(LANES))
@@ -51,9 +54,13 @@ def torch_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def test_the_library_is_built_for_the_asked_vector_width(portable):
-    assert cpu_kernels._LOADED[cpu_kernels._PORTABLE].lwdetr_attention_lanes() == LANES[portable]
+    for build in cpu_kernels._STANDS_IN_FOR:
+        assert cpu_kernels._LOADED[build].lwdetr_vector_lanes() == LANES[portable]
     assert cpu_kernels.attention_kernel(16) is cpu_kernels.kernel_attention
-    assert f"portable, {'AVX2' if portable == 'avx2' else 'AVX-512'}" in cpu_kernels.kernel_status()
+    assert cpu_kernels.deformable_kernel(16) is cpu_kernels.kernel_deformable_sampling
+    isa = "AVX2" if portable == "avx2" else "AVX-512"
+    status = cpu_kernels.kernel_status()
+    assert f"float32 attention (portable, {isa})" in status and f"deformable sampling (portable, {isa})" in status
 
 
 @pytest.mark.parametrize("head_dim", [16, 32, 48, 64])
@@ -103,6 +110,35 @@ def test_nan_in_a_key_reaches_the_output(portable_avx2):
     assert torch.isnan(cpu_kernels.kernel_attention(qkv, 1)).all()
 
 
+@pytest.mark.parametrize(
+    "heads, head_dim, shapes, points, on_the_lattice",
+    [
+        (16, 16, [(40, 40)], 2, False),  # tiny's decoder at 640
+        (8, 32, [(20, 24), (10, 12)], 4, False),
+        (4, 64, [(7, 5), (3, 2), (1, 1)], 3, False),
+        (2, 48, [(6, 6)], 1, False),
+        (16, 16, [(8, 16), (4, 8)], 2, True),  # on pixel centres: corners of weight 0 count in the gradient
+    ],
+)
+def test_deformable_sampling_matches_grid_sample(portable, heads, head_dim, shapes, points, on_the_lattice):
+    value, locations, weights, grad_out = _inputs(heads, head_dim, shapes, points, on_the_lattice=on_the_lattice)
+    batch, tokens = value.shape[:2]
+
+    def torch_sampler(v, loc, w):
+        return sample_levels(v.transpose(1, 2), shapes, loc, w, heads)
+
+    def kernel_sampler(v, loc, w):
+        return cpu_kernels.kernel_deformable_sampling(v.view(batch, tokens, heads, head_dim), shapes, loc, w)
+
+    exact = _run(torch_sampler, value, locations, weights, grad_out, torch.float64)
+    single = _run(torch_sampler, value, locations, weights, grad_out, torch.float32)
+    kernel = _run(kernel_sampler, value, locations, weights, grad_out, torch.float32)
+    for name, want, torch_got, got in zip(["out", "value", "locations", "weights"], exact, single, kernel):
+        scale = want.abs().max().item()
+        torch_error = (torch_got - want).abs().max().item()
+        assert (got - want).abs().max().item() <= 2 * torch_error + 1e-6 * scale, name
+
+
 def _counting(calls: list[int]):
     def factory(head_dim: int, dtype: torch.dtype, needs_grad: bool = False):
         kernel = cpu_kernels.attention_kernel(head_dim, dtype, needs_grad)
@@ -112,12 +148,19 @@ def _counting(calls: list[int]):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "medium"])  # ViT heads of 16 and 32 features; decoder heads of 32
-def test_model_on_the_avx2_kernel_matches_the_reference(portable_avx2, monkeypatch, preset: str):
-    """Every attention of the ViT (window and global layers) and of the decoder runs in the AVX2 build, and the
-    model's outputs stay within the parity tolerance of the reference's."""
+def test_model_on_the_avx2_kernels_matches_the_reference(portable_avx2, monkeypatch, preset: str):
+    """Every attention of the ViT (window and global layers) and of the decoder, and the decoder's deformable
+    sampling, run in the AVX2 builds, and the model's outputs stay within the parity tolerance of the reference's."""
     calls: list[int] = []
     monkeypatch.setattr(vit, "attention_kernel", _counting(calls))
     monkeypatch.setattr(decoder, "attention_kernel", _counting(calls))
+    samplings = []
+
+    def counting_sampler(head_dim: int, dtype: torch.dtype):
+        kernel = cpu_kernels.deformable_kernel(head_dim, dtype)
+        return None if kernel is None else lambda *args: samplings.append(head_dim) or kernel(*args)
+
+    monkeypatch.setattr(deformable, "deformable_kernel", counting_sampler)
     reference, ours = twin_models(preset, num_queries=30)
     reference.eval()
     ours.eval()
@@ -127,6 +170,7 @@ def test_model_on_the_avx2_kernel_matches_the_reference(portable_avx2, monkeypat
     patches = 6 * (step // 16) ** 2  # a 2 x 3 grid of windows, each (step / 16)^2 patches
     assert patches // ours.config.backbone_config.num_windows in calls and patches in calls  # window, global layers
     assert 30 in calls  # the decoder's self-attention over the queries
+    assert len(samplings) >= ours.config.decoder_layers  # each decoder layer's cross-attention
     for key in ("logits", "pred_boxes", "last_hidden_state", "enc_outputs_class"):
         assert relative_error(got[key], expected[key]) < 1e-4, key
 
@@ -164,18 +208,17 @@ def fresh_library(monkeypatch, tmp_path):
     cpu_kernels.forget_loaded()
 
 
-def test_an_avx2_only_cpu_builds_the_portable_kernel_for_avx2(fresh_library, monkeypatch, caplog):
+def test_an_avx2_only_cpu_builds_the_portable_kernels_for_avx2(fresh_library, monkeypatch, caplog):
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset({"sse4_2", "avx", "avx2", "fma"}))
     with caplog.at_level("INFO", logger="lwdetr.cpu_kernels"):
-        kernel = cpu_kernels.attention_kernel(16)
-    if kernel is None:
-        pytest.skip(f"no portable kernel here: {cpu_kernels.kernel_status()}")
-    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # a fast attention runs: nothing to warn of
+        attention, sampling = cpu_kernels.attention_kernel(16), cpu_kernels.deformable_kernel(16)
+    if attention is None or sampling is None:
+        pytest.skip(f"no portable kernels here: {cpu_kernels.kernel_status()}")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # fast kernels run: nothing to warn of
     built = sorted(p.name.split("-")[0] for p in (fresh_library / "kernels").glob("*.so"))
-    assert built == ["attention_portable"]  # the AVX-512 kernels were not even compiled
-    assert cpu_kernels._LOADED[cpu_kernels._PORTABLE].lwdetr_attention_lanes() == 8
-    assert cpu_kernels.kernel_summary() == "our portable kernel (AVX2)"
-    assert cpu_kernels.deformable_kernel(16) is None  # no portable deformable sampling: grid_sample runs
+    assert built == ["attention_portable", "deformable_portable"]  # the AVX-512 kernels were not even compiled
+    assert cpu_kernels._LOADED[cpu_kernels._PORTABLE_ATTENTION].lwdetr_vector_lanes() == 8
+    assert cpu_kernels.kernel_summary() == "our portable kernels (AVX2)"
 
 
 def test_a_failed_portable_build_runs_pytorch_attention(fresh_library, monkeypatch, caplog):
