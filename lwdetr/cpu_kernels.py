@@ -371,6 +371,8 @@ def kernel_summary() -> str:
     if _LOADED.get(_PORTABLE_ATTENTION) is not None:
         return f"our portable kernels ({_portable_isa(_PORTABLE_ATTENTION)})"
     reason = _OFF_REASONS.get(_PORTABLE_ATTENTION.source) or _OFF_REASONS.get(_FLOAT32.source)
+    if reason and reason.startswith("the build failed"):
+        reason = "the build failed"  # a UI shows this: not the compiler's message, which names server paths
     return f"PyTorch attention ({reason})" if reason else "PyTorch attention"
 
 

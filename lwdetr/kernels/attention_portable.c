@@ -75,10 +75,11 @@ static inline float hsum(vf v) {
 /* 2^y for y <= 0 (softmax terms), within 2.2e-7 relative: y = n + f with |f| <= 1/2, 2^f from a degree-5
  * polynomial fitted to it on [-1/2, 1/2] (relative error 7.5e-8 before float32 rounding; one multiply-add fewer than
  * the degree-6 fit of attention_common.h, and a common relative error cancels in the softmax's normalisation), 2^n
- * written into the exponent field. Rounding to n adds and subtracts 1.5 * 2^23, which leaves n in the low bits of
- * the sum. y below -127 gives 0 (the true value is below 2^-126, which no softmax sum notices); NaN stays NaN. */
+ * written into the exponent field. Adding 1.5 * 2^23 + 127 rounds y to an integer and leaves n + 127 in the low
+ * bits of the sum, which a shift moves into the exponent field. y below -127 gives 0 (the true value is below
+ * 2^-126, which no softmax sum notices); NaN stays NaN. */
 static inline vf exp2_v(vf y) {
-    const vf magic = splat(12582912.0f);
+    const vf magic = splat(12582912.0f + 127.0f);
     for (int i = 0; i < LANES; i++) y[i] = y[i] < -127.0f ? -127.0f : y[i]; /* a compare and a blend; NaN kept */
     const vf shifted = y + magic;
     const vf n = shifted - magic, f = y - n;
@@ -88,8 +89,7 @@ static inline vf exp2_v(vf y) {
     p = p * f + 2.4022120237350464e-01f;
     p = p * f + 6.931469440460205e-01f;
     p = p * f + 1.0000001192092896f;
-    const vi exponent = ((vi)shifted - (vi)magic + 127) << 23; /* n = -127 gives the bits of 0.0f */
-    return p * (vf)exponent;
+    return p * (vf)((vi)shifted << 23); /* n = -127 gives the bits of 0.0f */
 }
 
 typedef struct {
