@@ -11,10 +11,11 @@ faster), a paired ratio in which the machine's slow and fast phases cancel out.
     python benchmarks/bench.py --device cuda --autocast bf16    # on a GPU, both models under autocast
 
 It runs on any CPU: the output (and the JSON) starts with the machine: the CPU model, its vector extensions, which of
-our compiled kernels are active (none without AVX-512, or with LWDETR_CPU_KERNELS=0) and PyTorch's CPU capability;
-with `--device cuda`, the GPU. To see what an AVX2-only machine gets on an AVX-512 one:
+our compiled kernels are active (the AVX-512 ones, the portable ones built for AVX2, or none with
+LWDETR_CPU_KERNELS=0) and PyTorch's CPU capability; with `--device cuda`, the GPU. To see what an AVX2-only machine
+gets on an AVX-512 one (our kernels, PyTorch and oneDNN all held to AVX2):
 
-    LWDETR_CPU_KERNELS=0 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench.py --quick
+    LWDETR_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench.py --quick
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ DEVICE = torch.device("cpu")
 AUTOCAST: torch.dtype | None = None
 # The CPU's vector extensions that decide which fast paths exist (/proc/cpuinfo flag names).
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
-ENVIRONMENT = ("LWDETR_CPU_KERNELS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
+ENVIRONMENT = ("LWDETR_CPU_KERNELS", "LWDETR_CPU_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
 
 
 def _cpu_model_and_flags() -> tuple[str, set[str]]:
@@ -93,6 +94,13 @@ def _active_kernels() -> dict[str, bool]:
     return active
 
 
+def _kernel_status() -> str:
+    """Which build of our kernels runs (AVX-512, or portable and for which width), after `_active_kernels`."""
+    from lwdetr.cpu import kernel_status
+
+    return kernel_status()
+
+
 def machine_info() -> dict:
     """What the numbers were measured on: CPU, ISA, active kernels, PyTorch's capability and, on a GPU, the GPU."""
     name, flags = _cpu_model_and_flags()
@@ -101,6 +109,7 @@ def machine_info() -> dict:
         "isa": [flag for flag in ISA_FLAGS if flag in flags],
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "kernels": _active_kernels(),
+        "kernel_status": _kernel_status(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "environment": {key: os.environ[key] for key in ENVIRONMENT if key in os.environ},
@@ -125,6 +134,8 @@ def print_machine(info: dict) -> None:
     print(f"torch {info['torch']}, CPU capability {info['torch_cpu_capability']}, {info['threads']} threads")
     kernels = [name for name, on in info["kernels"].items() if on]
     print(f"compiled kernels active: {', '.join(kernels) if kernels else 'none (PyTorch fallbacks)'}")
+    if info.get("kernel_status"):
+        print(info["kernel_status"])
     if info["environment"]:
         print("environment: " + " ".join(f"{key}={value}" for key, value in info["environment"].items()))
     if "gpu" in info:

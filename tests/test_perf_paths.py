@@ -12,6 +12,7 @@ from model_utils import missing_detections
 
 from lwdetr.__main__ import main
 from lwdetr.config import preset_config
+from lwdetr.cpu import fused
 from lwdetr.detector import Detector
 from lwdetr.layers import ConvBnAct
 from lwdetr.modeling import LwDetrForObjectDetection
@@ -137,15 +138,30 @@ def test_compiled_detector_matches_eager() -> None:
         assert np.allclose(got.box, expected.box, atol=0.01)
 
 
-def test_fused_vit_block_matches_the_plain_one() -> None:
-    """The oneDNN path of a ViT block (inference) against its autograd path (training), window and global."""
+@pytest.mark.parametrize("gelu_in_gemm", [True, False], ids=["gelu-in-gemm", "gelu-apart"])
+def test_fused_vit_block_matches_the_plain_one(monkeypatch, gelu_in_gemm: bool) -> None:
+    """The oneDNN path of a ViT block (inference) against its autograd path (training), window and global; with the
+    GELU inside fc1's GEMM (AVX-512) or applied after it (AVX2, where oneDNN's GELU post-op is slow)."""
+    monkeypatch.setattr(fused, "gelu_in_gemm", lambda: gelu_in_gemm)
     backbone = _nano().model.backbone.backbone
     tokens = torch.randn(2 * backbone.config.num_windows, 16, backbone.config.hidden_size)
     for block in backbone.encoder.layer[:2]:
         with torch.no_grad():
-            fused = block(tokens)
+            fast = block(tokens)
         plain = block(tokens).detach()  # grad enabled: the plain ops
-        assert torch.allclose(fused, plain, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(fast, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_gelu_goes_into_the_gemm_with_avx512_only(monkeypatch) -> None:
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(fused, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
+    assert fused.gelu_in_gemm()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # an AVX2 machine played on a bigger one
+    assert not fused.gelu_in_gemm()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(fused, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert not fused.gelu_in_gemm()
 
 
 def test_fused_vit_block_repacks_edited_weights() -> None:

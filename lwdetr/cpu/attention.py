@@ -1,5 +1,6 @@
 """Softmax attention for LW-DETR's short heads on our compiled kernels, faster than PyTorch's CPU flash attention
-(`benchmarks/bench.py`): float32 with autograd (AVX-512, head sizes 16 to 64) and a bfloat16 forward (AMX, head
+(`benchmarks/bench.py`): float32 with autograd (AVX-512, or the portable kernel built for AVX2; head sizes 16
+to 64) and a bfloat16 forward (AMX, head
 size 16). `attention_kernel` picks the one for a call, or None: PyTorch's attention runs then."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from .build import ATTENTION_AMX_BF16, ATTENTION_AVX512, check, library, load
+from .build import ATTENTION_AMX_BF16, ATTENTION_AVX512, ATTENTION_PORTABLE, check, library, load
 
 __all__ = ["AttentionFn", "amx_attention", "attention_kernel", "kernel_attention"]
 
@@ -20,15 +21,21 @@ _AMX_HEAD_SIZES = (16,)
 def attention_kernel(head_dim: int, dtype: torch.dtype = torch.float32, needs_grad: bool = False) -> AttentionFn | None:
     """The compiled attention for heads of `head_dim` features in `dtype` on this machine, or None.
 
-    float32: `kernel_attention` (with autograd), head sizes 16, 32, 48, 64, AVX-512. bfloat16: `amx_attention`
+    float32: `kernel_attention` (with autograd), head sizes 16, 32, 48, 64: AVX-512, or the portable kernel.
+    bfloat16: `amx_attention`
     (inference only, so None when the caller `needs_grad`), head size 16, AMX.
     """
-    if dtype == torch.float32 and head_dim in _FLOAT32_HEAD_SIZES and load(ATTENTION_AVX512) is not None:
+    if dtype == torch.float32 and head_dim in _FLOAT32_HEAD_SIZES and _float32_build() is not None:
         return kernel_attention
     amx = dtype == torch.bfloat16 and not needs_grad and head_dim in _AMX_HEAD_SIZES
     if amx and load(ATTENTION_AMX_BF16) is not None:
         return amx_attention
     return None
+
+
+def _float32_build():
+    """The float32 attention build that runs here: the AVX-512 kernel, else the portable one; None when neither."""
+    return next((build for build in (ATTENTION_AVX512, ATTENTION_PORTABLE) if load(build) is not None), None)
 
 
 def _sizes(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int, int, float, int]:
@@ -44,7 +51,7 @@ def _forward(qkv: torch.Tensor, num_heads: int, with_lse: bool) -> tuple[torch.T
     """qkv: contiguous float32 [batch, tokens, 3 * dim] -> (out [batch, tokens, dim], lse [batch, heads, tokens])."""
     out = qkv.new_empty(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
     lse = qkv.new_empty(qkv.shape[0], num_heads, qkv.shape[1]) if with_lse else None
-    status = library(ATTENTION_AVX512).lwdetr_attention_forward(
+    status = library(_float32_build() or ATTENTION_AVX512).lwdetr_attention_forward(
         qkv.data_ptr(), out.data_ptr(), None if lse is None else lse.data_ptr(), *_sizes(qkv, num_heads)
     )
     check(status, "forward")
@@ -67,7 +74,7 @@ class _KernelAttention(torch.autograd.Function):
         qkv, out, lse = ctx.saved_tensors
         grad_out = grad_out.to(torch.float32).contiguous()
         grad_qkv = torch.empty_like(qkv)
-        status = library(ATTENTION_AVX512).lwdetr_attention_backward(
+        status = library(_float32_build() or ATTENTION_AVX512).lwdetr_attention_backward(
             qkv.data_ptr(), out.data_ptr(), grad_out.data_ptr(), lse.data_ptr(), grad_qkv.data_ptr(),
             *_sizes(qkv, ctx.num_heads),
         )  # fmt: skip

@@ -61,10 +61,10 @@ def native_bfloat16() -> bool:
     """Whether oneDNN runs bfloat16 on this CPU (AVX-512 BW/VL/DQ, avx_ne_convert or ARM's bf16): its bf16 kernels
     (packed weights, fused linear and convolution) refuse to run elsewhere, and PyTorch's plain bf16 ops fall back
     to slow reference loops there, slower than float32."""
-    return not _onednn_capped_below_avx512() and _onednn_supports("bf16")
+    return not onednn_capped_below_avx512() and _onednn_supports("bf16")
 
 
-def _onednn_capped_below_avx512() -> bool:
+def onednn_capped_below_avx512() -> bool:
     """Whether ONEDNN_MAX_CPU_ISA (or its old name) holds oneDNN below AVX-512, as when an AVX2 machine is played
     on a bigger one: PyTorch's own check reads the CPU and would still say yes."""
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
@@ -99,6 +99,6 @@ def reduced_precision_fallback(dtype: torch.dtype, device: torch.device) -> torc
     if native:
         return dtype
     needs = "AVX-512 (BW, VL, DQ) or avx_ne_convert" if dtype == torch.bfloat16 else "AVX-512 FP16 or AMX-FP16"
-    here = cpu_name() + (", oneDNN capped by ONEDNN_MAX_CPU_ISA" if _onednn_capped_below_avx512() else "")
+    here = cpu_name() + (", oneDNN capped by ONEDNN_MAX_CPU_ISA" if onednn_capped_below_avx512() else "")
     _warn_once(f"{dtype} needs {needs} on the CPU, not available here ({here}): the model runs in float32")
     return torch.float32

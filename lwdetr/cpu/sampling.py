@@ -1,5 +1,6 @@
 """The deformable attention's sampling on our compiled kernel, in place of a `grid_sample` per level: float32,
-forward and backward, AVX-512. `deformable_kernel` says whether it runs for a call (None: `grid_sample` runs)."""
+forward and backward, AVX-512 or the portable kernel (built for AVX2 where AVX-512 is missing).
+`deformable_kernel` says whether it runs for a call (None: `grid_sample` runs)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from .build import DEFORMABLE_AVX512, check, library, load
+from .build import DEFORMABLE_AVX512, DEFORMABLE_PORTABLE, check, library, load
 
 __all__ = ["DeformableFn", "deformable_kernel", "kernel_deformable_sampling"]
 
@@ -17,10 +18,16 @@ _DEFORMABLE_HEAD_SIZES = (16, 32, 48, 64)
 
 def deformable_kernel(head_dim: int, dtype: torch.dtype = torch.float32) -> DeformableFn | None:
     """The compiled deformable sampling (`kernel_deformable_sampling`, with autograd) for heads of `head_dim`
-    features in `dtype` on this machine, or None: float32, head sizes 16, 32, 48 and 64, AVX-512."""
-    if dtype == torch.float32 and head_dim in _DEFORMABLE_HEAD_SIZES and load(DEFORMABLE_AVX512) is not None:
+    features in `dtype` on this machine, or None: float32, head sizes 16, 32, 48 and 64, AVX-512 or the portable
+    kernel."""
+    if dtype == torch.float32 and head_dim in _DEFORMABLE_HEAD_SIZES and _deformable_build() is not None:
         return kernel_deformable_sampling
     return None
+
+
+def _deformable_build():
+    """The deformable sampling build that runs here: the AVX-512 kernel, else the portable one; None when neither."""
+    return next((build for build in (DEFORMABLE_AVX512, DEFORMABLE_PORTABLE) if load(build) is not None), None)
 
 
 def _deformable_sizes(value: torch.Tensor, locations: torch.Tensor) -> tuple[int, ...]:
@@ -34,7 +41,7 @@ class _DeformableSampling(torch.autograd.Function):
     def forward(ctx, value, locations, weights, levels):
         out = value.new_empty(value.shape[0], locations.shape[1], value.shape[2] * value.shape[3])
         sizes = _deformable_sizes(value, locations)
-        status = library(DEFORMABLE_AVX512).lwdetr_deformable_forward(
+        status = library(_deformable_build() or DEFORMABLE_AVX512).lwdetr_deformable_forward(
             value.data_ptr(), locations.data_ptr(), weights.data_ptr(), out.data_ptr(), levels.data_ptr(), *sizes,
             torch.get_num_threads(),
         )  # fmt: skip
@@ -49,7 +56,7 @@ class _DeformableSampling(torch.autograd.Function):
         grad_out = grad_out.to(torch.float32).contiguous()
         grad_value = torch.zeros(value.shape, dtype=value.dtype)  # the kernel scatters into it
         grad_locations, grad_weights = torch.empty_like(locations), torch.empty_like(weights)
-        status = library(DEFORMABLE_AVX512).lwdetr_deformable_backward(
+        status = library(_deformable_build() or DEFORMABLE_AVX512).lwdetr_deformable_backward(
             value.data_ptr(), locations.data_ptr(), weights.data_ptr(), grad_out.data_ptr(), grad_value.data_ptr(),
             grad_locations.data_ptr(), grad_weights.data_ptr(), levels.data_ptr(),
             *_deformable_sizes(value, locations), torch.get_num_threads(),
