@@ -11,6 +11,7 @@ Modules (import them directly; this package imports nothing heavy on purpose):
 - `finetune.safe_paths`: image paths named by a dataset, confined to the dataset's folder.
 - `finetune.pixels`: decoding dataset images exactly as inference does; EXIF orientation of boxes.
 - `finetune.train`: `TrainConfig`, `train()` (the Accelerate loop) and `resume_config()`.
+- `finetune.defaults`: the auto settings: a recipe per base model (pretrained, demo, from scratch) and dataset size.
 - `finetune.state`: the run state on disk (save, check, recover, resume) and `finetune.faults`, crash points for tests.
 - `finetune.optim`: AdamW parameter groups (layer-wise decay for the ViT) and the warmup-then-decay schedule.
 - `finetune.ema`: the exponential moving average of the weights.

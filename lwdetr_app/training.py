@@ -59,24 +59,27 @@ class JobBusyError(RuntimeError):
 
 @dataclass(frozen=True)
 class TrainRequest:
-    """The settings a user picks in the Fine-tune tab."""
+    """The settings a user picks in the Fine-tune tab; None: auto (`finetune.defaults` chooses, in the run)."""
 
     data: str
     model: str
-    epochs: int = 10
-    batch_size: int = 4
-    image_size: int = 512
-    lr: float = 1e-4
+    epochs: int | None = None
+    batch_size: int | None = None
+    image_size: int | None = None
+    lr: float | None = None
     freeze_backbone: bool = False
 
     def cli_args(self, run_dir: Path) -> list[str]:
         """`python -m finetune` options for this request, writing into `run_dir`."""
-        return [
-            "--data", self.data, "--model", self.model, "--output", str(run_dir), "--epochs", str(int(self.epochs)),
-            "--batch-size", str(int(self.batch_size)), "--image-size", str(int(self.image_size)),
-            "--lr", repr(float(self.lr)), "--freeze-backbone" if self.freeze_backbone else "--no-freeze-backbone",
-            "--eval-every", "1", "--seed", "0",
-        ]  # fmt: skip
+        args = ["--data", self.data, "--model", self.model, "--output", str(run_dir)]
+        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size),
+                            ("--image-size", self.image_size)):  # fmt: skip
+            if value is not None:
+                args += [flag, str(int(value))]
+        if self.lr is not None:
+            args += ["--lr", repr(float(self.lr))]
+        args.append("--freeze-backbone" if self.freeze_backbone else "--no-freeze-backbone")
+        return [*args, "--eval-every", "1", "--seed", "0"]
 
 
 def visible_gpus() -> int:
