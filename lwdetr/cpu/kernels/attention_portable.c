@@ -337,25 +337,30 @@ static inline __attribute__((always_inline)) void backward_rows(const int R, con
 #undef BACKWARD_PASS
 }
 
-/* One specialised (fully unrolled) copy of the per-head code for each head size: blocks of R query rows; values
- * summed G vectors and RW rows at a time. The forward's last block overlaps the one before it (it recomputes up to
- * R - 1 rows, writing the same results), so no row runs alone; the backward, which accumulates, runs the rows left
- * over one by one. */
+/* One specialised (fully unrolled) copy of the per-head code for each head size: blocks of R query rows, then blocks
+ * of SCORE_ROWS for the rows left (a 100-token window: 8 x 12 + 4), values summed G vectors and RW rows at a time.
+ * The forward's last SCORE_ROWS block may overlap the one before it (recomputing a few rows, writing the same
+ * results), so no row runs alone; the backward, which accumulates, runs the last few rows one by one. */
 #define DEFINE_HEAD(D_, R, G, RW)                                                                                     \
     static __attribute__((noinline)) void forward_head_d##D_(const shape_t *sh, const float *q, const float *k,     \
                                                                const float *v, int64_t step, float *out,            \
                                                                int64_t o_step, float *lse, const scratch_t *w) {    \
-        pack_head(k, step, sh->n, D_, sh->npad, w->kt, NULL);                                                        \
-        pack_head(v, step, sh->n, D_, sh->npad, NULL, w->vp);                                                        \
-        if (sh->n < R) {                                                                                             \
-            for (int64_t i = 0; i < sh->n; i++)                                                                      \
-                forward_rows(1, D_, G, RW, sh, q + i * step, step, w, out + i * o_step, o_step, lse ? lse + i : NULL); \
-            return;                                                                                                  \
-        }                                                                                                            \
-        for (int64_t i0 = 0; i0 < sh->n; i0 += R) {                                                                  \
-            const int64_t i = i0 + R <= sh->n ? i0 : sh->n - R;                                                      \
+        const int64_t n = sh->n;                                                                                     \
+        pack_head(k, step, n, D_, sh->npad, w->kt, NULL);                                                            \
+        pack_head(v, step, n, D_, sh->npad, NULL, w->vp);                                                            \
+        int64_t i = 0;                                                                                               \
+        for (; i + R <= n; i += R)                                                                                   \
             forward_rows(R, D_, G, RW, sh, q + i * step, step, w, out + i * o_step, o_step, lse ? lse + i : NULL);   \
+        for (; i + SCORE_ROWS <= n; i += SCORE_ROWS)                                                                 \
+            forward_rows(SCORE_ROWS, D_, G, RW, sh, q + i * step, step, w, out + i * o_step, o_step,                 \
+                         lse ? lse + i : NULL);                                                                      \
+        if (i < n && n >= SCORE_ROWS) {                                                                              \
+            i = n - SCORE_ROWS;                                                                                      \
+            forward_rows(SCORE_ROWS, D_, G, RW, sh, q + i * step, step, w, out + i * o_step, o_step,                 \
+                         lse ? lse + i : NULL);                                                                      \
         }                                                                                                            \
+        for (; i < n && n < SCORE_ROWS; i++)                                                                         \
+            forward_rows(1, D_, G, RW, sh, q + i * step, step, w, out + i * o_step, o_step, lse ? lse + i : NULL);   \
     }                                                                                                                \
     static __attribute__((noinline)) void backward_head_d##D_(                                                       \
         const shape_t *sh, const float *q, const float *k, const float *v, int64_t step, const float *o,            \
@@ -369,6 +374,9 @@ static inline __attribute__((always_inline)) void backward_rows(const int R, con
         for (; i + R <= n; i += R)                                                                                   \
             backward_rows(R, D_, G, RW, sh, q + i * step, step, o + i * o_step, dout + i * o_step, o_step, lse + i, \
                           w, dq + i * step);                                                                         \
+        for (; i + SCORE_ROWS <= n; i += SCORE_ROWS)                                                                 \
+            backward_rows(SCORE_ROWS, D_, G, RW, sh, q + i * step, step, o + i * o_step, dout + i * o_step, o_step, \
+                          lse + i, w, dq + i * step);                                                                \
         for (; i < n; i++)                                                                                           \
             backward_rows(1, D_, G, RW, sh, q + i * step, step, o + i * o_step, dout + i * o_step, o_step, lse + i, \
                           w, dq + i * step);                                                                         \
