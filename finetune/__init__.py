@@ -16,6 +16,7 @@ Modules (import them directly; this package imports nothing heavy on purpose):
   (accelerator, model, datasets), `finetune.checkpoints` decides what it saves and when, `finetune.loss_log` reads
   its losses.
 - `finetune.result`: `TrainResult`, what a run produced.
+- `finetune.defaults`: the auto settings: a recipe per base model (pretrained, demo, from scratch) and dataset size.
 - `finetune.state`: the run state on disk (save, check, recover, resume) and `finetune.faults`, crash points for tests.
 - `finetune.optim`: AdamW parameter groups (layer-wise decay for the ViT) and the warmup-then-decay schedule.
 - `finetune.ema`: the exponential moving average of the weights.

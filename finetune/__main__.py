@@ -32,19 +32,23 @@ HELP = {
     "HF-format folder or a hub id (heads re-initialised for your classes)",
     "output": "run folder: best/, last/, state/, metrics.jsonl, events.jsonl, plots, README.md (a new run refuses a "
     "folder that holds one: see --resume and --force)",
-    "epochs": "number of epochs (with --resume: the total to reach)",
-    "batch_size": "images per process and micro-batch",
+    "epochs": "number of epochs (with --resume: the total to reach); auto: about 1000 optimizer steps, at least 10 "
+    "epochs from a pretrained checkpoint, 12 otherwise",
+    "batch_size": "images per process and micro-batch (auto: 8 for nano, else 4)",
     "image_size": "square training/eval size in pixels; a multiple of the model's size divisor (32 for nano, 64 for "
-    "the published presets)",
-    "lr": "base learning rate (projector, query selection, heads; the decoder gets lr x component decay)",
-    "lr_encoder": "ViT learning rate before layer-wise decay (default: 1.5 x lr, LW-DETR's 1.5e-4 for 1e-4)",
+    "the published presets); auto: 640 from a pretrained checkpoint, 384 for nano otherwise, never above the "
+    "data's typical image side",
+    "lr": "base learning rate (projector, query selection, heads; the decoder gets lr x component decay); auto: 1e-4 "
+    "from a pretrained checkpoint (LW-DETR's), 1e-3 from a demo model or from scratch",
+    "lr_encoder": "ViT learning rate before layer-wise decay (auto: 1.5 x lr, LW-DETR's 1.5e-4 for 1e-4)",
     "weight_decay": "AdamW weight decay (none on biases, norms, layer scales, embeddings)",
-    "layer_decay": "layer-wise learning-rate decay of the ViT per block from the top (default: 0.8 for a pretrained "
-    "model, 1.0 for a preset trained from scratch)",
-    "component_decay": "decoder lr factor, the ViT gets its square (LW-DETR's lr_component_decay; default: 0.7 for a "
-    "pretrained model, 1.0 for a preset)",
-    "warmup_epochs": "linear warmup length in epochs",
-    "warmup_steps": "linear warmup length in optimizer steps (overrides --warmup-epochs)",
+    "layer_decay": "layer-wise learning-rate decay of the ViT per block from the top (auto: 0.8 from a pretrained "
+    "checkpoint, 1.0 from a demo model or from scratch)",
+    "component_decay": "decoder lr factor, the ViT gets its square (LW-DETR's lr_component_decay; auto: 0.7 from a "
+    "pretrained checkpoint, 1.0 otherwise)",
+    "warmup_epochs": "linear warmup length in epochs (auto: see --warmup-steps)",
+    "warmup_steps": "linear warmup length in optimizer steps (overrides --warmup-epochs); auto: one epoch, at least "
+    "50 steps, at most a fifth of the run",
     "schedule": "learning-rate decay after warmup: cosine, step (x0.1 for the last third) or constant",
     "min_lr_ratio": "final cosine learning rate as a fraction of the base rate",
     "grad_accum": "micro-batches per optimizer step (effective batch = batch size x grad accum x processes)",
@@ -54,7 +58,8 @@ HELP = {
     "ema_decay": "EMA decay (warmed up over --ema-tau updates)",
     "ema_tau": "EMA warmup: decay x (1 - exp(-updates / tau))",
     "freeze_backbone": "do not train the ViT encoder",
-    "multi_scale": "random square size per batch in 0.7..1.4 x image size",
+    "multi_scale": "random square size per batch in 0.7..1.4 x image size (auto: on from a pretrained checkpoint, "
+    "off otherwise)",
     "augment": "flip, box-safe random crop and colour jitter",
     "resume": "continue the run in --output (default: the current folder when it holds a run) from its last "
     "checkpoint, wherever the folder now is; its saved settings are used (--epochs, --max-steps, --eval-every, "
@@ -77,21 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
     """One option per `TrainConfig` field, typed from the dataclass."""
     parser = argparse.ArgumentParser(
         prog="python -m finetune",
-        description="Fine-tune LW-DETR on a detection dataset (COCO / Roboflow export).",
+        description="Fine-tune LW-DETR on a detection dataset (COCO / Roboflow export). Options marked auto are "
+        "chosen for the base model and the data when not given (finetune.defaults); the run prints and records "
+        "the values used.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     hints = typing.get_type_hints(TrainConfig)
     for spec in dataclasses.fields(TrainConfig):
         flag = "--" + spec.name.replace("_", "-")
         kind = hints[spec.name]
-        # SUPPRESS keeps options that were not given out of the namespace, so --resume can tell them apart.
+        scalar = next((t for t in typing.get_args(kind) if t is not type(None)), kind)  # `int | None` -> int
+        # SUPPRESS keeps options that were not given out of the namespace, so --resume can tell them apart (and
+        # the auto defaults of finetune.defaults apply to them).
         common = {"help": HELP[spec.name], "default": argparse.SUPPRESS}
-        if kind is bool:
+        if scalar is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif typing.get_origin(kind) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(kind), **common)
         else:
-            scalar = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
             parser.add_argument(flag, type=scalar, metavar=spec.name.upper(), **common)
     return parser
 

@@ -118,9 +118,6 @@ def _card(run: Run, row: dict[str, Any] | None) -> str:
     config = run.config
     hidden = {"command", "dry_run", "resume", "force"}
     hyperparameters = {k: v for k, v in dataclasses.asdict(config).items() if k not in hidden}
-    settings = config.optimizer_settings()  # the values in force where the config says "default"
-    for name in ("lr_encoder", "layer_decay", "component_decay"):
-        hyperparameters[name] = getattr(settings, name)
     hyperparameters["processes"] = run.accelerator.num_processes
     return model_card(
         title=f"LW-DETR fine-tuned from `{config.model}`",

@@ -36,24 +36,24 @@ _ALWAYS_SHOWN = ("data", "model", "output", "epochs", "batch_size", "image_size"
 class TrainConfig:
     """Everything a fine-tuning run needs, as plain data (the CLI fills it from its arguments, the app directly).
 
-    Learning-rate defaults are LW-DETR's (lr 1e-4, encoder 1.5e-4, layer decay 0.8, component decay 0.7,
-    weight decay 1e-4, gradient clipping at 0.1; see `finetune.optim`), except that the two decays default to 1
-    for a preset trained from scratch. EMA defaults are rf-detr's.
+    None in a field of `finetune.defaults.AUTO_FIELDS` (epochs, batch size, image size, learning rates, decays,
+    warm-up, multi-scale) means "auto": `train` fills it from a recipe for the base model and the data
+    (`finetune.defaults`). Weight decay 1e-4 and gradient clipping at 0.1 are LW-DETR's, the EMA rf-detr's.
     """
 
     data: str | None = None  # dataset folder, COCO json, zip or Hugging Face dataset (see finetune.data)
     val_data: str | None = None  # optional separate validation set (same forms)
     model: str = "nano"  # preset name (random init), local HF folder or hub id
     output: str = "runs/finetune"  # the run folder
-    epochs: int = 10
-    batch_size: int = 4  # per process, per micro-batch
-    image_size: int = 640  # square side; a multiple of the model's size_divisor
-    lr: float = 1e-4
-    lr_encoder: float | None = None  # ViT learning rate before layer decay; None: 1.5 x lr
+    epochs: int | None = None  # None: auto (finetune.defaults), as for every None below
+    batch_size: int | None = None  # per process, per micro-batch
+    image_size: int | None = None  # square side; a multiple of the model's size_divisor
+    lr: float | None = None
+    lr_encoder: float | None = None  # ViT learning rate before layer decay; auto: 1.5 x lr
     weight_decay: float = 1e-4
-    layer_decay: float | None = None  # ViT lr decay per block from the top; None: 0.8 pretrained, 1.0 preset
-    component_decay: float | None = None  # decoder lr factor (ViT: its square); None: 0.7 pretrained, 1.0 preset
-    warmup_epochs: float = 1.0
+    layer_decay: float | None = None  # ViT lr decay per block from the top
+    component_decay: float | None = None  # decoder lr factor (ViT: its square)
+    warmup_epochs: float | None = None  # auto when warmup_steps is None too
     warmup_steps: int | None = None  # overrides warmup_epochs when set
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     min_lr_ratio: float = 0.05  # cosine floor, as a fraction of the base rates
@@ -64,7 +64,7 @@ class TrainConfig:
     ema_decay: float = 0.993
     ema_tau: float = 100.0
     freeze_backbone: bool = False
-    multi_scale: bool = True  # a random square size per batch in [0.7, 1.4] x image_size
+    multi_scale: bool | None = None  # a random square size per batch in [0.7, 1.4] x image_size
     augment: bool = True  # flip, box-safe crop, colour jitter; False: plain resize
     resume: bool = False
     force: bool = False  # start a new run in an output folder that holds one (its files are deleted first)
@@ -112,17 +112,13 @@ class TrainConfig:
         return args
 
     def optimizer_settings(self) -> OptimizerSettings:
-        """LW-DETR's groups. The decays protect pretrained features; a preset starts from random weights, where
-        holding the lower layers back only slows learning, so there they default to 1 (measured on synthetic
-        shapes: AP50 0.68 -> 0.76 after 400 nano steps)."""
+        """LW-DETR's groups, with this configuration's rates and decays (resolved: see `finetune.defaults`)."""
         from finetune.optim import OptimizerSettings
-        from lwdetr.config import PRESETS
 
-        scratch = self.model in PRESETS and not Path(self.model).exists()
-        layer_decay = self.layer_decay if self.layer_decay is not None else (1.0 if scratch else 0.8)
-        component_decay = self.component_decay if self.component_decay is not None else (1.0 if scratch else 0.7)
-        lr_encoder = self.lr_encoder if self.lr_encoder is not None else 1.5 * self.lr
-        return OptimizerSettings(self.lr, lr_encoder, self.weight_decay, layer_decay, component_decay)
+        values = (self.lr, self.lr_encoder, self.weight_decay, self.layer_decay, self.component_decay)
+        if any(value is None for value in values):
+            raise ConfigError("the learning rates and decays are not resolved yet (finetune.defaults.resolve_config)")
+        return OptimizerSettings(*values)
 
 
 def load_run_config(output: str | Path) -> TrainConfig:
@@ -170,7 +166,10 @@ def _same_setting(saved: Any, given: Any) -> bool:
 def resumed_config(config: TrainConfig) -> TrainConfig:
     """What a resumed run uses: the saved configuration, except the `RESUME_OVERRIDES` fields of `config`."""
     saved = load_run_config(config.output)
-    return dataclasses.replace(saved, **{name: getattr(config, name) for name in RESUME_OVERRIDES}, resume=True)
+    changes = {name: getattr(config, name) for name in RESUME_OVERRIDES}
+    if changes["epochs"] is None:  # auto: the saved run's (resolved) epochs
+        del changes["epochs"]
+    return dataclasses.replace(saved, **changes, resume=True)
 
 
 def check_config(config: TrainConfig) -> None:
@@ -178,7 +177,7 @@ def check_config(config: TrainConfig) -> None:
     if config.data is None:
         raise ConfigError("no training data given (config.data)")
     for name in ("epochs", "batch_size", "image_size", "grad_accum", "eval_every"):
-        if getattr(config, name) < 1:
+        if getattr(config, name) is not None and getattr(config, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(config, name)}")
     if config.schedule not in ("cosine", "step", "constant"):
         raise ConfigError(f"schedule must be cosine, step or constant, got {config.schedule!r}")

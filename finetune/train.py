@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -191,11 +192,12 @@ def train(
     data = load_data(config, accelerator)
     if config.dry_run:
         return TrainResult(output_dir=Path(config.output), report=data.report.to_text())
+    config, recipe_note = _resolve_defaults(config, data, accelerator)
     run = _setup(config, accelerator, data, callback)
     if config.resume and accelerator.is_main_process and run.progress.history:
         with disk_full_guard(run.output, FILES_BYTES):
             write_run_files(run)  # a kill after state/ was saved may have left them one epoch behind
-    run.emit("start", message=_start_message(run))
+    run.emit("start", message=_start_message(run) + recipe_note)
     while run.progress.epoch < config.epochs and run.progress.step < run.plan.total_steps:
         finished_epoch = _train_epoch(run, stop_event)
         if not finished_epoch:
@@ -206,6 +208,19 @@ def train(
     write_final_analysis(run)
     return _end_session(run, "done", _done_message(run))
 
+
+
+def _resolve_defaults(config: TrainConfig, data, accelerator) -> tuple[TrainConfig, str]:
+    """`config` with its auto fields filled (`finetune.defaults`), and a note on them for the start message."""
+    from finetune.defaults import DataSize, resolve_config
+
+    config, recipe = resolve_config(config, DataSize.of(data.train), accelerator.num_processes)
+    if recipe is None:
+        return config, ""
+    note = f"settings (auto where not given): {recipe.describe()}"
+    if accelerator.is_main_process:
+        print(f"finetune: {note}", file=sys.stderr, flush=True)
+    return config, f"; {note}"
 
 def _setup(config: TrainConfig, accelerator, data, callback: Callback | None) -> Run:
     """Model, datasets, optimizer, EMA and, when resuming, the saved state."""

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from finetune.defaults import DataSize
 from lwdetr.detector import Detection
 from lwdetr.draw import draw_detections
 
@@ -42,13 +43,15 @@ class ZipLimits:
 
 @dataclass
 class DatasetPreview:
-    """What the tab shows about a dataset: the report text, a few images with their boxes, and whether it is usable."""
+    """What the tab shows about a dataset: the report text, a few images with their boxes, whether it is usable, and
+    the size of its training split (what the auto training settings are chosen from)."""
 
     ok: bool
     report: str
     root: Path | None = None
     images: list[tuple[Image.Image, str]] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
+    data_size: DataSize | None = None
 
 
 def _file_digest(path: Path) -> str:
@@ -173,4 +176,4 @@ def inspect_dataset(root: str | os.PathLike, work_dir: Path | None = None, max_i
         except (DataError, OSError):
             continue
     classes = [data.id2label[key] for key in sorted(data.id2label)]
-    return DatasetPreview(True, data.report.to_text(), Path(root), previews, classes)
+    return DatasetPreview(True, data.report.to_text(), Path(root), previews, classes, DataSize.of(data.train))

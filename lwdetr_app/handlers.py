@@ -41,6 +41,7 @@ from . import detection, video
 from .datasets import ZipLimits, dataset_entry, inspect_dataset, prepare_synthetic, prepare_zip
 from .models import PUBLISHED_MODELS, ModelChoice, ModelRegistry, display_path, model_choices
 from .public_text import one_line, public_text
+from .recipes import AUTO_NUMBERS, HUB_UNREACHABLE_NOTE, auto_settings, kind_labelled
 from .runs import OwnedRun, new_token, owned_runs, owner_key, valid_token
 from .settings import PERSISTENT_STORAGE, REPO_ROOT, AppSettings, parse_size
 from .storage import enforce_budget, touch
@@ -117,6 +118,29 @@ def _stream_status(boxes: int, seconds: float, times: list[float]) -> str:
     return f"**{boxes} boxes** · {rate} · the model: {seconds * 1000:.0f} ms per frame"
 
 
+def _optional_number(value: Any, what: str, low: float, high: float) -> float | None:
+    """None for an empty field (auto: `finetune.defaults` chooses), else `_number`."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return _number(value, what, low, high)
+
+
+def _optional_int(value: Any, what: str, low: float, high: float) -> int | None:
+    number = _optional_number(value, what, low, high)
+    return None if number is None else int(number)
+
+
+def _typed(value: Any) -> float | None:
+    """A settings field's value when it holds a usable positive number (int when whole), else None (auto)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if not 0 < number < 1e6:
+        return None
+    return int(number) if number.is_integer() else number
+
+
 def empty_table() -> pd.DataFrame:
     return pd.DataFrame([], columns=detection.COLUMNS)
 
@@ -140,6 +164,7 @@ class AppContext:
         self._images_lock = threading.Lock()
         self._results_checked = 0.0
         self._owned_cache: dict[str | None, tuple[Any, list]] = {}
+        self._data_sizes: OrderedDict[str, Any] = OrderedDict()  # dataset root -> finetune.defaults.DataSize
         mark_interrupted_runs(self.paths.runs, self.job)  # runs whose child is gone (an app restart) can resume
 
     # ------------------------------------------------------------------ what visitors see
@@ -182,8 +207,13 @@ class AppContext:
         return choices
 
     def base_model_choices(self, owner: str | None = None) -> list[tuple[str, str]]:
+        """The models `owner` may fine-tune, each label saying whether it is a real pretrained checkpoint."""
         presets = [(f"Preset {name} (random init)", name) for name in PRESETS]
-        return self.model_choices(owner) + presets
+        return kind_labelled(self.model_choices(owner) + presets)
+
+    def scratch_note(self) -> str:
+        """What the Fine-tune tab says when no pretrained checkpoint can be offered (the hub is unreachable)."""
+        return "" if self.default.hub_reachable else HUB_UNREACHABLE_NOTE
 
     def allowed_model(self, ref: str, base: bool = False, owner: str | None = None) -> bool:
         """Whether a visitor may load `ref`: a choice the app offers (or a preset for a base model), or anything when
@@ -549,6 +579,9 @@ class AppContext:
             gr.Warning(self.public_line(preview.report, names))
             return None, report, []
         self.enforce_budgets(("datasets",), keep=(entry,))
+        self._data_sizes[str(preview.root)] = preview.data_size
+        while len(self._data_sizes) > 256:
+            self._data_sizes.popitem(last=False)
         return str(preview.root), report, gallery
 
     def _training_on(self, entry: Path) -> bool:
@@ -609,10 +642,10 @@ class AppContext:
         config = TrainConfig(
             data=str(dataset),
             model=model,
-            epochs=int(_number(epochs, "Epochs", 1, 500)),
-            batch_size=int(_number(batch_size, "Batch size", 1, 64)),
-            image_size=int(_number(image_size, "Image size", 64, 1280)),
-            lr=_number(lr, "Learning rate", 1e-8, 1.0),
+            epochs=_optional_int(epochs, "Epochs", 1, 500),
+            batch_size=_optional_int(batch_size, "Batch size", 1, 64),
+            image_size=_optional_int(image_size, "Image size", 64, 1280),
+            lr=_optional_number(lr, "Learning rate", 1e-8, 1.0),
             freeze_backbone=bool(freeze),
         )
         touch(entry)
@@ -624,6 +657,21 @@ class AppContext:
             return self.public_line(error)
         gr.Info(f"Training {name} started.")
         return self._status_line(owner)
+
+    def auto_settings(self, dataset, base_model, epochs, batch_size, image_size, lr, token=None,
+                      request: gr.Request = None):  # fmt: skip
+        """The auto settings for the visitor's dataset and base model: (a line saying them, an update per
+        `AUTO_NUMBERS` field showing its auto value as the placeholder), following the values already typed."""
+        owner = owner_key(token, request)
+        model = str(base_model or "").strip()
+        keep = tuple(gr.update() for _ in AUTO_NUMBERS)
+        if not model or not self.allowed_model(model, base=True, owner=owner):
+            return "**Auto settings:** pick a base model from the list.", *keep
+        given = {name: _typed(value) for name, value in zip(AUTO_NUMBERS, (epochs, batch_size, image_size, lr))}
+        text, placeholders = auto_settings(model, self._data_sizes.get(str(dataset or "")), given)
+        if not placeholders:
+            return text, *keep
+        return text, *(gr.update(placeholder=placeholders[name]) for name in AUTO_NUMBERS)
 
     def resume_training(self, run_name: Any, token=None, request: gr.Request = None):
         """Continue one of the visitor's stopped, failed or interrupted runs (picked by name from their list)."""

@@ -99,12 +99,18 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
         )  # fmt: skip
 
         dataset_outputs = [dataset_state, t["report"], t["gallery"]]
+        # The auto settings (empty fields) follow the dataset and the base model.
+        numbers = [t["epochs"], t["batch_size"], t["image_size"], t["lr"]]
+        auto_inputs, auto_outputs = [dataset_state, t["base_model"], *numbers, owner], [t["auto"], *numbers]
         # Then open the gallery on its first image: large, its file name under it (in the grid, over each image).
         t["zip"].upload(ctx.use_zip, t["zip"], dataset_outputs, **private).then(
             _open_first, None, t["gallery"], show_progress="hidden", **private
-        )
+        ).then(ctx.auto_settings, auto_inputs, auto_outputs, preprocess=False, show_progress="hidden", **private)
         t["synthetic"].click(ctx.use_synthetic, None, dataset_outputs, **private).then(
             _open_first, None, t["gallery"], show_progress="hidden", **private
+        ).then(ctx.auto_settings, auto_inputs, auto_outputs, preprocess=False, show_progress="hidden", **private)
+        t["base_model"].change(
+            ctx.auto_settings, auto_inputs, auto_outputs, preprocess=False, show_progress="hidden", **private
         )
         settings = [t["base_model"], t["epochs"], t["batch_size"], t["image_size"], t["lr"], t["freeze"]]
         t["start"].click(
@@ -273,16 +279,25 @@ def _train_tab(ctx: AppContext) -> dict[str, Any]:
                 label="Base model",
                 info=_model_info(ctx, "A published checkpoint, a preset or an earlier run"), elem_id="base-model",
             )  # fmt: skip
+            if ctx.scratch_note():
+                gr.Markdown(ctx.scratch_note(), elem_id="scratch-note")
+            # Empty means auto (finetune.defaults): the placeholders show the values once a dataset is chosen.
             with gr.Row():
-                c["epochs"] = gr.Number(10, label="Epochs", precision=0, minimum=1, maximum=500, elem_id="epochs")
-                c["batch_size"] = gr.Number(
-                    4, label="Batch size", precision=0, minimum=1, maximum=64, elem_id="batch-size"
+                c["epochs"] = gr.Number(
+                    None, label="Epochs", placeholder="auto", precision=0, minimum=1, maximum=500, elem_id="epochs"
                 )
+                c["batch_size"] = gr.Number(
+                    None, label="Batch size", placeholder="auto", precision=0, minimum=1, maximum=64,
+                    elem_id="batch-size",
+                )  # fmt: skip
             with gr.Row():
                 c["image_size"] = gr.Number(
-                    512, label="Image size", precision=0, minimum=64, maximum=1280, step=32, elem_id="image-size"
-                )
-                c["lr"] = gr.Number(1e-4, label="Learning rate", minimum=0, elem_id="lr")
+                    None, label="Image size", placeholder="auto", precision=0, minimum=64, maximum=1280, step=32,
+                    elem_id="image-size",
+                )  # fmt: skip
+                c["lr"] = gr.Number(None, label="Learning rate", placeholder="auto", minimum=0, elem_id="lr")
+            base = ctx.default_base_model()
+            c["auto"] = gr.Markdown(ctx.auto_settings(None, base, None, None, None, None)[0], elem_id="auto-settings")
             c["freeze"] = gr.Checkbox(False, label="Freeze backbone", elem_id="freeze")
             with gr.Row():
                 c["start"] = gr.Button("Start", variant="primary", elem_id="start-training")
