@@ -71,11 +71,11 @@ AUTO_FIELDS = (
 PUBLISHED_PREFIX = "AnnaZhang/lwdetr_"
 
 # Optimizer steps a run aims at, by base kind (the epochs follow from the data; see `_epochs`).
-_TARGET_STEPS: dict[str, int] = {"pretrained": 1000, "demo": 1000, "scratch": 1000}
+_TARGET_STEPS: dict[str, int] = {"pretrained": 1000, "demo": 2700, "scratch": 2700}
 _MIN_EPOCHS: dict[str, int] = {"pretrained": 10, "demo": 12, "scratch": 12}
 _MAX_EPOCHS = 300
 # Largest default square side by model size; the data's own image side caps it further.
-_IMAGE_SIDE: dict[str, int] = {"nano": 384}
+_IMAGE_SIDE: dict[str, int] = {"nano": 320}
 _IMAGE_SIDE_PRETRAINED = 640
 _BATCH: dict[str, int] = {"nano": 8}
 _BATCH_OTHER = 4
@@ -117,10 +117,7 @@ class Recipe:
     component_decay: float
     warmup_steps: int
     multi_scale: bool
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, math.ceil(self.data.images / self.batch_size))
+    steps_per_epoch: int  # optimizer steps (with the processes and gradient accumulation of the run)
 
     def values(self) -> dict[str, Any]:
         """The `AUTO_FIELDS` values."""
@@ -130,8 +127,9 @@ class Recipe:
         """One line: the values and why (`epochs 67 x 15 steps, batch 8, 384 px, lr 0.001 ...`)."""
         scale = "multi-scale" if self.multi_scale else "fixed size"
         decays = f", layer decay {self.layer_decay:g}, component decay {self.component_decay:g}"
+        steps = f"{self.steps_per_epoch} step" + "s" * (self.steps_per_epoch != 1)
         return (
-            f"{self.epochs} epochs x {self.steps_per_epoch} steps, batch {self.batch_size}, {self.image_size} px "
+            f"{self.epochs} epochs x {steps}, batch {self.batch_size}, {self.image_size} px "
             f"({scale}), lr {self.lr:g} (encoder {self.lr_encoder:g}{decays}), warm-up {self.warmup_steps} steps; "
             f"for {describe_base(self.kind, self.size)} and {self.data.images} training images "
             f"({self.data.boxes} boxes)"
@@ -231,6 +229,7 @@ def choose_recipe(
         component_decay=given.get("component_decay", 1.0 if fresh else 0.7),
         warmup_steps=warmup,
         multi_scale=given.get("multi_scale", not fresh),
+        steps_per_epoch=steps_per_epoch,
     )
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -209,18 +208,14 @@ def train(
     return _end_session(run, "done", _done_message(run))
 
 
-
 def _resolve_defaults(config: TrainConfig, data, accelerator) -> tuple[TrainConfig, str]:
-    """`config` with its auto fields filled (`finetune.defaults`), and a note on them for the start message."""
+    """`config` with its auto fields filled (`finetune.defaults`), and a note on them for the start message (which
+    the CLI prints and events.jsonl keeps)."""
     from finetune.defaults import DataSize, resolve_config
 
     config, recipe = resolve_config(config, DataSize.of(data.train), accelerator.num_processes)
-    if recipe is None:
-        return config, ""
-    note = f"settings (auto where not given): {recipe.describe()}"
-    if accelerator.is_main_process:
-        print(f"finetune: {note}", file=sys.stderr, flush=True)
-    return config, f"; {note}"
+    return config, "" if recipe is None else f"; settings (auto where not given): {recipe.describe()}"
+
 
 def _setup(config: TrainConfig, accelerator, data, callback: Callback | None) -> Run:
     """Model, datasets, optimizer, EMA and, when resuming, the saved state."""

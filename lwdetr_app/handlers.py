@@ -126,7 +126,10 @@ def _optional_number(value: Any, what: str, low: float, high: float) -> float | 
 
 
 def _optional_int(value: Any, what: str, low: float, high: float) -> int | None:
+    """None for an empty field, else a whole number in [low, high] (`gr.Error` for 2.5)."""
     number = _optional_number(value, what, low, high)
+    if number is not None and not number.is_integer():
+        raise gr.Error(f"{what} must be a whole number; got {str(value)[:40]!r}", print_exception=False)
     return None if number is None else int(number)
 
 

@@ -109,9 +109,8 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
         t["synthetic"].click(ctx.use_synthetic, None, dataset_outputs, **private).then(
             _open_first, None, t["gallery"], show_progress="hidden", **private
         ).then(ctx.auto_settings, auto_inputs, auto_outputs, preprocess=False, show_progress="hidden", **private)
-        t["base_model"].change(
-            ctx.auto_settings, auto_inputs, auto_outputs, preprocess=False, show_progress="hidden", **private
-        )
+        for trigger in (t["base_model"].change, *(number.blur for number in numbers)):
+            trigger(ctx.auto_settings, auto_inputs, auto_outputs, preprocess=False, show_progress="hidden", **private)
         settings = [t["base_model"], t["epochs"], t["batch_size"], t["image_size"], t["lr"], t["freeze"]]
         t["start"].click(
             ctx.start_training, [dataset_state, *settings, owner], t["status"], preprocess=False, **private
@@ -257,6 +256,11 @@ def _stream_and_video_tabs(ctx: AppContext, c: dict[str, Any]) -> None:
             c["video_status"] = gr.Markdown(elem_id="video-status")
 
 
+def _auto_field(label: str, elem_id: str) -> gr.Textbox:
+    """A training setting that may stay empty (auto); the handlers check what is typed."""
+    return gr.Textbox("", label=label, placeholder="auto", max_lines=1, max_length=24, elem_id=elem_id)
+
+
 def _train_tab(ctx: AppContext) -> dict[str, Any]:
     c: dict[str, Any] = {}
     with gr.Row():
@@ -282,20 +286,13 @@ def _train_tab(ctx: AppContext) -> dict[str, Any]:
             if ctx.scratch_note():
                 gr.Markdown(ctx.scratch_note(), elem_id="scratch-note")
             # Empty means auto (finetune.defaults): the placeholders show the values once a dataset is chosen.
+            # Textboxes, not gr.Number: Gradio's number field sends and shows 0 when empty, hiding the placeholder.
             with gr.Row():
-                c["epochs"] = gr.Number(
-                    None, label="Epochs", placeholder="auto", precision=0, minimum=1, maximum=500, elem_id="epochs"
-                )
-                c["batch_size"] = gr.Number(
-                    None, label="Batch size", placeholder="auto", precision=0, minimum=1, maximum=64,
-                    elem_id="batch-size",
-                )  # fmt: skip
+                c["epochs"] = _auto_field("Epochs", "epochs")
+                c["batch_size"] = _auto_field("Batch size", "batch-size")
             with gr.Row():
-                c["image_size"] = gr.Number(
-                    None, label="Image size", placeholder="auto", precision=0, minimum=64, maximum=1280, step=32,
-                    elem_id="image-size",
-                )  # fmt: skip
-                c["lr"] = gr.Number(None, label="Learning rate", placeholder="auto", minimum=0, elem_id="lr")
+                c["image_size"] = _auto_field("Image size", "image-size")
+                c["lr"] = _auto_field("Learning rate", "lr")
             base = ctx.default_base_model()
             c["auto"] = gr.Markdown(ctx.auto_settings(None, base, None, None, None, None)[0], elem_id="auto-settings")
             c["freeze"] = gr.Checkbox(False, label="Freeze backbone", elem_id="freeze")

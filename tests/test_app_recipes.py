@@ -35,13 +35,13 @@ def test_auto_settings_follow_the_dataset_and_the_base_model(ctx):
     assert "choose a dataset" in text and [f["placeholder"] for f in fields] == ["auto"] * 4
     dataset, _, _ = ctx.use_synthetic()  # 48 train images of 256 px
     text, *fields = ctx.auto_settings(dataset, ctx.default.ref, None, None, None, None, None, ALICE)
-    # the demo model (nano) on 48 images: batch 8 -> 6 steps per epoch, about 1000 steps; the data's own 256 px
-    assert "167 epochs x 6 steps, batch 8, 256 px" in text and "lr 0.001" in text
+    # the demo model (nano) on 48 images: batch 8 -> 6 steps per epoch, 300 epochs at most; the data's own 256 px
+    assert "300 epochs x 6 steps, batch 8, 256 px" in text and "lr 0.001" in text
     assert "not a real pretrained checkpoint" in text
-    assert [f["placeholder"] for f in fields] == ["auto: 167", "auto: 8", "auto: 256", "auto: 0.001"]
+    assert [f["placeholder"] for f in fields] == ["auto: 300", "auto: 8", "auto: 256", "auto: 0.001"]
     # A value the visitor typed wins, and what follows from it changes: batch 4 -> twice the steps per epoch.
     text, *fields = ctx.auto_settings(dataset, "nano", "", "4", None, "", None, ALICE)
-    assert "84 epochs x 12 steps, batch 4" in text and "from scratch" in text
+    assert "225 epochs x 12 steps, batch 4" in text and "from scratch" in text
     refused = ctx.auto_settings(dataset, "/etc", None, None, None, None, None, ALICE)[0]
     assert "pick a base model" in refused  # a typed server folder is not read
 

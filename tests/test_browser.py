@@ -283,10 +283,18 @@ def test_finetune_tab_short_run_download_and_use_in_detect(ui_page, other_visito
 
     page.locator("#base-model input").click()
     page.get_by_role("option", name="Preset nano (random init)").click()
-    for elem_id, value in (("epochs", "2"), ("batch-size", "2"), ("image-size", "256")):
+    # Empty settings are auto: their placeholders show the values chosen for this base model and dataset, and
+    # follow what the visitor types (batch 2 instead of 8: four times the steps per epoch).
+    auto_line = page.locator("#auto-settings")
+    expect(auto_line).to_contain_text(re.compile(r"x 1 step, batch 8, .* from scratch"))
+    expect(page.locator("#lr input")).to_have_attribute("placeholder", "auto: 0.001")
+    expect(page.locator("#epochs input")).to_have_attribute("placeholder", re.compile(r"^auto: \d+$"))
+    for elem_id, value in (("batch-size", "2"), ("epochs", "2"), ("image-size", "256")):
         box = page.locator(f"#{elem_id} input")
         box.fill(value)
         box.press("Tab")
+    expect(auto_line).to_contain_text(re.compile(r"2 epochs x 4 steps, batch 2, 256 px"))
+    expect(page.locator("#lr input")).to_have_value("")  # the learning rate stays auto
     page.get_by_role("button", name="Start").click()
     expect(page.locator("#train-status")).to_contain_text(re.compile("Starting|Training|Finished"))
 

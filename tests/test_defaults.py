@@ -44,9 +44,9 @@ def test_pretrained_checkpoint_gets_lw_detrs_fine_tuning_recipe():
 def test_demo_and_scratch_bases_learn_fast_without_layer_decay(kind):
     recipe = choose_recipe(kind, "nano", MICROCONTROLLERS_LIKE, divisor=32, smallest=128)
     assert (recipe.lr, recipe.lr_encoder, recipe.layer_decay, recipe.component_decay) == (1e-3, 1.5e-3, 1.0, 1.0)
-    assert (recipe.image_size, recipe.batch_size, recipe.multi_scale) == (384, 8, False)
-    # A small dataset gets many epochs (about 1000 steps), with a warm-up of at least 50 steps.
-    assert recipe.steps_per_epoch == 15 and recipe.epochs == 67 and recipe.warmup_steps == 50
+    assert (recipe.image_size, recipe.batch_size, recipe.multi_scale) == (320, 8, False)
+    # A small dataset gets many epochs (about 2700 steps), with a warm-up of at least 50 steps.
+    assert recipe.steps_per_epoch == 15 and recipe.epochs == 180 and recipe.warmup_steps == 50
 
 
 def test_epochs_and_warmup_follow_the_dataset_size():
@@ -70,9 +70,9 @@ def test_user_values_win_and_derived_values_follow_them():
     given = {"lr": 5e-4, "batch_size": 4, "multi_scale": True, "epochs": None}
     recipe = choose_recipe("scratch", "nano", MICROCONTROLLERS_LIKE, divisor=32, smallest=128, given=given)
     assert (recipe.lr, recipe.lr_encoder, recipe.batch_size, recipe.multi_scale) == (5e-4, 7.5e-4, 4, True)
-    assert recipe.steps_per_epoch == 30 and recipe.epochs == 34  # the epochs follow the batch the user chose
-    two = choose_recipe("scratch", "nano", MICROCONTROLLERS_LIKE, divisor=32, smallest=128, processes=2)
-    assert two.epochs == 125  # 2 processes: 8 steps per epoch
+    assert recipe.steps_per_epoch == 30 and recipe.epochs == 90  # the epochs follow the batch the user chose
+    two = choose_recipe("scratch", "nano", MICROCONTROLLERS_LIKE, divisor=32, smallest=128, given=given, processes=2)
+    assert two.steps_per_epoch == 15 and two.epochs == 180  # 2 processes share out an epoch
 
 
 # ------------------------------------------------------------------------------------------------ the base kind
@@ -112,7 +112,7 @@ def test_resolve_fills_only_what_the_user_left_on_auto():
     resolved, recipe = resolve_config(config, MICROCONTROLLERS_LIKE)
     assert resolved.lr == 2e-3 and resolved.lr_encoder == 3e-3 and resolved.warmup_epochs == 2.0
     assert resolved.warmup_steps is None  # the user's warm-up (in epochs) stays theirs
-    assert (resolved.epochs, resolved.batch_size, resolved.image_size) == (67, 8, 384)
+    assert (resolved.epochs, resolved.batch_size, resolved.image_size) == (180, 8, 320)
     assert recipe is not None and recipe.kind == "scratch"
     given = dict(epochs=3, batch_size=2, image_size=128, lr=1e-4, lr_encoder=1e-4, layer_decay=1.0)
     full = TrainConfig(data="d", **given, component_decay=1.0, warmup_steps=0, multi_scale=False)
@@ -125,7 +125,7 @@ def test_cli_without_settings_trains_with_recorded_auto_values(shapes, tmp_path,
     run = tmp_path / "run"
     args = ["--data", str(shapes), "--output", str(run), "--max-steps", "2", "--num-workers", "0", "--lr", "5e-4"]
     assert main(args) == 0
-    assert "settings (auto where not given): 300 epochs" in capsys.readouterr().err
+    assert "settings (auto where not given): 300 epochs" in capsys.readouterr().out  # the start line
     saved = json.loads((run / "state" / "trainer.json").read_text())["config"]
     # nano from scratch on 24 images of 128 px: the recipe's values, and the user's lr with its derived encoder rate
     expected = {"batch_size": 8, "image_size": 128, "lr": 5e-4, "lr_encoder": 7.5e-4, "layer_decay": 1.0}
