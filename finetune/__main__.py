@@ -32,11 +32,12 @@ HELP = {
     "HF-format folder or a hub id (heads re-initialised for your classes)",
     "output": "run folder: best/, last/, state/, metrics.jsonl, events.jsonl, plots, README.md (a new run refuses a "
     "folder that holds one: see --resume and --force)",
-    "epochs": "number of epochs (with --resume: the total to reach); auto: about 1000 optimizer steps, at least 10 "
-    "epochs from a pretrained checkpoint, 12 otherwise",
+    "epochs": "number of epochs (with --resume: the total to reach); auto: about 1000 optimizer steps from a "
+    "pretrained checkpoint (at least 10 epochs), 2700 from a demo model or from scratch (at least 12), at most 300 "
+    "epochs",
     "batch_size": "images per process and micro-batch (auto: 8 for nano, else 4)",
     "image_size": "square training/eval size in pixels; a multiple of the model's size divisor (32 for nano, 64 for "
-    "the published presets); auto: 640 from a pretrained checkpoint, 384 for nano otherwise, never above the "
+    "the published presets); auto: 640 from a pretrained checkpoint, 320 for nano otherwise, never above the "
     "data's typical image side",
     "lr": "base learning rate (projector, query selection, heads; the decoder gets lr x component decay); auto: 1e-4 "
     "from a pretrained checkpoint (LW-DETR's), 1e-3 from a demo model or from scratch",
@@ -67,7 +68,8 @@ HELP = {
     "force": "start a new run in an --output folder that already holds one, deleting its checkpoints and metrics",
     "save_every_steps": "also save the state every N optimizer steps within an epoch, so that a kill loses at most "
     "N steps (resume is exact); default: about every 10 minutes, from the measured step time; 0: epoch ends only",
-    "num_workers": "DataLoader worker processes per training process",
+    "num_workers": "DataLoader worker processes per training process (auto: none when training on a CPU with 4 or "
+    "fewer cores per process, whose cores the model needs; on a GPU, the process's cores less one, at most 8)",
     "threads": "torch CPU threads per process (default: the cores shared among the local processes)",
     "seed": "random seed (weights, shuffling, augmentation, validation hold-out)",
     "eval_every": "evaluate every N epochs (and always after the last)",

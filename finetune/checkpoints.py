@@ -97,11 +97,19 @@ def _tensor_bytes(tree: Any) -> int:
     return 0
 
 
-def write_run_files(run: Run) -> None:
-    """metrics.jsonl, loss.png, ap.png and README.md from the run's history (main process)."""
+# Plotting takes about 0.3 s, as long as a few training steps: with short epochs (a small dataset) the plots are
+# redrawn at most this often, and always at a session's end.
+PLOT_EVERY_SECONDS = 30.0
+
+
+def write_run_files(run: Run, plots: bool = True) -> None:
+    """metrics.jsonl and README.md from the run's history, and loss.png and ap.png when `plots` or
+    `PLOT_EVERY_SECONDS` have passed since they were drawn (main process)."""
     progress = run.progress
     write_metrics_jsonl(run.output / "metrics.jsonl", progress.history)
-    plot_history(progress.history, run.output)
+    if plots or time.monotonic() - run.plotted_at >= PLOT_EVERY_SECONDS:
+        plot_history(progress.history, run.output)
+        run.plotted_at = time.monotonic()
     best_row = next((r for r in progress.history if r["epoch"] == progress.best_epoch), None)
     atomic_write_text(run.output / "README.md", _card(run, best_row))
 

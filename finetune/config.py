@@ -69,7 +69,7 @@ class TrainConfig:
     resume: bool = False
     force: bool = False  # start a new run in an output folder that holds one (its files are deleted first)
     save_every_steps: int | None = None  # state/ every N steps too; None: about every 10 minutes; 0: epoch ends only
-    num_workers: int = 2
+    num_workers: int | None = None  # DataLoader workers per process; None: auto (`defaults.loader_workers`)
     threads: int | None = None  # torch CPU threads per process; None: the machine's cores shared among processes
     seed: int = 0
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
@@ -183,5 +183,7 @@ def check_config(config: TrainConfig) -> None:
         raise ConfigError(f"schedule must be cosine, step or constant, got {config.schedule!r}")
     if config.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {config.mixed_precision!r}")
+    if config.num_workers is not None and config.num_workers < 0:
+        raise ConfigError(f"num_workers must be 0 or more, got {config.num_workers}")
     if config.max_steps is not None and config.max_steps < 1:
         raise ConfigError(f"max_steps must be at least 1, got {config.max_steps}")

@@ -34,6 +34,7 @@ model, datasets), `finetune.checkpoints` (what is saved, and when), `finetune.lo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import threading
@@ -137,6 +138,7 @@ class Run:
     timing_start: tuple[float, int] | None = None  # (time.monotonic(), step) where the step timing began
     session_start: float = 0.0  # time.monotonic() when this session started training
     elapsed_before: float = 0.0  # training seconds of earlier sessions
+    plotted_at: float = -math.inf  # time.monotonic() when loss.png and ap.png were last drawn
 
     def touch_elapsed(self) -> None:
         self.progress.elapsed = self.elapsed_before + time.monotonic() - self.session_start
@@ -202,6 +204,9 @@ def train(
         if not finished_epoch:
             run.touch_elapsed()
             save_checkpoints(run, last=True)
+            if accelerator.is_main_process and run.progress.history:
+                with disk_full_guard(run.output, FILES_BYTES):
+                    write_run_files(run)  # the plots may be up to PLOT_EVERY_SECONDS behind
             return _end_session(run, "stopped", f"stopped at step {run.progress.step}; resume with --resume")
         _end_epoch(run)
     write_final_analysis(run)
@@ -211,9 +216,12 @@ def train(
 def _resolve_defaults(config: TrainConfig, data, accelerator) -> tuple[TrainConfig, str]:
     """`config` with its auto fields filled (`finetune.defaults`), and a note on them for the start message (which
     the CLI prints and events.jsonl keeps)."""
-    from finetune.defaults import DataSize, resolve_config
+    from finetune.defaults import DataSize, loader_workers, resolve_config
 
     config, recipe = resolve_config(config, DataSize.of(data.train), accelerator.num_processes)
+    if config.num_workers is None:
+        workers = loader_workers(accelerator.device.type, accelerator.num_processes)
+        config = dataclasses.replace(config, num_workers=workers)
     return config, "" if recipe is None else f"; settings (auto where not given): {recipe.describe()}"
 
 
@@ -406,7 +414,7 @@ def _end_epoch(run: Run) -> None:
     crash_point("epoch-saved")
     if acc.is_main_process:
         with disk_full_guard(run.output, FILES_BYTES):
-            write_run_files(run)
+            write_run_files(run, plots=final)
     ap_text = f"AP {metrics['AP']:.3f} AP50 {metrics['AP50']:.3f}" if metrics else "not evaluated"
     run.emit("epoch", row, f"epoch {progress.epoch}/{config.epochs}: loss {row.get('loss', math.nan):.3f}, {ap_text}")
 

@@ -74,8 +74,7 @@ def train_command(config: TrainConfig, gpus: int) -> list[str]:
 
     With several GPUs, `accelerate launch` starts one process per GPU (data shared out, gradients all-reduced).
     """
-    # On a CPU Space the cores are better spent in the model than in data loader workers.
-    args = dataclasses.replace(config, num_workers=2 if gpus else 0).to_args()
+    args = config.to_args()  # data loader workers: the child's auto choice (none on a small CPU Space)
     if gpus > 1:
         launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus)]
         launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]

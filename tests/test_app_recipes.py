@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 
+import gradio as gr
 import pytest
 from test_app import ALICE
 
@@ -55,7 +56,13 @@ def test_empty_fields_start_a_run_with_auto_settings(ctx, monkeypatch):
 
     monkeypatch.setattr(ctx.job, "command", command)
     dataset, _, _ = ctx.use_synthetic()
-    ctx.start_training(dataset, "nano", None, "", 256, None, False, None, ALICE)
+    # What the tab's text fields send: strings, "" (or spaces) for an empty field. A fraction of an epoch or of an
+    # image, and a zero, are refused in one line before anything starts.
+    for epochs, what in (("2.5", "Epochs must be a whole number"), ("0", "Epochs must be a number from 1")):
+        with pytest.raises(gr.Error, match=what):
+            ctx.start_training(dataset, "nano", epochs, "", "", "", False, None, ALICE)
+    assert started == []
+    ctx.start_training(dataset, "nano", " ", "", "256", "", False, None, ALICE)
     ctx.job.wait(30)
     config = started[0]
     assert (config.epochs, config.batch_size, config.image_size, config.lr) == (None, None, 256, None)
@@ -72,5 +79,5 @@ def test_unreachable_hub_says_that_training_from_scratch_needs_more(ctx, reachab
     notes = [getattr(c, "value", None) for c in demo.blocks.values() if getattr(c, "elem_id", None) == "scratch-note"]
     assert notes == ([] if reachable else [HUB_UNREACHABLE_NOTE])
     assert "\n" not in HUB_UNREACHABLE_NOTE and "far more data and training time" in HUB_UNREACHABLE_NOTE
-    assert _block(demo, "epochs").value is None and _block(demo, "epochs").placeholder == "auto"
+    assert _block(demo, "epochs").value == "" and _block(demo, "epochs").placeholder == "auto"
     assert "Auto settings" in _block(demo, "auto-settings").value

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from finetune.config import TrainConfig
-from finetune.defaults import DataSize, base_kind, choose_recipe, model_size, recipe_for, resolve_config
+from finetune.defaults import (
+    DataSize,
+    base_kind,
+    choose_recipe,
+    loader_workers,
+    model_size,
+    recipe_for,
+    resolve_config,
+)
 from finetune.synthetic import make_synthetic_dataset
 
 MICROCONTROLLERS_LIKE = DataSize(images=120, boxes=144, image_side=800)  # the shared dataset's train split
@@ -123,7 +131,7 @@ def test_cli_without_settings_trains_with_recorded_auto_values(shapes, tmp_path,
     from finetune.__main__ import main
 
     run = tmp_path / "run"
-    args = ["--data", str(shapes), "--output", str(run), "--max-steps", "2", "--num-workers", "0", "--lr", "5e-4"]
+    args = ["--data", str(shapes), "--output", str(run), "--max-steps", "2", "--lr", "5e-4"]
     assert main(args) == 0
     assert "settings (auto where not given): 300 epochs" in capsys.readouterr().out  # the start line
     saved = json.loads((run / "state" / "trainer.json").read_text())["config"]
@@ -131,7 +139,15 @@ def test_cli_without_settings_trains_with_recorded_auto_values(shapes, tmp_path,
     expected = {"batch_size": 8, "image_size": 128, "lr": 5e-4, "lr_encoder": 7.5e-4, "layer_decay": 1.0}
     assert {name: saved[name] for name in expected} == expected
     assert saved["epochs"] == 300 and saved["multi_scale"] is False and saved["warmup_steps"] > 0
+    assert saved["num_workers"] == loader_workers("cpu")  # the data loader workers are auto too
     card = (run / "README.md").read_text()
     assert "| lr_encoder | `0.00075` |" in card and "| epochs | `300` |" in card
     start = json.loads((run / "events.jsonl").read_text().splitlines()[0])
     assert start["kind"] == "start" and "300 epochs x 3 steps, batch 8, 128 px" in start["message"]
+
+
+def test_loader_workers_leave_a_small_cpus_cores_to_the_model():
+    assert loader_workers("cpu", cpus=2) == 0 and loader_workers("cpu", cpus=4) == 0  # loading in the main process
+    assert loader_workers("cpu", cpus=16) == 4 and loader_workers("cpu", processes=4, cpus=16) == 0
+    assert loader_workers("cuda", cpus=16) == 8 and loader_workers("cuda", processes=4, cpus=16) == 3
+    assert loader_workers("cuda", cpus=1) == 0

@@ -58,6 +58,20 @@ def _tiny_config(data: Path, output: Path, **overrides) -> TrainConfig:
     return TrainConfig(**{**fields, **overrides})
 
 
+def test_plots_are_redrawn_at_most_every_30_seconds_and_at_the_end(tiny_data, tmp_path, monkeypatch):
+    """Short epochs (a small dataset) do not pay 0.3 s of plotting each: epoch 1 draws, then the last one."""
+    import finetune.checkpoints as checkpoints
+
+    drawn = []
+    real_plot = checkpoints.plot_history
+    monkeypatch.setattr(
+        checkpoints, "plot_history", lambda history, out: drawn.append(len(history)) or real_plot(history, out)
+    )
+    train(_tiny_config(tiny_data, tmp_path / "run"))
+    assert drawn == [1, 3]
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+
 # ------------------------------------------------------------------------------------------ optimizer and EMA
 
 
