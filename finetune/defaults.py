@@ -22,7 +22,7 @@ The recipes (measured on this project's 2-core CPU machine, benchmarks/defaults.
   640 px with multi-scale batches. Not measured here (the hub is unreachable from the machine).
 - demo and scratch: rates 10x higher and no decays (nothing to protect), fixed-size batches and a longer warm-up:
   nano reaches the tuned from-scratch recipe's AP50 in the same steps, and fine-tunes the bundled demo model on the
-  microcontrollers dataset to the best AP we measured in about 10 minutes.
+  microcontrollers dataset to the best AP we measured in about 12 minutes (2 cores).
 - epochs: enough optimizer steps for the kind (`_TARGET_STEPS`), at least `_MIN_EPOCHS`: a small dataset gets many
   epochs, a large one a few.
 """
