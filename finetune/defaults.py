@@ -71,6 +71,11 @@ AUTO_FIELDS = (
     "multi_scale",
 )
 PUBLISHED_PREFIX = "AnnaZhang/lwdetr_"
+# Said of every run that does not start from a real pretrained checkpoint (the CLI's start line, the app).
+SCRATCH_NOTE = (
+    ". Without pretrained features this learns almost from scratch, which needs far more data and training time "
+    f"than fine-tuning a pretrained checkpoint ({PUBLISHED_PREFIX}*, from the Hugging Face hub)"
+)
 
 # Optimizer steps a run aims at, by base kind (the epochs follow from the data; see `_epochs`).
 _TARGET_STEPS: dict[str, int] = {"pretrained": 1000, "demo": 2700, "scratch": 2700}
@@ -134,7 +139,7 @@ class Recipe:
             f"{self.epochs} epochs x {steps}, batch {self.batch_size}, {self.image_size} px "
             f"({scale}), lr {self.lr:g} (encoder {self.lr_encoder:g}{decays}), warm-up {self.warmup_steps} steps; "
             f"for {describe_base(self.kind, self.size)} and {self.data.images} training images "
-            f"({self.data.boxes} boxes)"
+            f"({self.data.boxes} boxes){'' if self.kind == 'pretrained' else SCRATCH_NOTE}"
         )
 
 

@@ -94,6 +94,8 @@ def test_base_kind_tells_pretrained_demo_and_scratch_apart(tmp_path):
     tiny = recipe_for(str(_config_folder(tmp_path / "converted-tiny", "tiny")), MICROCONTROLLERS_LIKE)
     assert (tiny.kind, tiny.size, tiny.lr, tiny.image_size) == ("pretrained", "tiny", 1e-4, 640)
     assert recipe_for("small", MICROCONTROLLERS_LIKE).kind == "scratch"
+    assert "far more data" in recipe_for("small", MICROCONTROLLERS_LIKE).describe()
+    assert "far more data" not in tiny.describe()
 
 
 def test_bundled_demo_model_is_a_demo():
@@ -103,6 +105,7 @@ def test_bundled_demo_model_is_a_demo():
     recipe = recipe_for(str(demo), MICROCONTROLLERS_LIKE)
     assert (recipe.kind, recipe.size) == ("demo", "nano")
     assert "not a real pretrained checkpoint" in recipe.describe()
+    assert "needs far more data and training time" in recipe.describe()  # and says what that means
 
 
 def test_model_size_of_every_preset():
