@@ -39,7 +39,7 @@ from lwdetr.images import ImageLoadError, load_image
 
 from . import detection, video
 from .datasets import ZipLimits, dataset_entry, inspect_dataset, prepare_synthetic, prepare_zip
-from .models import PUBLISHED_MODELS, ModelChoice, ModelRegistry, display_path, model_choices
+from .models import PUBLISHED_MODELS, ModelChoice, ModelOption, ModelRegistry, display_path, model_choices
 from .public_text import one_line, public_text
 from .recipes import AUTO_NUMBERS, HUB_UNREACHABLE_NOTE, auto_settings, kind_labelled
 from .runs import OwnedRun, new_token, owned_runs, owner_key, valid_token
@@ -144,6 +144,12 @@ def _typed(value: Any) -> float | None:
     return int(number) if number.is_integer() else number
 
 
+def _resolved(ref: str) -> str:
+    """A model reference compared as the folder it names (resolved), or as itself (a hub id, a preset)."""
+    path = Path(ref)
+    return str(path.resolve()) if path.is_dir() else ref
+
+
 def empty_table() -> pd.DataFrame:
     return pd.DataFrame([], columns=detection.COLUMNS)
 
@@ -202,33 +208,51 @@ class AppContext:
         )
 
     # ------------------------------------------------------------------ shared helpers
+    def model_options(self, owner: str | None = None, base: bool = False) -> list[ModelOption]:
+        """The models `owner` may pick: the demo model, their own runs, the published checkpoints (and, for a base
+        model, the presets), each base labelled with whether it is a real pretrained checkpoint."""
+        options = model_choices(self.paths.runs, self.settings.demo_model_dir, owner, self.default.hub_reachable)
+        if self.default.ref and self.default.ref not in [option.ref for option in options]:
+            # the operator's --model: shown by its folder name, never its path
+            options.insert(0, ModelOption(self.model_label(self.default.ref), "default", self.default.ref))
+        if not base:
+            return options
+        return kind_labelled(options + [ModelOption(f"Preset {name} (random init)", name, name) for name in PRESETS])
+
     def model_choices(self, owner: str | None = None) -> list[tuple[str, str]]:
-        """The models `owner` may pick: the demo model, their own runs, the published checkpoints."""
-        choices = model_choices(self.paths.runs, self.settings.demo_model_dir, owner, self.default.hub_reachable)
-        if self.default.ref and self.default.ref not in [value for _, value in choices]:
-            choices.insert(0, (self.default.ref, self.default.ref))
-        return choices
+        """The Detect picker's (label, key) pairs: what the browser sees (no server paths)."""
+        return [(option.label, option.key) for option in self.model_options(owner)]
 
     def base_model_choices(self, owner: str | None = None) -> list[tuple[str, str]]:
-        """The models `owner` may fine-tune, each label saying whether it is a real pretrained checkpoint."""
-        presets = [(f"Preset {name} (random init)", name) for name in PRESETS]
-        return kind_labelled(self.model_choices(owner) + presets)
+        """The Fine-tune picker's (label, key) pairs."""
+        return [(option.label, option.key) for option in self.model_options(owner, base=True)]
 
     def scratch_note(self) -> str:
         """What the Fine-tune tab says when no pretrained checkpoint can be offered (the hub is unreachable)."""
         return "" if self.default.hub_reachable else HUB_UNREACHABLE_NOTE
 
-    def allowed_model(self, ref: str, base: bool = False, owner: str | None = None) -> bool:
-        """Whether a visitor may load `ref`: a choice the app offers (or a preset for a base model), or anything when
-        `custom_models` is on. Otherwise a typed server folder or arbitrary hub repository would be loaded."""
-        if self.settings.custom_models or ref == self.default.ref or (base and ref in PRESETS):
-            return True
-        return ref in [value for _, value in self.model_choices(owner)]
+    def model_ref(self, key: Any, owner: str | None = None, base: bool = False) -> str | None:
+        """The model (folder or hub id) behind a picker's `key` when `owner` is offered it, else None; with
+        `custom_models` on, a typed hub id or folder is itself. Nothing a visitor types is loaded otherwise: not a
+        server folder, not an arbitrary hub repository, not another visitor's run."""
+        key = str(key or "").strip()
+        if not key:
+            return None
+        ref = next((option.ref for option in self.model_options(owner, base) if option.key == key), None)
+        return ref if ref is not None or not self.settings.custom_models else key
+
+    def model_key(self, ref: str | None, owner: str | None = None) -> str | None:
+        """The picker key of model `ref` (a folder is matched by its resolved path), or None when not offered."""
+        if not ref:
+            return None
+        wanted = _resolved(ref)
+        return next((o.key for o in self.model_options(owner, base=True) if _resolved(o.ref) == wanted), None)
 
     def default_base_model(self) -> str:
+        """The Fine-tune picker's first key."""
         if self.default.ref in PUBLISHED_MODELS:
             return "AnnaZhang/lwdetr_tiny_60e_coco"  # the smallest pretrained checkpoint: CPU friendly
-        return self.default.ref or "nano"
+        return self.model_key(self.default.ref) or "nano"
 
     def example_images(self, limit: int = 6) -> list[str]:
         folder = self.settings.examples_dir
@@ -315,9 +339,10 @@ class AppContext:
         return image, scale
 
     def model_label(self, ref: str | None, owner: str | None = None) -> str:
-        for label, value in self.model_choices(owner):
-            if value == ref:
-                return label
+        offered = model_choices(self.paths.runs, self.settings.demo_model_dir, owner, self.default.hub_reachable)
+        for option in offered:
+            if option.ref == ref:
+                return option.label
         return self.public(display_path(Path(ref)) if ref and Path(ref).is_dir() else str(ref))
 
     def model_status(self, ref: str | None, reason: str | None = None, owner: str | None = None) -> str:
@@ -416,24 +441,25 @@ class AppContext:
     def refilter(self, raw, threshold, max_detections, classes):
         return self.render(raw, threshold, max_detections, classes)
 
-    def select_model(self, model_ref, active_ref, payload, threshold, max_detections, token=None,
+    def select_model(self, model_key, active_ref, payload, threshold, max_detections, token=None,
                      request: gr.Request = None):  # fmt: skip
         """A model picked (or typed): load it, reset the class filter, re-run on the current image. Outputs: the
         active model, its status line, the class filter, the `detect` outputs, then the picker (set back to the
         active model when the pick fails to load)."""
         owner = owner_key(token, request)
-        model_ref = str(model_ref or "").strip()
-        if not model_ref or model_ref == active_ref:
+        key = str(model_key or "").strip()
+        model_ref = self.model_ref(key, owner)
+        if not key or (model_ref is not None and model_ref == active_ref):
             return (gr.skip(),) * 11
         try:
-            if not self.allowed_model(model_ref, owner=owner):
+            if model_ref is None:
                 raise ValueError("not offered here: pick a published checkpoint, the demo model or a run made here")
             self.registry.get(model_ref)
         except Exception as error:  # noqa: BLE001 - any load failure keeps the previous model
-            message = f"Cannot load model {one_line(model_ref, limit=100)}: {self.public_line(error)}"
+            message = f"Cannot load model {one_line(key, limit=100)}: {self.public_line(error)}"
             gr.Warning(message)
             status = self.model_status(active_ref) + f"\n\n⚠️ {message} Still using the previous model."
-            return (gr.skip(), status, *(gr.skip(),) * 8, gr.update(value=active_ref))
+            return (gr.skip(), status, *(gr.skip(),) * 8, gr.update(value=self.model_key(active_ref, owner)))
         classes = gr.update(choices=self.class_names(model_ref), value=[])
         outputs = self.detect(payload, model_ref, threshold, max_detections, [])
         return (model_ref, self.model_status(model_ref, owner=owner), classes, *outputs, gr.skip())
@@ -638,9 +664,11 @@ class AppContext:
                 "Choose a dataset first: upload a zip or use the synthetic sample (again, if it was cleaned up)."
             )
             return self._status_line(owner)
-        model = str(base_model or "nano").strip()
-        if not self.allowed_model(model, base=True, owner=owner):
-            gr.Warning(f"Base model {one_line(model, limit=100)} is not offered here: pick one from the list.")
+        model = self.model_ref(base_model or "nano", owner, base=True)
+        if model is None:
+            gr.Warning(
+                f"Base model {one_line(str(base_model), limit=100)} is not offered here: pick one from the list."
+            )
             return self._status_line(owner)
         config = TrainConfig(
             data=str(dataset),
@@ -666,9 +694,9 @@ class AppContext:
         """The auto settings for the visitor's dataset and base model: (a line saying them, an update per
         `AUTO_NUMBERS` field showing its auto value as the placeholder), following the values already typed."""
         owner = owner_key(token, request)
-        model = str(base_model or "").strip()
+        model = self.model_ref(base_model, owner, base=True)
         keep = tuple(gr.update() for _ in AUTO_NUMBERS)
-        if not model or not self.allowed_model(model, base=True, owner=owner):
+        if model is None:
             return "**Auto settings:** pick a base model from the list.", *keep
         given = {name: _typed(value) for name, value in zip(AUTO_NUMBERS, (epochs, batch_size, image_size, lr))}
         text, placeholders = auto_settings(model, self._data_sizes.get(str(dataset or "")), given)
@@ -826,7 +854,8 @@ class AppContext:
         if not mine or not snap.model_dir:
             gr.Warning("No fine-tuned model yet.")
             return gr.skip(), gr.skip()
-        return gr.update(choices=self.model_choices(owner), value=snap.model_dir), gr.Tabs(selected="detect")
+        picked = self.model_key(snap.model_dir, owner)
+        return gr.update(choices=self.model_choices(owner), value=picked), gr.Tabs(selected="detect")
 
 
 def analysis_frame(summary: dict | None) -> pd.DataFrame:

@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_HUB_MODEL",
     "PUBLISHED_MODELS",
     "ModelChoice",
+    "ModelOption",
     "ModelRegistry",
     "RunInfo",
     "choose_default_model",
@@ -39,6 +40,20 @@ class ModelChoice:
     ref: str | None
     reason: str
     hub_reachable: bool = True
+
+
+@dataclass(frozen=True)
+class ModelOption:
+    """One entry of a model picker. The browser sees only `label` and `key` (a name, never a server path: "demo",
+    "run:<run name>", a hub id, a preset); `ref` is what loads it (a folder or a hub id) and stays on the server."""
+
+    label: str
+    key: str
+    ref: str
+
+
+DEMO_KEY = "demo"
+RUN_KEY_PREFIX = "run:"
 
 
 @dataclass(frozen=True)
@@ -70,13 +85,14 @@ def list_runs(runs_dir: Path, owner: str | None) -> list[RunInfo]:
 
 
 def display_path(path: Path) -> str:
-    """`path` relative to the repository when it lies inside it (`examples/demo_model`), else absolute."""
+    """`path` as visitors may see it: relative to the repository when it lies inside it (`examples/demo_model`),
+    else only its folder name (a server's absolute paths are not shown)."""
     from .settings import REPO_ROOT
 
     try:
         return path.resolve().relative_to(REPO_ROOT).as_posix()
     except ValueError:
-        return str(path.resolve())
+        return path.name
 
 
 def _cached(model_id: str) -> bool:
@@ -88,15 +104,20 @@ def _cached(model_id: str) -> bool:
 
 def model_choices(
     runs_dir: Path, demo_model_dir: Path, owner: str | None = None, hub_reachable: bool = True
-) -> list[tuple[str, str]]:
-    """(label, value) pairs for a model picker: the bundled demo model, `owner`'s runs, the published checkpoints
-    (when the hub is unreachable, only those in the local cache: the others would fail to load)."""
-    choices = []
+) -> list[ModelOption]:
+    """A model picker's options: the bundled demo model, `owner`'s runs, the published checkpoints (when the hub is
+    unreachable, only those in the local cache: the others would fail to load)."""
+    options = []
     if _is_model_dir(demo_model_dir):
-        choices.append((f"Bundled demo model ({display_path(demo_model_dir)})", str(demo_model_dir.resolve())))
-    choices += [(run.label, str(run.model_dir)) for run in list_runs(runs_dir, owner)]
-    choices += [(model_id, model_id) for model_id in PUBLISHED_MODELS if hub_reachable or _cached(model_id)]
-    return choices
+        label = f"Bundled demo model ({display_path(demo_model_dir)})"
+        options.append(ModelOption(label, DEMO_KEY, str(demo_model_dir.resolve())))
+    options += [
+        ModelOption(run.label, RUN_KEY_PREFIX + run.name, str(run.model_dir)) for run in list_runs(runs_dir, owner)
+    ]
+    options += [
+        ModelOption(model_id, model_id, model_id) for model_id in PUBLISHED_MODELS if hub_reachable or _cached(model_id)
+    ]
+    return options
 
 
 # What a failed connection looks like through huggingface_hub, httpx, requests and the socket layer.

@@ -4,11 +4,14 @@ the empty settings fields will take for the chosen dataset and base model."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 from typing import Any
 
 from finetune.defaults import BaseKind, DataSize, Recipe, base_of, recipe_for
+
+from .models import ModelOption
 
 __all__ = ["AUTO_NUMBERS", "HUB_UNREACHABLE_NOTE", "auto_settings", "kind_labelled"]
 
@@ -41,12 +44,13 @@ def _config_stamp(value: str) -> float:
         return 0.0
 
 
-def kind_labelled(choices: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """A base-model picker's (label, value) pairs with what each base is: `... · real pretrained checkpoint`."""
+def kind_labelled(options: list[ModelOption]) -> list[ModelOption]:
+    """A base-model picker's options with what each base is in the label: `... · real pretrained checkpoint`."""
     labelled = []
-    for label, value in choices:
-        kind = _kind(value, _config_stamp(value))
-        labelled.append((f"{label} · {KIND_WORDS[kind]}" if kind else label, value))
+    for option in options:
+        kind = _kind(option.ref, _config_stamp(option.ref))
+        label = f"{option.label} · {KIND_WORDS[kind]}" if kind else option.label
+        labelled.append(dataclasses.replace(option, label=label))
     return labelled
 
 

@@ -168,8 +168,8 @@ def _detect_tab(ctx: AppContext) -> dict[str, Any]:
                     cache_examples=False, examples_per_page=6,
                 )  # fmt: skip
             c["model"] = gr.Dropdown(
-                ctx.model_choices(), value=ctx.default.ref, allow_custom_value=ctx.settings.custom_models,
-                label="Model",
+                ctx.model_choices(), value=ctx.model_key(ctx.default.ref),
+                allow_custom_value=ctx.settings.custom_models, label="Model",
                 info=_model_info(ctx, _offered(ctx, "A published checkpoint or a run fine-tuned here")),
                 elem_id="model-picker",
             )  # fmt: skip

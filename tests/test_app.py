@@ -213,18 +213,37 @@ def test_model_picker_lists_published_checkpoints_runs_and_demo(tmp_path, assets
     record = {"name": run.name, "owner": "user:a", "request": {"model": "nano", "epochs": 3}, "state": "done"}
     (run / "app_run.json").write_text(json.dumps(record))
     (runs / "20250102-000000-broken").mkdir()  # no model folder: not offered
-    choices = model_choices(runs, assets[0], "user:a")
-    values = [value for _, value in choices]
+    options = model_choices(runs, assets[0], "user:a")
+    keys = [option.key for option in options]
     sizes = ("tiny", "small", "medium", "large", "xlarge")
-    assert all(f"AnnaZhang/lwdetr_{s}_60e_coco" in values for s in sizes)
-    assert all(f"AnnaZhang/lwdetr_{s}_30e_objects365" in values for s in sizes)
-    assert values[0] == str(assets[0].resolve()) and choices[0][0].startswith("Bundled demo model")
+    assert all(f"AnnaZhang/lwdetr_{s}_60e_coco" in keys for s in sizes)
+    assert all(f"AnnaZhang/lwdetr_{s}_30e_objects365" in keys for s in sizes)
+    assert options[0].ref == str(assets[0].resolve()) and options[0].label.startswith("Bundled demo model")
     assert [r.name for r in list_runs(runs, "user:a")] == ["20250101-000000-nano"]
     assert list_runs(runs, "user:b") == list_runs(runs, None) == []  # a run is listed to its owner only
-    assert (
-        "Fine-tuned: 20250101-000000-nano (AP 0.500)",
-        str((runs / "20250101-000000-nano/best").resolve()),
-    ) in choices
+    run_option = next(option for option in options if option.key == "run:20250101-000000-nano")
+    assert run_option.label == "Fine-tuned: 20250101-000000-nano (AP 0.500)"
+    assert run_option.ref == str((runs / "20250101-000000-nano/best").resolve())
+    # What the browser gets (labels and keys) names no server folder: the paths stay in `ref`.
+    shown = " ".join(f"{option.label} {option.key}" for option in options)
+    assert str(tmp_path) not in shown and str(assets[0].resolve()) not in shown
+
+
+def test_pickers_send_no_server_paths_and_load_only_offered_keys(ctx, tmp_path):
+    """The pickers' choices and values, as Gradio sends them to every browser, hold no path of the server; a key
+    maps back to its model only for the visitor it is offered to."""
+    from lwdetr_app.ui import build_demo
+
+    config = build_demo(ctx).get_config_file()
+    pickers = [c["props"] for c in config["components"] if c["props"].get("elem_id") in ("model-picker", "base-model")]
+    assert len(pickers) == 2 and pickers[0]["value"] == "demo"
+    sent = json.dumps(pickers)
+    for path in {str(ctx.settings.demo_model_dir.resolve()), str(ctx.paths.root.resolve())}:
+        assert path not in sent, path
+    assert ctx.model_ref("demo") == str(ctx.settings.demo_model_dir.resolve())
+    assert ctx.model_ref("nano") is None and ctx.model_ref("nano", base=True) == "nano"
+    for typed in (str(ctx.settings.demo_model_dir.resolve()), "/etc", "run:../..", "someone/else-model"):
+        assert ctx.model_ref(typed, base=True) is None, typed
 
 
 # ------------------------------------------------------------------------------------------------- Detect tab
@@ -417,16 +436,16 @@ def test_one_job_at_a_time_owned_by_the_visitor_who_started_it(ctx, assets, tmp_
     assert not any(run_dir.name in label for label, _ in bob_after[10]["choices"])
     assert any(run_dir.name in label for label, _ in outputs[10]["choices"])
     assert ctx.use_in_detect(None, BOB) == (gr.skip(), gr.skip())
-    assert not ctx.allowed_model(snap.model_dir, owner="session:x") and ctx.allowed_model(
-        snap.model_dir, owner=snap.owner
-    )
+    run_key = f"run:{run_dir.name}"
+    assert ctx.model_ref(run_key, owner="session:x") is None  # another visitor cannot load it by its key
+    assert Path(ctx.model_ref(run_key, owner=snap.owner)) == Path(snap.model_dir).resolve()
 
     extracted = tmp_path / "weights"
     zipfile.ZipFile(snap.weights_zip).extractall(extracted)
     folder = next(p.parent for p in extracted.rglob("config.json"))
     assert folder.name == run_dir.name and Detector.from_pretrained(folder, device="cpu").id2label
     model_update, tabs = ctx.use_in_detect(None, ALICE)
-    assert model_update["value"] == snap.model_dir and any(v == snap.model_dir for _, v in model_update["choices"])
+    assert model_update["value"] == run_key and any(v == run_key for _, v in model_update["choices"])
 
 
 def test_stop_saves_the_last_state(ctx, assets, tmp_path):

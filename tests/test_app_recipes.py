@@ -26,7 +26,7 @@ def test_base_picker_says_which_bases_are_pretrained_checkpoints_and_which_are_d
     monkeypatch.setattr(models, "_cached", lambda model_id: True)  # the published checkpoints are offered
     ctx.default = ModelChoice(ctx.default.ref, "test", hub_reachable=True)
     labels = dict((value, label) for label, value in ctx.base_model_choices())
-    assert labels[ctx.default.ref].endswith("· demo, not a pretrained checkpoint")
+    assert labels["demo"].endswith("· demo, not a pretrained checkpoint")
     assert labels["AnnaZhang/lwdetr_tiny_60e_coco"].endswith("· real pretrained checkpoint")
     assert labels["nano"] == "Preset nano (random init) · training from scratch"
 
@@ -35,7 +35,7 @@ def test_auto_settings_follow_the_dataset_and_the_base_model(ctx):
     text, *fields = ctx.auto_settings(None, "nano", None, None, None, None, None, ALICE)
     assert "choose a dataset" in text and [f["placeholder"] for f in fields] == ["auto"] * 4
     dataset, _, _ = ctx.use_synthetic()  # 48 train images of 256 px
-    text, *fields = ctx.auto_settings(dataset, ctx.default.ref, None, None, None, None, None, ALICE)
+    text, *fields = ctx.auto_settings(dataset, "demo", None, None, None, None, None, ALICE)
     # the demo model (nano) on 48 images: batch 8 -> 6 steps per epoch, 300 epochs at most; the data's own 256 px
     assert "300 epochs x 6 steps, batch 8, 256 px" in text and "lr 0.001" in text
     assert "not a real pretrained checkpoint" in text
