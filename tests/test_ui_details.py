@@ -28,9 +28,9 @@ from lwdetr_app.ui import build_demo
 def test_offline_picker_offers_only_cached_hub_checkpoints(tmp_path, assets, monkeypatch):
     cached = "AnnaZhang/lwdetr_tiny_60e_coco"
     monkeypatch.setattr(models, "_cached", lambda model_id: model_id == cached)
-    offline = [value for _, value in model_choices(tmp_path / "runs", assets[0], None, hub_reachable=False)]
-    assert offline == [str(assets[0].resolve()), cached]
-    online = [value for _, value in model_choices(tmp_path / "runs", assets[0], None)]
+    offline = [option.key for option in model_choices(tmp_path / "runs", assets[0], None, hub_reachable=False)]
+    assert offline == ["demo", cached]
+    online = [option.key for option in model_choices(tmp_path / "runs", assets[0], None)]
     assert len(online) == 1 + len(models.PUBLISHED_MODELS)
 
 
@@ -55,9 +55,9 @@ def test_offline_app_offers_no_hub_checkpoint_and_a_failed_pick_resets_the_picke
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         failed = ctx.select_model(str(ctx.paths.root / "no-such-model"), ctx.default.ref, None, 0.5, 100)
-    assert failed[-1] == gr.update(value=ctx.default.ref)  # the picker shows the model still in use
+    assert failed[-1] == gr.update(value="demo")  # the picker shows the model still in use (by its key)
     assert "Still using the previous model" in failed[1]
-    assert ctx.select_model(ctx.default.ref, ctx.default.ref, None, 0.5, 100)[-1] == gr.skip()
+    assert ctx.select_model("demo", ctx.default.ref, None, 0.5, 100)[-1] == gr.skip()
 
 
 # ------------------------------------------------------------------------------------------------ training panel
