@@ -40,24 +40,49 @@ def torch_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim)
 
 
-@needs_kernel
-@pytest.mark.parametrize("head_dim", [16, 32, 48, 64])
-@pytest.mark.parametrize("tokens", [1, 7, 16, 37, 100, 257])
-def test_kernel_matches_torch_attention(head_dim: int, tokens: int):
-    # odd token counts exercise the partial key chunk (n % 16) and the leftover query rows (n % 8)
+def attention_forward_errors(head_dim: int, tokens: int) -> tuple[float, float, float]:
+    """(the active kernel's error, PyTorch's float32 error, the output's scale): largest deviations from float64
+    attention on random qkv [2, tokens, 3 * 3 heads * head_dim] with sharp softmaxes."""
     torch.manual_seed(tokens + head_dim)
-    heads, batch = 3, 2
-    qkv = torch.randn(batch, tokens, 3 * heads * head_dim) * 3  # sharp softmaxes: exp underflows in places
+    heads = 3
+    qkv = torch.randn(2, tokens, 3 * heads * head_dim) * 3  # sharp softmaxes: exp underflows in places
     with torch.no_grad():
         exact = torch_attention(qkv.double(), heads)
         torch_error = (torch_attention(qkv, heads) - exact).abs().max().item()
         got = attention.kernel_attention(qkv, heads)
     assert got.shape == exact.shape and got.dtype == torch.float32
+    return (got - exact).abs().max().item(), torch_error, exact.abs().max().item()
+
+
+def attention_gradient_errors(head_dim: int, tokens: int) -> tuple[float, float, float]:
+    """The same for the qkv gradient of a random output gradient: (kernel error, PyTorch float32 error, scale)."""
+    torch.manual_seed(0)
+    heads = 3
+    qkv = torch.randn(2, tokens, 3 * heads * head_dim) * 2
+    grad_out = torch.randn(2, tokens, heads * head_dim)
+    grads = {}
+    for name, attend, dtype in [
+        ("exact", torch_attention, torch.float64),
+        ("torch", torch_attention, torch.float32),
+        ("kernel", attention.kernel_attention, torch.float32),
+    ]:
+        x = qkv.to(dtype).clone().requires_grad_()
+        attend(x, heads).backward(grad_out.to(dtype))
+        grads[name] = x.grad.double()
+    errors = [(grads[name] - grads["exact"]).abs().max().item() for name in ("kernel", "torch")]
+    return errors[0], errors[1], grads["exact"].abs().max().item()
+
+
+@needs_kernel
+@pytest.mark.parametrize("head_dim", [16, 32, 48, 64])
+@pytest.mark.parametrize("tokens", [1, 7, 16, 37, 100, 257])
+def test_kernel_matches_torch_attention(head_dim: int, tokens: int):
+    # odd token counts exercise the partial key chunk (n % 16) and the leftover query rows (n % 8)
+    error, torch_error, scale = attention_forward_errors(head_dim, tokens)
     # about as close to the float64 result as PyTorch's own float32 attention is. Both err by ~1e-6 of the
     # output's scale (float32 rounding of scores up to ~30); which of the two is closer differs by case and by CPU
     # (PyTorch's own kernel differs between AVX2, AVX-512 and AMX machines), hence the term in the scale. A real
     # indexing error is off by O(scale).
-    error, scale = (got - exact).abs().max().item(), exact.abs().max().item()
     assert error <= 2 * torch_error + 2e-6 * scale
     assert error < 1e-5 * scale
 
@@ -116,24 +141,10 @@ def test_a_failing_compiler_falls_back_to_torch(fresh_library, monkeypatch):
 @pytest.mark.parametrize("head_dim", [16, 32, 48, 64])  # dk and dv accumulate transposed for 16, per key otherwise
 @pytest.mark.parametrize("tokens", [1, 7, 37, 100, 257])  # 1, 3 and 1 chunks of 16 keys after the 64-key tiles
 def test_kernel_gradients_match_torch_attention(head_dim: int, tokens: int):
-    torch.manual_seed(0)
-    heads = 3
-    qkv = torch.randn(2, tokens, 3 * heads * head_dim) * 2
-    grad_out = torch.randn(2, tokens, heads * head_dim)
-    grads = {}
-    for name, attend, dtype in [
-        ("exact", torch_attention, torch.float64),
-        ("torch", torch_attention, torch.float32),
-        ("kernel", attention.kernel_attention, torch.float32),
-    ]:
-        x = qkv.to(dtype).clone().requires_grad_()
-        attend(x, heads).backward(grad_out.to(dtype))
-        grads[name] = x.grad.double()
+    error, torch_error, scale = attention_gradient_errors(head_dim, tokens)
     # float32 rounding of sums over up to 257 keys (in another order than PyTorch's): the kernel's error measured
     # 0.2-2x PyTorch's over these shapes; a wrong index or a lost tail would be off by O(1)
-    torch_error = (grads["torch"] - grads["exact"]).abs().max().item()
-    scale = grads["exact"].abs().max().item()
-    assert (grads["kernel"] - grads["exact"]).abs().max().item() <= 2 * torch_error + 1e-6 * scale
+    assert error <= 2 * torch_error + 1e-6 * scale
 
 
 @needs_kernel

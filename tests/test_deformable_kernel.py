@@ -47,6 +47,14 @@ def _run(sampler, value, locations, weights, grad_out, dtype):
     ],
 )
 def test_kernel_matches_grid_sample(heads, head_dim, shapes, points, on_the_lattice):
+    for name, error, torch_error, scale in sampling_errors(heads, head_dim, shapes, points, on_the_lattice):
+        # float32 rounding, in another order than grid_sample's; a wrong corner or weight is off by O(scale)
+        assert error <= 2 * torch_error + 1e-6 * scale, name
+
+
+def sampling_errors(heads, head_dim, shapes, points, on_the_lattice) -> list[tuple[str, float, float, float]]:
+    """For the output and the value, location and weight gradients: (name, the active kernel's error, PyTorch's
+    float32 error, scale), the largest deviations from float64 `sample_levels` on random inputs."""
     value, locations, weights, grad_out = _inputs(heads, head_dim, shapes, points, on_the_lattice=on_the_lattice)
     batch, tokens = value.shape[:2]
 
@@ -59,11 +67,10 @@ def test_kernel_matches_grid_sample(heads, head_dim, shapes, points, on_the_latt
     exact = _run(torch_sampler, value, locations, weights, grad_out, torch.float64)
     single = _run(torch_sampler, value, locations, weights, grad_out, torch.float32)
     kernel = _run(kernel_sampler, value, locations, weights, grad_out, torch.float32)
-    for name, want, torch_got, got in zip(["out", "value", "locations", "weights"], exact, single, kernel):
-        scale = want.abs().max().item()
-        torch_error = (torch_got - want).abs().max().item()
-        # float32 rounding, in another order than grid_sample's; a wrong corner or weight is off by O(scale)
-        assert (got - want).abs().max().item() <= 2 * torch_error + 1e-6 * scale, name
+    return [
+        (name, (got - want).abs().max().item(), (torch_got - want).abs().max().item(), want.abs().max().item())
+        for name, want, torch_got, got in zip(["out", "value", "locations", "weights"], exact, single, kernel)
+    ]
 
 
 @needs_kernel

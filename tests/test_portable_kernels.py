@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from model_utils import outputs_with_the_same_proposals, ragged_batch, relative_error, twin_models
-from test_deformable_kernel import _inputs, _run
+from test_cpu_kernels import attention_forward_errors, attention_gradient_errors
+from test_deformable_kernel import sampling_errors
 
 from lwdetr import vit
 from lwdetr.config import preset_config
 from lwdetr.cpu import attention, build, dispatch, sampling
 from lwdetr.cpu.features import cpu_flags
-from lwdetr.deformable import sample_levels
 from lwdetr.modeling import LwDetrForObjectDetection
 
 LANES = {"avx2": 8, "avx512": 16}
@@ -48,12 +47,6 @@ def portable_avx2(monkeypatch) -> None:
     build.forget_loaded()
 
 
-def torch_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
-    batch, tokens, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-    q, k, v = qkv.view(batch, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim)
-
-
 def test_the_library_is_built_for_the_asked_vector_width(portable):
     for portable_build in build.STANDS_IN_FOR:
         assert build._LOADED[portable_build].lwdetr_vector_lanes() == LANES[portable]
@@ -69,17 +62,9 @@ def test_the_library_is_built_for_the_asked_vector_width(portable):
 def test_forward_matches_torch_attention(portable, head_dim: int, tokens: int):
     # odd token counts: a partial last vector of keys, a last block of query rows that overlaps the one before it
     # (or, under one block, rows one by one)
-    torch.manual_seed(tokens + head_dim)
-    heads = 3
-    qkv = torch.randn(2, tokens, 3 * heads * head_dim) * 3  # sharp softmaxes: exp underflows in places
-    with torch.no_grad():
-        exact = torch_attention(qkv.double(), heads)
-        torch_error = (torch_attention(qkv, heads) - exact).abs().max().item()
-        got = attention.kernel_attention(qkv, heads)
-    assert got.shape == exact.shape and got.dtype == torch.float32
+    error, torch_error, scale = attention_forward_errors(head_dim, tokens)
     # as close to the float64 result as PyTorch's float32 attention, up to float32 rounding of scores up to ~30;
     # an indexing error would be off by O(scale)
-    error, scale = (got - exact).abs().max().item(), exact.abs().max().item()
     assert error <= 2 * torch_error + 2e-6 * scale
     assert error < 1e-5 * scale
 
@@ -87,22 +72,8 @@ def test_forward_matches_torch_attention(portable, head_dim: int, tokens: int):
 @pytest.mark.parametrize("head_dim", [16, 32, 48, 64])
 @pytest.mark.parametrize("tokens", [1, 7, 37, 100])
 def test_gradients_match_torch_attention(portable, head_dim: int, tokens: int):
-    torch.manual_seed(0)
-    heads = 3
-    qkv = torch.randn(2, tokens, 3 * heads * head_dim) * 2
-    grad_out = torch.randn(2, tokens, heads * head_dim)
-    grads = {}
-    for name, attend, dtype in [
-        ("exact", torch_attention, torch.float64),
-        ("torch", torch_attention, torch.float32),
-        ("kernel", attention.kernel_attention, torch.float32),
-    ]:
-        x = qkv.to(dtype).clone().requires_grad_()
-        attend(x, heads).backward(grad_out.to(dtype))
-        grads[name] = x.grad.double()
-    torch_error = (grads["torch"] - grads["exact"]).abs().max().item()
-    scale = grads["exact"].abs().max().item()
-    assert (grads["kernel"] - grads["exact"]).abs().max().item() <= 2 * torch_error + 2e-6 * scale
+    error, torch_error, scale = attention_gradient_errors(head_dim, tokens)
+    assert error <= 2 * torch_error + 2e-6 * scale
 
 
 def test_nan_in_a_key_reaches_the_output(portable_avx2):
@@ -122,22 +93,8 @@ def test_nan_in_a_key_reaches_the_output(portable_avx2):
     ],
 )
 def test_deformable_sampling_matches_grid_sample(portable, heads, head_dim, shapes, points, on_the_lattice):
-    value, locations, weights, grad_out = _inputs(heads, head_dim, shapes, points, on_the_lattice=on_the_lattice)
-    batch, tokens = value.shape[:2]
-
-    def torch_sampler(v, loc, w):
-        return sample_levels(v.transpose(1, 2), shapes, loc, w, heads)
-
-    def kernel_sampler(v, loc, w):
-        return sampling.kernel_deformable_sampling(v.view(batch, tokens, heads, head_dim), shapes, loc, w)
-
-    exact = _run(torch_sampler, value, locations, weights, grad_out, torch.float64)
-    single = _run(torch_sampler, value, locations, weights, grad_out, torch.float32)
-    kernel = _run(kernel_sampler, value, locations, weights, grad_out, torch.float32)
-    for name, want, torch_got, got in zip(["out", "value", "locations", "weights"], exact, single, kernel):
-        scale = want.abs().max().item()
-        torch_error = (torch_got - want).abs().max().item()
-        assert (got - want).abs().max().item() <= 2 * torch_error + 1e-6 * scale, name
+    for name, error, torch_error, scale in sampling_errors(heads, head_dim, shapes, points, on_the_lattice):
+        assert error <= 2 * torch_error + 1e-6 * scale, name
 
 
 def _counting(calls: list[int]):
