@@ -91,39 +91,27 @@ class _Build:
 _POINTER, _I64 = ctypes.c_void_p, ctypes.c_int64
 _ATTENTION_SIZES = (_I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int)  # batch, heads, n, d, scale, threads
 _DEFORMABLE_SIZES = (_I64,) * 9 + (ctypes.c_int,)  # batch ... value_batch_step, threads
-ATTENTION_AVX512 = _Build(
-    "attention_avx512.c",
-    (
-        ("lwdetr_attention_forward", (_POINTER,) * 3 + _ATTENTION_SIZES),
-        ("lwdetr_attention_backward", (_POINTER,) * 5 + _ATTENTION_SIZES),
-    ),
-    description="float32 attention (AVX-512)",
+# The entry points both builds of a kernel export; a portable library also says its vector width.
+_ATTENTION_ENTRIES = (
+    ("lwdetr_attention_forward", (_POINTER,) * 3 + _ATTENTION_SIZES),
+    ("lwdetr_attention_backward", (_POINTER,) * 5 + _ATTENTION_SIZES),
 )
-DEFORMABLE_AVX512 = _Build(
-    "deformable_avx512.c",
-    (
-        ("lwdetr_deformable_forward", (_POINTER,) * 5 + _DEFORMABLE_SIZES),
-        ("lwdetr_deformable_backward", (_POINTER,) * 8 + _DEFORMABLE_SIZES),
-    ),
-    description="deformable sampling (AVX-512)",
+_DEFORMABLE_ENTRIES = (
+    ("lwdetr_deformable_forward", (_POINTER,) * 5 + _DEFORMABLE_SIZES),
+    ("lwdetr_deformable_backward", (_POINTER,) * 8 + _DEFORMABLE_SIZES),
 )
+_LANES_ENTRY = (("lwdetr_vector_lanes", ()),)
+ATTENTION_AVX512 = _Build("attention_avx512.c", _ATTENTION_ENTRIES, description="float32 attention (AVX-512)")
+DEFORMABLE_AVX512 = _Build("deformable_avx512.c", _DEFORMABLE_ENTRIES, description="deformable sampling (AVX-512)")
 ATTENTION_PORTABLE = _Build(
     "attention_portable.c",
-    (
-        ("lwdetr_attention_forward", (_POINTER,) * 3 + _ATTENTION_SIZES),
-        ("lwdetr_attention_backward", (_POINTER,) * 5 + _ATTENTION_SIZES),
-        ("lwdetr_vector_lanes", ()),
-    ),
+    _ATTENTION_ENTRIES + _LANES_ENTRY,
     portable=True,
     description="float32 attention (portable)",
 )
 DEFORMABLE_PORTABLE = _Build(
     "deformable_portable.c",
-    (
-        ("lwdetr_deformable_forward", (_POINTER,) * 5 + _DEFORMABLE_SIZES),
-        ("lwdetr_deformable_backward", (_POINTER,) * 8 + _DEFORMABLE_SIZES),
-        ("lwdetr_vector_lanes", ()),
-    ),
+    _DEFORMABLE_ENTRIES + _LANES_ENTRY,
     portable=True,
     description="deformable sampling (portable)",
 )
