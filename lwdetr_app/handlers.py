@@ -214,7 +214,7 @@ class AppContext:
         options = model_choices(self.paths.runs, self.settings.demo_model_dir, owner, self.default.hub_reachable)
         if self.default.ref and self.default.ref not in [option.ref for option in options]:
             # the operator's --model: shown by its folder name, never its path
-            options.insert(0, ModelOption(self.model_label(self.default.ref), "default", self.default.ref))
+            options.insert(0, ModelOption(self._unlisted_label(self.default.ref), "default", self.default.ref))
         if not base:
             return options
         return kind_labelled(options + [ModelOption(f"Preset {name} (random init)", name, name) for name in PRESETS])
@@ -343,6 +343,10 @@ class AppContext:
         for option in offered:
             if option.ref == ref:
                 return option.label
+        return self._unlisted_label(ref)
+
+    def _unlisted_label(self, ref: str | None) -> str:
+        """How a model no picker lists is named to visitors: a folder as `display_path` shows it, else its id."""
         return self.public(display_path(Path(ref)) if ref and Path(ref).is_dir() else str(ref))
 
     def model_status(self, ref: str | None, reason: str | None = None, owner: str | None = None) -> str:

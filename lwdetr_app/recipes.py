@@ -57,15 +57,14 @@ def kind_labelled(options: list[ModelOption]) -> list[ModelOption]:
 def auto_settings(model: str, data: DataSize | None, given: dict[str, Any]) -> tuple[str, dict[str, str]]:
     """(a Markdown line on the auto settings, each `AUTO_NUMBERS` field's placeholder) for base `model` on `data`
     (None: no dataset chosen yet), with the values the visitor typed in `given` (None: empty)."""
-    try:
-        kind, size, _ = base_of(model)
+    try:  # the base model's config is read once: by `base_of`, or by `recipe_for` when there is data
+        recipe = None if data is None else recipe_for(model, data, given)
+        kind = base_of(model)[0] if recipe is None else recipe.kind
     except Exception:  # noqa: BLE001 - e.g. a hub id that cannot be read: the run will say why
         return "**Auto settings:** chosen for the base model and the dataset when the run starts.", {}
-    if data is None:
-        recipe = None
+    if recipe is None:
         text = f"**Auto settings** (empty fields) for {_base_words(kind)}: choose a dataset to see them."
     else:
-        recipe = recipe_for(model, data, given)
         text = f"**Auto settings** (empty fields): {recipe.describe()}."
     return text, {name: _placeholder(recipe, name) for name in AUTO_NUMBERS}
 
